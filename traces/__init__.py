@@ -1,0 +1,1 @@
+"""agentsim.traces."""
