@@ -1,0 +1,332 @@
+"""Seeded program generators: the workload shapes the papers used, written once for sim and live.
+
+Each generator is a frozen dataclass of parameters (defaults from the papers, see
+``research/policies.md`` §11–12) registered by name, whose ``body(pc)`` is a program body: a
+generator yielding :class:`~agentsim.workload.LLMCall`, :class:`~agentsim.workload.ToolCall` and
+:class:`~agentsim.workload.Parallel` requests. All randomness comes from ``pc.rng`` (one stream per
+program, derived from the run seed and the program id), so a program is identical in every backend.
+
+Multi-agent *team* generators additionally define ``task(rng) -> TaskDAG`` and
+``team_body(pc, task, topology)``; the shape policy picks the topology when the task starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Generator
+
+import numpy as np
+
+from agentsim.errors import ConfigError
+from agentsim.workload import CallHints, Context, Parallel, ProgramContext, ToolCall
+
+_GENERATORS: dict[str, type] = {}
+
+
+def register_generator(name: str):
+    """Class decorator: register a generator dataclass under ``name``."""
+
+    def deco(cls: type) -> type:
+        cls.name = name
+        _GENERATORS[name] = cls
+        return cls
+
+    return deco
+
+
+def generators() -> dict[str, type]:
+    _load_extra()
+    return dict(sorted(_GENERATORS.items()))
+
+
+def make_generator(name: str, params: dict | None = None, where: str = "workload") -> Any:
+    """Instantiate generator ``name`` with ``params``; unknown names or fields raise ConfigError."""
+    _load_extra()
+    cls = _GENERATORS.get(name)
+    if cls is None:
+        raise ConfigError(f"{where}.generator", f"unknown generator {name!r} (known: {', '.join(sorted(_GENERATORS))})")
+    params = dict(params or {})
+    names = {f.name for f in fields(cls)}
+    for k in params:
+        if k not in names:
+            raise ConfigError(f"{where}.params.{k}", f"unknown parameter for generator {name!r} (known: {', '.join(sorted(names))})")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}.params", f"{name}: {e}") from None
+
+
+def _load_extra() -> None:
+    # Further shapes live in sibling modules that register themselves on import.
+    import importlib
+    import importlib.util
+
+    for mod in ("agentsim.traces.shapes",):
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
+
+
+# --------------------------------------------------------------------------- sampling helpers
+def sample_calls(rng: np.random.Generator, mean: float, max_calls: int) -> int:
+    """Number of calls: 1 + geometric with the given mean, capped at ``max_calls``."""
+    if mean <= 1:
+        return 1
+    return int(min(max_calls, rng.geometric(1.0 / mean)))
+
+
+def sample_len(rng: np.random.Generator, mean: float, sigma: float) -> int:
+    """A token count >= 1 with the given mean: mean-preserving lognormal (sigma=0: constant)."""
+    if sigma <= 0:
+        return max(1, int(round(mean)))
+    return max(1, int(round(mean * math.exp(sigma * rng.standard_normal() - 0.5 * sigma * sigma))))
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """Per-tool duration distribution: ``lognormal`` (median, sigma) or ``pareto`` (scale, alpha)."""
+
+    name: str
+    weight: float = 1.0
+    dist: str = "lognormal"
+    median: float = 1.0
+    sigma: float = 1.0
+    scale: float = 0.5
+    alpha: float = 1.5
+    max_time: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.dist not in ("lognormal", "pareto", "constant"):
+            raise ValueError(f"tool {self.name}: dist must be lognormal, pareto or constant")
+        if self.dist == "pareto" and self.alpha <= 1:
+            raise ValueError(f"tool {self.name}: pareto alpha must be > 1 (finite mean)")
+
+    def sample(self, rng: np.random.Generator) -> float:
+        if self.dist == "lognormal":
+            t = self.median * math.exp(self.sigma * rng.standard_normal())
+        elif self.dist == "pareto":
+            t = self.scale * (1.0 + rng.pareto(self.alpha))
+        else:
+            t = self.median
+        return min(t, self.max_time)
+
+    @property
+    def mean(self) -> float:
+        """Mean duration ignoring the cap (what an informed predictor would estimate)."""
+        if self.dist == "lognormal":
+            return self.median * math.exp(0.5 * self.sigma**2)
+        if self.dist == "pareto":
+            return self.scale * self.alpha / (self.alpha - 1)
+        return self.median
+
+
+def _tools(value: Any) -> tuple[ToolSpec, ...]:
+    if isinstance(value, tuple) and all(isinstance(t, ToolSpec) for t in value):
+        return value
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("tools must be a non-empty list of tool tables")
+    return tuple(t if isinstance(t, ToolSpec) else ToolSpec(**t) for t in value)
+
+
+# Defaults after research/policies.md §12: shell/file/API tools lognormal (median 0.5-2 s,
+# sigma 1.0-1.5), web tools Pareto-tailed (alpha 1.5), a fast calculator.
+BFCL_TOOLS = (
+    ToolSpec("web_search", weight=0.3, dist="pareto", scale=0.5, alpha=1.5),
+    ToolSpec("api_call", weight=0.4, dist="lognormal", median=0.8, sigma=1.0),
+    ToolSpec("calculator", weight=0.3, dist="lognormal", median=0.05, sigma=0.5),
+)
+
+
+def pick_tool(rng: np.random.Generator, tools: tuple[ToolSpec, ...]) -> ToolSpec:
+    w = np.array([t.weight for t in tools], dtype=float)
+    return tools[int(rng.choice(len(tools), p=w / w.sum()))]
+
+
+# --------------------------------------------------------------------------- generators
+@register_generator("react")
+@dataclass(frozen=True)
+class ReAct:
+    """ReAct / function calling (BFCL-like): LLM -> tool -> LLM ..., the context grows each turn.
+
+    Defaults after Autellix's BFCL v3 numbers: 10.75 calls per program (max 70), 735 prompt
+    tokens and 34 output tokens per call on average. The first prompt is a shared tool-schema
+    system prompt plus a private user query, sized so that the mean prompt over all calls is
+    ``prompt_tokens_mean`` given the growth of ``output + observation`` tokens per turn.
+    """
+
+    calls_mean: float = 10.75
+    max_calls: int = 70
+    prompt_tokens_mean: float = 735.0
+    output_tokens_mean: float = 34.0
+    observation_tokens_mean: float = 20.0
+    system_share: float = 0.7
+    length_sigma: float = 0.3
+    system_prompt: str = "bfcl-tools"
+    tools: tuple = BFCL_TOOLS
+    oracle_hints: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tools", _tools(self.tools))
+        growth = (self.calls_mean - 1) * (self.output_tokens_mean + self.observation_tokens_mean)
+        if self.prompt_tokens_mean - growth < 2:
+            raise ValueError("prompt_tokens_mean too small for the per-turn growth of output + observation tokens")
+        if not 0 <= self.system_share < 1:
+            raise ValueError("system_share must be in [0, 1)")
+
+    @property
+    def initial_prompt_tokens(self) -> float:
+        # E[prompt of call j] averaged over calls = init + E[j] * growth, and for 1 + geometric
+        # call counts with mean m the call-weighted E[j] is m - 1.
+        return self.prompt_tokens_mean - (self.calls_mean - 1) * (self.output_tokens_mean + self.observation_tokens_mean)
+
+    def body(self, pc: ProgramContext) -> Generator:
+        rng = pc.rng
+        n = sample_calls(rng, self.calls_mean, self.max_calls)
+        init = self.initial_prompt_tokens
+        sys_tokens = int(round(init * self.system_share))
+        ctx = Context.of(pc.shared(self.system_prompt, sys_tokens), pc.segment(max(1, int(round(init)) - sys_tokens)))
+        for i in range(n):
+            last = i == n - 1
+            tool = None if last else pick_tool(rng, self.tools)
+            duration = tool.sample(rng) if tool else 0.0
+            hints = CallHints(
+                tool_after=tool.name if tool else None,
+                tool_time_estimate=tool.mean if tool else None,
+                next_invocation_distance=(duration if self.oracle_hints else None) if tool else None,
+            )
+            result = yield pc.llm(ctx, sample_len(rng, self.output_tokens_mean, self.length_sigma), hints=hints)
+            if last:
+                break
+            yield ToolCall(tool.name, duration, estimate=tool.mean)
+            obs = pc.segment(sample_len(rng, self.observation_tokens_mean, self.length_sigma))
+            ctx = ctx.extend(result.output, obs)
+
+
+@register_generator("chat")
+@dataclass(frozen=True)
+class Chat:
+    """Multi-turn chat (ShareGPT-like): user turn -> answer, with human think time between turns.
+
+    Defaults after Autellix's ShareGPT numbers: 6.66 calls per conversation (max 80), 256 new user
+    tokens and 277 output tokens per call; each prompt carries the whole conversation so far.
+    Think time: lognormal, median ``think_time_median`` seconds.
+    """
+
+    calls_mean: float = 6.66
+    max_calls: int = 80
+    user_tokens_mean: float = 256.0
+    output_tokens_mean: float = 277.0
+    system_tokens: int = 64
+    length_sigma: float = 0.6
+    think_time_median: float = 20.0
+    think_time_sigma: float = 1.0
+    system_prompt: str = "chat-system"
+
+    def body(self, pc: ProgramContext) -> Generator:
+        rng = pc.rng
+        n = sample_calls(rng, self.calls_mean, self.max_calls)
+        ctx = Context.of(pc.shared(self.system_prompt, self.system_tokens))
+        for i in range(n):
+            ctx = ctx.extend(pc.segment(sample_len(rng, self.user_tokens_mean, self.length_sigma)))
+            think = self.think_time_median * math.exp(self.think_time_sigma * rng.standard_normal())
+            last = i == n - 1
+            hints = CallHints(tool_after=None if last else "human", next_invocation_distance=None if last else think)
+            result = yield pc.llm(ctx, sample_len(rng, self.output_tokens_mean, self.length_sigma), hints=hints)
+            if last:
+                break
+            ctx = ctx.extend(result.output)
+            yield ToolCall("human", think, estimate=self.think_time_median * math.exp(0.5 * self.think_time_sigma**2))
+
+
+@register_generator("fanout")
+@dataclass(frozen=True)
+class FanOut:
+    """Fan-out / fan-in (map-reduce): a planner call, ``width`` parallel workers, a reducer call.
+
+    Each worker prompt = planner context + planner output + its own instruction; a worker may run
+    ``worker_tool`` between two LLM calls. The reducer sees every worker's output.
+    """
+
+    width: int = 4
+    prompt_tokens: int = 1024
+    shared_tokens: int = 512
+    plan_output_tokens: int = 128
+    worker_prompt_tokens: int = 256
+    worker_output_tokens: int = 256
+    worker_calls: int = 1
+    reduce_output_tokens: int = 256
+    length_sigma: float = 0.3
+    tools: tuple = (ToolSpec("retrieve", dist="lognormal", median=0.5, sigma=1.0),)
+    system_prompt: str = "fanout-system"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tools", _tools(self.tools))
+        if self.width < 1 or self.worker_calls < 1:
+            raise ValueError("width and worker_calls must be >= 1")
+        if self.shared_tokens >= self.prompt_tokens:
+            raise ValueError("shared_tokens must be < prompt_tokens")
+
+    def body(self, pc: ProgramContext) -> Generator:
+        rng = pc.rng
+        ctx = Context.of(pc.shared(self.system_prompt, self.shared_tokens),
+                         pc.segment(self.prompt_tokens - self.shared_tokens))
+        plan = yield pc.llm(ctx, sample_len(rng, self.plan_output_tokens, self.length_sigma))
+        ctx = ctx.extend(plan.output)
+        branches = [self._worker(pc, ctx, pc.new_thread()) for _ in range(self.width)]
+        outputs = yield Parallel(branches)
+        reduce_ctx = ctx
+        for out in outputs:
+            reduce_ctx = reduce_ctx.extend(out)
+        yield pc.llm(reduce_ctx, sample_len(rng, self.reduce_output_tokens, self.length_sigma))
+
+    def _worker(self, pc: ProgramContext, ctx: Context, thread_id: int) -> Generator:
+        rng = pc.rng
+        wctx = ctx.extend(pc.segment(sample_len(rng, self.worker_prompt_tokens, self.length_sigma)))
+        result = None
+        for j in range(self.worker_calls):
+            result = yield pc.llm(wctx, sample_len(rng, self.worker_output_tokens, self.length_sigma), thread_id=thread_id)
+            if j < self.worker_calls - 1:
+                tool = pick_tool(rng, self.tools)
+                yield ToolCall(tool.name, tool.sample(rng), estimate=tool.mean)
+                wctx = wctx.extend(result.output, pc.segment(64))
+        return result.output
+
+
+# --------------------------------------------------------------------------- teams (shape policy)
+@dataclass
+class TaskDAG:
+    """A multi-agent task: sub-task nodes (prompt/output sizes) and dependency edges.
+
+    ``coupling`` in [0, 1] is AdaptOrch's gamma (how much sub-tasks depend on each other's
+    content); ``default_topology`` is what a fixed-topology policy runs.
+    """
+
+    num_nodes: int
+    edges: list[tuple[int, int]] = field(default_factory=list)
+    coupling: float = 0.0
+    default_topology: str = "sequential"
+    node_prompt_tokens: list[int] = field(default_factory=list)
+    node_output_tokens: list[int] = field(default_factory=list)
+
+    def depth(self) -> int:
+        """Longest path length in nodes (delta)."""
+        level = [1] * self.num_nodes
+        for u, v in sorted(self.edges, key=lambda e: e[1]):
+            level[v] = max(level[v], level[u] + 1)
+        return max(level) if level else 0
+
+    def width(self) -> int:
+        """Largest number of nodes on one level of the DAG (omega)."""
+        level = [1] * self.num_nodes
+        for u, v in sorted(self.edges, key=lambda e: e[1]):
+            level[v] = max(level[v], level[u] + 1)
+        counts: dict[int, int] = {}
+        for lv in level:
+            counts[lv] = counts.get(lv, 0) + 1
+        return max(counts.values()) if counts else 0
+
+
+class TeamGenerator:
+    """Mixin marker: generators with ``task(rng)`` and ``team_body(pc, task, topology)``."""
+
+    is_team: ClassVar[bool] = True
