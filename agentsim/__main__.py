@@ -1,0 +1,3 @@
+from agentsim.cli import main
+
+main()

@@ -1,0 +1,611 @@
+"""One simulated vLLM v1 engine: the scheduler loop, paged KV with prefix caching, step timing.
+
+Each step reads as plan -> execute -> update, like ``EngineCore.step()``:
+
+plan (``_schedule``), after vLLM v1 ``Scheduler.schedule()``:
+  1. running calls first, in order, each for its remaining tokens (a decode: 1; a partial prefill:
+     the rest of the prompt, capped by the token budget). When the KV cache cannot grow, preempt by
+     recompute: the order policy picks the victim (FCFS: the last running call), its blocks are
+     freed and it goes back to the waiting queue; if the victim is the call itself, stop.
+  2. only if nothing was preempted: admit waiting calls in the order policy's order while the
+     token budget lasts and ``len(running) < max_num_seqs``; a call's prompt is looked up in the
+     prefix cache (whole computed blocks, at most ``num_tokens - 1`` tokens, as vLLM recomputes
+     the last one); the first call that does not fit stops admission (no skipping).
+execute: the step time comes from the profile (prefill tokens and attention pairs, decode
+  sequences and their context tokens).
+update: computed tokens advance; newly full blocks enter the prefix cache; a call whose known
+  tokens are all computed samples one token; a call with all its output tokens finishes and
+  frees its blocks.
+
+Fast-forward: when the next step is decode-only for every running call and nothing else can
+join (the waiting queue is empty or blocked, no preemption), the engine computes the following
+steps in a tight loop -- until the first call finishes or the KV cache would run out -- and
+yields once for the whole window. An arrival during the window interrupts it: the engine finishes
+the step in progress and re-plans, exactly as the step-by-step loop would (a test holds the two
+modes to identical results).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left, bisect_right
+from typing import Callable
+
+import simpy
+
+from agentsim.calibration.profile import Profile
+from agentsim.config import EngineLimits
+from agentsim.policies.base import BlockView, FreeBlockQueue
+from agentsim.sim.kv import BlockPool
+from agentsim.workload import CallHints, Context, Segment
+
+
+def delay_to(now: float, t: float) -> float:
+    """A delay ``d`` with ``now + d == t`` exactly in floating point (SimPy adds delays to now)."""
+    d = t - now
+    if d < 0:
+        d = 0.0
+    while now + d < t:
+        d = math.nextafter(d, math.inf)
+    while now + d > t and d > 0:
+        d = math.nextafter(d, 0.0)
+    return d
+
+
+class SimCall:
+    """A call inside the simulator; satisfies :class:`agentsim.policies.base.CallView`."""
+
+    __slots__ = (
+        "call_id", "program_id", "agent_id", "thread_id", "program_kind", "arrival_at",
+        "program_arrival_at", "num_prompt_tokens", "num_output_tokens", "num_generated",
+        "_service", "wait_time", "num_preemptions", "hints", "parent_call_ids", "context",
+        "output_seg_id", "full_hashes", "engine", "blocks", "num_computed", "num_cached_tokens",
+        "num_computed_prompt_tokens", "scheduled_at", "first_token_at", "finish_at", "enqueued_at",
+        "seq", "done", "status", "num_retries", "_service_mark", "_skipped", "key",
+    )
+
+    def __init__(self, call_id: int, program_id: int, agent_id: int, thread_id: int, program_kind: str,
+                 arrival_at: float, program_arrival_at: float, context: Context, num_output_tokens: int,
+                 output_seg_id: int, hints: CallHints, parent_call_ids: tuple, done: simpy.Event | None) -> None:
+        self.call_id = call_id
+        self.program_id = program_id
+        self.agent_id = agent_id
+        self.thread_id = thread_id
+        self.program_kind = program_kind
+        self.arrival_at = arrival_at
+        self.program_arrival_at = program_arrival_at
+        self.context = context
+        self.num_prompt_tokens = context.num_tokens
+        self.num_output_tokens = num_output_tokens
+        self.output_seg_id = output_seg_id
+        self.hints = hints
+        self.parent_call_ids = parent_call_ids
+        self.done = done
+        self.num_generated = 0
+        self._service = 0.0
+        self._service_mark = -1.0
+        self._skipped = 0.0
+        self.wait_time = 0.0
+        self.num_preemptions = 0
+        self.full_hashes: list[int] = []
+        self.engine: Engine | None = None
+        self.blocks: list[BlockView] = []
+        self.num_computed = 0
+        self.num_cached_tokens = -1
+        self.num_computed_prompt_tokens = 0
+        self.scheduled_at = math.nan
+        self.first_token_at = math.nan
+        self.finish_at = math.nan
+        self.enqueued_at = arrival_at
+        self.seq = call_id
+        self.status = "new"
+        self.num_retries = 0
+        self.key = None
+
+    @property
+    def service_time(self) -> float:
+        """Engine step time spent on this call so far (steps it was scheduled in)."""
+        if self._service_mark >= 0 and self.engine is not None:
+            return self._service + (self.engine.busy_cum - self._service_mark) - self._skipped
+        return self._service
+
+    def prompt_block_hashes(self, block_size: int) -> list[int]:
+        return self.context.block_hashes(block_size)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens known so far: prompt plus sampled output."""
+        return self.num_prompt_tokens + self.num_generated
+
+    def __repr__(self) -> str:
+        return f"SimCall({self.call_id}, prog={self.program_id}, {self.status})"
+
+
+class Engine:
+    """A vLLM engine on ``tp`` GPUs of one node; satisfies :class:`EngineView`."""
+
+    def __init__(self, env: simpy.Environment, engine_id: int, node_id: int, profile: Profile,
+                 limits: EngineLimits, order, free_queue: FreeBlockQueue, num_blocks: int,
+                 on_finish: Callable[[SimCall], None],
+                 fast_forward: bool = True, sample_interval: float = 1.0, max_ff_steps: int = 1_000_000,
+                 record_sample: Callable[[tuple], None] | None = None, on_step: Callable | None = None) -> None:
+        self.env = env
+        self.engine_id = engine_id
+        self.node_id = node_id
+        self.profile = profile
+        self.limits = limits
+        self.block_size = limits.block_size
+        self.num_total_blocks = num_blocks
+        self.max_model_len = limits.max_model_len or profile.model.max_model_len
+        self.order = order
+        self._dynamic = bool(getattr(order, "dynamic", False))
+        self._preemptive = bool(getattr(order, "preemptive", False))
+        self._front = bool(getattr(order, "preempted_to_front", False))
+        self._victim = getattr(order, "victim", None)
+        self.pool = BlockPool(num_blocks, free_queue)
+        self.prefix_caching = limits.enable_prefix_caching
+        self.running: list[SimCall] = []
+        self.waiting: list = []          # heap of (front, key, seq, call), or plain list if dynamic
+        self.inbox: list[SimCall] = []   # arrived, not yet seen by the scheduler
+        self._num_prepended = 0
+        self.on_finish = on_finish
+        self.on_step = on_step
+        self.fast_forward = fast_forward
+        self.max_ff_steps = max_ff_steps
+        self._ff_active = False
+        self._pending = None
+        self._wake: simpy.Event | None = None
+        self._c = profile.step_time
+        self.num_outstanding_tokens = 0
+        # accounting
+        self.busy_cum = 0.0
+        self.num_steps = 0
+        self.num_ff_windows = 0
+        self.num_preemptions = 0
+        self.sample_interval = sample_interval
+        self._record_sample = record_sample
+        self._next_sample_at = sample_interval
+        self._bucket_busy = 0.0
+        self._bucket_prefill = 0
+        self._bucket_decode = 0
+        self._last_t = 0.0
+        self.proc = env.process(self._loop())
+
+    # ------------------------------------------------------------------ EngineView
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.inbox)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.num_used
+
+    @property
+    def kv_usage(self) -> float:
+        return self.pool.num_used / self.pool.num_blocks
+
+    def num_cached_prefix_blocks(self, block_hashes) -> int:
+        return self.pool.num_cached_prefix(block_hashes, len(block_hashes))
+
+    # ------------------------------------------------------------------ arrivals
+    def add_call(self, call: SimCall) -> None:
+        """Queue a call; it joins at the next step boundary after ``now`` (or wakes an idle engine)."""
+        call.engine = self
+        call.status = "waiting"
+        call.enqueued_at = self.env.now
+        if not call.full_hashes:
+            full = call.context.extend(Segment(call.output_seg_id, call.num_output_tokens))
+            call.full_hashes = full.block_hashes(self.block_size)
+        self.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
+        self.inbox.append(call)
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+        elif self._ff_active:
+            self._ff_active = False
+            self.proc.interrupt()
+
+    def _drain_inbox(self, now: float, at_boundary: bool) -> None:
+        # At a step boundary, calls that arrived at exactly this instant are seen at the next
+        # one: in step-by-step mode the engine plans before same-instant arrivals run.
+        if not self.inbox:
+            return
+        keep = []
+        for call in self.inbox:
+            if at_boundary and call.enqueued_at >= now:
+                keep.append(call)
+            else:
+                self._enqueue(call, now, front=False)
+        self.inbox = keep
+
+    def _enqueue(self, call: SimCall, now: float, front: bool) -> None:
+        call.enqueued_at = now if front else call.enqueued_at
+        if self._dynamic:
+            self.waiting.append(call)
+            return
+        if front and self._front:
+            self._num_prepended += 1
+            heapq.heappush(self.waiting, (0, -self._num_prepended, call.seq, call))
+        else:
+            heapq.heappush(self.waiting, (1, self.order.key(call, now), call.seq, call))
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self):
+        env = self.env
+        at_boundary = False
+        while True:
+            now = env.now
+            self._drain_inbox(now, at_boundary)
+            if not self.running and not self.waiting:
+                if self.inbox:
+                    # only same-instant arrivals: they join one step later, like step mode
+                    at_boundary = False
+                    yield env.timeout(0)
+                    continue
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+                self._account_idle(now, env.now)
+                at_boundary = False
+                continue
+            batch, preempted = self._schedule(now)
+            if not batch:
+                # Nothing fits although the engine is empty: impossible calls were rejected on
+                # routing, so this only happens transiently; wait for the next arrival.
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+                self._account_idle(now, env.now)
+                at_boundary = False
+                continue
+            dt, n_prefill, n_decode = self._features_time(batch)
+            if (self.fast_forward and not preempted and n_prefill == 0 and not self.inbox
+                    and len(batch) == len(self.running) and (not self.waiting or not self._dynamic)):
+                yield from self._fast_forward(batch, now, dt)
+            else:
+                yield env.timeout(delay_to(now, now + dt))
+                self._apply(batch, now, env.now, dt, n_prefill, n_decode)
+            at_boundary = True
+
+    # ------------------------------------------------------------------ plan
+    def _schedule(self, now: float) -> tuple[list, bool]:
+        """vLLM v1 scheduling for one step: [(call, num_new_tokens)] and whether it preempted."""
+        budget = self.limits.max_num_batched_tokens
+        chunked = self.limits.enable_chunked_prefill
+        bs = self.block_size
+        pool = self.pool
+        running = self.running
+        batch: list = []
+        scheduled: set = set()
+        preempted = False
+        i = 0
+        while i < len(running) and budget > 0:
+            call = running[i]
+            n = call.num_prompt_tokens + call.num_generated - call.num_computed
+            if n > budget:
+                n = budget
+            need = -(-(call.num_computed + n) // bs) - len(call.blocks)
+            self_preempted = False
+            while need > pool.num_blocks - pool.num_used:
+                victim = self._pick_victim(now)
+                if id(victim) in scheduled:
+                    for j, (c2, n2) in enumerate(batch):
+                        if c2 is victim:
+                            budget += n2
+                            del batch[j]
+                            break
+                    scheduled.discard(id(victim))
+                vi = running.index(victim)
+                self._preempt(victim, now)
+                preempted = True
+                if victim is call:
+                    self_preempted = True
+                    break
+                if vi < i:
+                    i -= 1
+            if self_preempted:
+                break  # as vLLM: the call could not be scheduled, stop the running pass
+            if need > 0:
+                call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(call.blocks)))
+            batch.append((call, n))
+            scheduled.add(id(call))
+            budget -= n
+            i += 1
+        if preempted:
+            return batch, True
+        max_seqs = self.limits.max_num_seqs
+        if self._dynamic and self.waiting:
+            key = self.order.key
+            self.waiting.sort(key=lambda c: (key(c, now), c.seq))
+        while self.waiting and budget > 0:
+            if len(running) >= max_seqs:
+                if self._preemptive and self._try_preempt_for_head(now):
+                    preempted = True
+                break
+            call = self.waiting[0] if self._dynamic else self.waiting[0][3]
+            if call.num_computed == 0 and not call.blocks:
+                hit_blocks = self._lookup(call)
+            else:
+                hit_blocks = []
+            num_hit_tokens = len(hit_blocks) * bs
+            total = call.num_prompt_tokens + call.num_generated
+            n = total - num_hit_tokens
+            if not chunked and n > budget:
+                break
+            if n > budget:
+                n = budget
+            evictable = 0
+            for b in hit_blocks:
+                if b.ref_count == 0:
+                    evictable += 1
+            need = -(-(num_hit_tokens + n) // bs) - len(hit_blocks)
+            if need + evictable > pool.num_blocks - pool.num_used:
+                if self._preemptive and self._try_preempt_for_head(now):
+                    preempted = True
+                break
+            if self._dynamic:
+                self.waiting.pop(0)
+            else:
+                heapq.heappop(self.waiting)
+            if hit_blocks:
+                pool.touch(hit_blocks, now, call.program_id, call.agent_id)
+            call.blocks = hit_blocks
+            if need > 0:
+                call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(hit_blocks)))
+            call.num_computed = num_hit_tokens
+            if call.num_cached_tokens < 0:
+                call.num_cached_tokens = num_hit_tokens
+                call.scheduled_at = now
+            call.wait_time += now - call.enqueued_at
+            call.status = "running"
+            call._service_mark = self.busy_cum
+            running.append(call)
+            batch.append((call, n))
+            budget -= n
+        return batch, preempted
+
+    def _lookup(self, call: SimCall) -> list[BlockView]:
+        if not self.prefix_caching:
+            return []
+        bs = self.block_size
+        # whole blocks only, and never the last known token (vLLM recomputes it for logits)
+        limit = (call.num_prompt_tokens + call.num_generated - 1) // bs
+        hashes = call.full_hashes
+        cached = self.pool.cached
+        out = []
+        for k in range(min(limit, len(hashes))):
+            b = cached.get(hashes[k])
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def _pick_victim(self, now: float) -> SimCall:
+        if self._victim is not None:
+            return self.running[self._victim(self.running, now)]
+        key = self.order.key
+        return max(self.running, key=lambda c: (key(c, now), c.seq))
+
+    def _try_preempt_for_head(self, now: float) -> bool:
+        """Strict priority: preempt the worst running call if the waiting head ranks better."""
+        if not self.running:
+            return False
+        head = self.waiting[0] if self._dynamic else self.waiting[0][3]
+        key = self.order.key
+        victim = self._pick_victim(now)
+        if (key(head, now), head.seq) < (key(victim, now), victim.seq):
+            self._preempt(victim, now)
+            return True
+        return False
+
+    def _preempt(self, call: SimCall, now: float) -> None:
+        self.running.remove(call)
+        self.pool.free(call.blocks, now)
+        call.blocks = []
+        call.num_computed = 0
+        call._service += (self.busy_cum - call._service_mark) - call._skipped
+        call._service_mark = -1.0
+        call._skipped = 0.0
+        call.num_preemptions += 1
+        self.num_preemptions += 1
+        call.status = "preempted"
+        self._enqueue(call, now, front=True)
+
+    # ------------------------------------------------------------------ execute
+    def _features_time(self, batch: list) -> tuple[float, int, int]:
+        n_prefill = 0
+        pairs = 0
+        n_decode = 0
+        dctx = 0
+        for call, n in batch:
+            if n == 1 and call.num_generated > 0 and call.num_computed == call.num_prompt_tokens + call.num_generated - 1:
+                n_decode += 1
+                dctx += call.num_computed + 1
+            else:
+                k = call.num_computed
+                n_prefill += n
+                pairs += n * k + n * (n + 1) // 2
+        return self._c.predict(n_prefill, pairs, n_decode, dctx), n_prefill, n_decode
+
+    # ------------------------------------------------------------------ update
+    def _apply(self, batch: list, t0: float, t1: float, dt: float, n_prefill: int, n_decode: int) -> None:
+        self.busy_cum += dt
+        self.num_steps += 1
+        running_ids = None
+        if len(batch) != len(self.running):
+            running_ids = {id(c) for c, _ in batch}
+            for c in self.running:
+                if id(c) not in running_ids:
+                    c._skipped += dt
+        bs = self.block_size
+        pool = self.pool
+        finished = []
+        for call, n in batch:
+            before = call.num_computed
+            call.num_computed = before + n
+            if self.prefix_caching:
+                full_before = before // bs
+                full_after = call.num_computed // bs
+                if full_after > full_before:
+                    hashes = call.full_hashes
+                    blocks = call.blocks
+                    for k in range(full_before, min(full_after, len(hashes))):
+                        pool.cache(blocks[k], hashes[k])
+            if call.num_computed == call.num_prompt_tokens + call.num_generated:
+                call.num_generated += 1
+                if call.num_generated == 1:
+                    call.first_token_at = t1
+                    call.num_computed_prompt_tokens = call.num_prompt_tokens - call.num_cached_tokens
+                if call.num_generated >= call.num_output_tokens:
+                    finished.append(call)
+        self._account_step(t0, t1, n_prefill, n_decode)
+        for call in finished:
+            self._finish(call, t1)
+        if self.on_step is not None:
+            self.on_step(self)
+
+    def _finish(self, call: SimCall, now: float) -> None:
+        self.running.remove(call)
+        self.pool.free(call.blocks, now)
+        call.blocks = []
+        call._service += (self.busy_cum - call._service_mark) - call._skipped
+        call._service_mark = -1.0
+        call.finish_at = now
+        call.status = "finished"
+        self.num_outstanding_tokens -= call.num_prompt_tokens + call.num_output_tokens
+        self.on_finish(call)
+
+    # ------------------------------------------------------------------ fast-forward
+    def _fast_forward(self, batch: list, now: float, dt1: float):
+        """Run decode-only steps as one event; see the module docstring."""
+        env = self.env
+        bs = self.block_size
+        calls = [c for c, _ in batch]
+        nb = len(calls)
+        k = min(c.num_output_tokens - c.num_generated for c in calls)
+        k = min(k, self.max_ff_steps)
+        cnt = [0] * bs
+        ctx = 0
+        for c in calls:
+            cnt[(1 - c.num_computed) % bs] += 1
+            ctx += c.num_computed + 1
+        free = self.pool.num_blocks - self.pool.num_used
+        predict = self._c.predict
+        t = now + dt1
+        times = [t]
+        dts = [dt1]
+        needs = [0]
+        for j in range(2, k + 1):
+            need = cnt[j % bs]
+            if need > free:
+                break
+            free -= need
+            ctx += nb
+            dt = predict(0, 0, nb, ctx)
+            t = t + dt
+            times.append(t)
+            dts.append(dt)
+            needs.append(need)
+        m = len(times)
+        if m > 1:
+            self.num_ff_windows += 1
+        self._ff_active = True
+        self._pending = (calls, now, times, dts, needs)
+        try:
+            yield env.timeout(delay_to(now, times[-1]))
+        except simpy.Interrupt:
+            m = bisect_right(times, env.now)
+            if m < len(times):
+                yield env.timeout(delay_to(env.now, times[m]))
+                m += 1
+        self._ff_active = False
+        self._pending = None
+        self._apply_window(calls, now, times, dts, needs, m)
+
+    def _apply_window(self, calls: list, t0: float, times: list, dts: list, needs: list, m: int) -> None:
+        """Apply the first ``m`` steps of a fast-forward window (same results as step by step)."""
+        bs = self.block_size
+        pool = self.pool
+        nb = len(calls)
+        # per-step accounting (cheap; keeps time series and busy time identical to step mode)
+        prev = t0
+        used = pool.num_used
+        for j in range(m):
+            self.busy_cum += dts[j]
+            self.num_steps += 1
+            used += needs[j]
+            self._account_step(prev, times[j], 0, nb, used)
+            prev = times[j]
+        t_end = times[m - 1]
+        finished = []
+        for call in calls:
+            before = call.num_computed
+            after = before + m
+            call.num_computed = after
+            need = -(-after // bs) - len(call.blocks)
+            if need > 0:
+                call.blocks.extend(pool.allocate(need, t_end, call.program_id, call.agent_id, len(call.blocks)))
+            if self.prefix_caching:
+                hashes = call.full_hashes
+                for k in range(before // bs, min(after // bs, len(hashes))):
+                    pool.cache(call.blocks[k], hashes[k])
+            call.num_generated += m
+            if call.num_generated >= call.num_output_tokens:
+                finished.append(call)
+        for call in finished:
+            self._finish(call, t_end)
+        if self.on_step is not None:
+            self.on_step(self)
+
+    # ------------------------------------------------------------------ accounting
+    def _account_step(self, t0: float, t1: float, n_prefill: int, n_decode: int, used: int = -1) -> None:
+        if self._record_sample is None:
+            return
+        if used < 0:
+            used = self.pool.num_used
+        # split the step's busy time at sample boundaries; tokens count where the step ends
+        while t1 >= self._next_sample_at:
+            edge = self._next_sample_at
+            if t0 < edge:
+                self._bucket_busy += edge - t0
+                t0 = edge
+            self._emit(edge, used)
+        self._bucket_busy += t1 - t0
+        self._bucket_prefill += n_prefill
+        self._bucket_decode += n_decode
+
+    def _account_idle(self, t0: float, t1: float) -> None:
+        if self._record_sample is None:
+            return
+        while t1 >= self._next_sample_at:
+            self._emit(self._next_sample_at, self.pool.num_used)
+
+    def _emit(self, edge: float, used: int) -> None:
+        iv = self.sample_interval
+        self._record_sample((
+            self.engine_id, self.node_id, edge, len(self.running), len(self.waiting) + len(self.inbox),
+            used / self.pool.num_blocks, self._bucket_prefill, self._bucket_decode,
+            min(1.0, self._bucket_busy / iv), math.nan,
+        ))
+        self._bucket_busy = 0.0
+        self._bucket_prefill = 0
+        self._bucket_decode = 0
+        self._next_sample_at = edge + iv
+
+    def finalize(self, until: float) -> None:
+        """At the end of a run: apply the window steps completed before ``until``, flush samples.
+
+        In step-by-step mode a step ending exactly at ``until`` is not processed (SimPy stops
+        first), so only steps ending strictly before it count here too.
+        """
+        if self._pending is not None:
+            calls, t0, times, dts, needs = self._pending
+            self._pending = None
+            m = bisect_left(times, until)
+            if m:
+                self._apply_window(calls, t0, times, dts, needs, m)
+        self._account_idle(until, until)

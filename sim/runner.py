@@ -1,0 +1,331 @@
+"""Run a configuration in the simulator: cluster of engines, router, programs, metrics.
+
+Processes are named after their actors: ``agent`` (closed loop: one program after another),
+``arrivals`` (Poisson or trace), ``program`` (steps one program's generator), and each engine's
+own loop (:mod:`agentsim.sim.engine`). The route policy is consulted once per LLM call, with the
+engines as read-only views; the bundle's hooks see program and call events.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import simpy
+
+import agentsim
+from agentsim.calibration.profile import Profile, resolve_profile
+from agentsim.config import RunConfig
+from agentsim.errors import ConfigError
+from agentsim.metrics import (
+    CALL_COLUMNS, ENGINE_COLUMNS, PROGRAM_COLUMNS, SCHEMA_VERSION, ColumnStore, summarize,
+)
+from agentsim.policies.registry import make_bundle
+from agentsim.sim.engine import Engine, SimCall
+from agentsim.traces.source import ProgramSource, program_rng
+from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    calls: pd.DataFrame
+    programs: pd.DataFrame
+    engines: pd.DataFrame
+    summary: dict
+    manifest: dict
+    stats: dict = field(default_factory=dict)
+
+
+class _ProgramStats:
+    __slots__ = ("prog", "num_calls", "num_tool_calls", "prompt_tokens", "output_tokens", "llm_time", "tool_time")
+
+    def __init__(self, prog: Program) -> None:
+        self.prog = prog
+        self.num_calls = 0
+        self.num_tool_calls = 0
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+        self.llm_time = 0.0
+        self.tool_time = 0.0
+
+
+def _one(request: Any):
+    """A one-request program body (a Parallel branch that is a bare request)."""
+    result = yield request
+    return result
+
+
+class Simulation:
+    """One simulated run; ``run()`` returns a :class:`RunResult`."""
+
+    def __init__(self, cfg: RunConfig, profile: Profile | None = None) -> None:
+        self.cfg = cfg
+        cl = cfg.cluster
+        self.profile = profile or resolve_profile(cl.profile, cl.gpu, cl.model, cl.tp)
+        if self.profile.tp != cl.tp:
+            raise ConfigError("cluster.tp", f"profile {self.profile.name} is for TP {self.profile.tp}, cluster asks TP {cl.tp}")
+        lim = cl.engine
+        self.num_blocks = lim.num_gpu_blocks_override or self.profile.kv_capacity_tokens // lim.block_size
+        if self.num_blocks < 1:
+            raise ConfigError("cluster.engine.block_size", "the KV cache holds no block of this size")
+        self.max_model_len = lim.max_model_len or self.profile.model.max_model_len
+        self.bundle = make_bundle(cfg.policy)
+        self.source = ProgramSource(cfg.workload, cfg.seed)
+        self.env = simpy.Environment()
+        self.calls = ColumnStore(CALL_COLUMNS)
+        self.programs = ColumnStore(PROGRAM_COLUMNS)
+        self.samples = ColumnStore(ENGINE_COLUMNS)
+        self.engines: list[Engine] = []
+        eid = 0
+        for node in range(cl.num_nodes):
+            for _ in range(cl.num_engines_per_node):
+                self.engines.append(Engine(
+                    self.env, eid, node, self.profile, lim, self.bundle.order,
+                    self.bundle.evict.new_free_queue(eid), self.num_blocks, on_finish=self._on_finish,
+                    fast_forward=cfg.sim.fast_forward, sample_interval=cfg.sim.sample_interval,
+                    max_ff_steps=cfg.sim.max_ff_steps, record_sample=self.samples.append,
+                ))
+                eid += 1
+        self._next_call_id = 0
+        self._active: dict[int, _ProgramStats] = {}
+        self._hooks = {name: self.bundle.hooks(name) for name in (
+            "on_program_start", "on_program_end", "on_call_arrive", "on_call_finish", "on_tool_start", "on_tool_end")}
+        self._route = self.bundle.route.route
+
+    # ------------------------------------------------------------------ processes
+    def _agent(self, agent_id: int):
+        """Closed loop: this agent runs one program after another until the run ends."""
+        env = self.env
+        until = self.cfg.duration
+        while env.now < until and not self.source.exhausted():
+            prog = self.source.make(agent_id, env.now)
+            yield from self._program(prog)
+
+    def _arrivals(self, programs):
+        env = self.env
+        for prog in programs:
+            if prog.arrival_at > env.now:
+                yield env.timeout(prog.arrival_at - env.now)
+            env.process(self._program(prog))
+
+    def _program(self, prog: Program):
+        env = self.env
+        rng = prog.meta.get("rng") or program_rng(self.cfg.seed, prog.program_id)
+        pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, rng)
+        spec = prog.meta.get("generator")
+        if prog.body is not None:
+            body = prog.body(pc)
+        elif getattr(spec, "is_team", False):
+            task = spec.task(rng)
+            topology = self.bundle.shape.shape(task, env.now)
+            prog.meta["topology"] = topology
+            body = spec.team_body(pc, task, topology)
+        else:
+            body = spec.body(pc)
+        st = _ProgramStats(prog)
+        self._active[prog.program_id] = st
+        start = env.now
+        for fn in self._hooks["on_program_start"]:
+            fn(prog.program_id, prog.agent_id, prog.kind, start)
+        crit, _ = yield from self._drive(body, st, 0)
+        del self._active[prog.program_id]
+        end = env.now
+        for fn in self._hooks["on_program_end"]:
+            fn(prog.program_id, end)
+        latency = end - prog.arrival_at
+        self.programs.append((
+            prog.program_id, prog.agent_id, prog.kind, prog.arrival_at, end, latency, st.num_calls,
+            st.num_tool_calls, st.prompt_tokens, st.output_tokens, st.llm_time, st.tool_time, crit,
+            latency / st.output_tokens if st.output_tokens else math.nan, "finished",
+        ))
+
+    def _drive(self, gen, st: _ProgramStats, thread_id: int):
+        """Step one program (or branch) generator; returns (critical path time, return value)."""
+        env = self.env
+        prog = st.prog
+        result = None
+        crit = 0.0
+        while True:
+            try:
+                req = gen.send(result)
+            except StopIteration as stop:
+                return crit, stop.value
+            kind = type(req)
+            if kind is LLMCall:
+                call = self._make_call(req, prog, thread_id)
+                for fn in self._hooks["on_call_arrive"]:
+                    fn(call, env.now)
+                engine = self.engines[self._route(call, self.engines, env.now)]
+                engine.add_call(call)
+                yield call.done
+                st.num_calls += 1
+                st.prompt_tokens += call.num_prompt_tokens
+                st.output_tokens += call.num_output_tokens
+                e2e = call.finish_at - call.arrival_at
+                st.llm_time += e2e
+                crit += e2e
+                result = CallResult(call.call_id, Segment(call.output_seg_id, call.num_output_tokens),
+                                    call.arrival_at, call.first_token_at, call.finish_at, engine.engine_id)
+            elif kind is ToolCall:
+                for fn in self._hooks["on_tool_start"]:
+                    fn(prog.program_id, prog.agent_id, req.name, req.estimate, env.now)
+                if req.duration > 0:
+                    yield env.timeout(req.duration)
+                for fn in self._hooks["on_tool_end"]:
+                    fn(prog.program_id, prog.agent_id, req.name, env.now)
+                st.num_tool_calls += 1
+                st.tool_time += req.duration
+                crit += req.duration
+                result = None
+            elif kind is Parallel:
+                procs = []
+                for b in req.branches:
+                    sub = b if hasattr(b, "send") else _one(b)
+                    tid = getattr(b, "thread_id", thread_id) if not hasattr(b, "send") else thread_id
+                    procs.append(env.process(self._drive(sub, st, tid)))
+                yield env.all_of(procs)
+                crit += max((p.value[0] for p in procs), default=0.0)
+                result = [p.value[1] for p in procs]
+            else:
+                raise TypeError(f"program {prog.program_id} ({prog.kind}) yielded {req!r}; "
+                                "expected LLMCall, ToolCall or Parallel")
+
+    def _make_call(self, req: LLMCall, prog: Program, thread_id: int) -> SimCall:
+        cid = self._next_call_id
+        self._next_call_id += 1
+        n_prompt = req.context.num_tokens
+        total = n_prompt + req.num_output_tokens
+        if total > self.max_model_len:
+            raise ConfigError("cluster.engine.max_model_len",
+                              f"program {prog.program_id} ({prog.kind}) makes a call of {n_prompt} prompt + "
+                              f"{req.num_output_tokens} output tokens, longer than the model's context "
+                              f"({self.max_model_len} tokens)")
+        bs = self.cfg.cluster.engine.block_size
+        if -(-total // bs) > self.num_blocks:
+            raise ConfigError("cluster.engine",
+                              f"program {prog.program_id} ({prog.kind}) makes a call of {total} tokens; an engine's "
+                              f"whole KV cache holds {self.num_blocks * bs} tokens")
+        seg = req.output_seg_id
+        if seg is None:
+            seg = (prog.program_id << 20) | (0x80000 + cid % 0x7FFFF)
+        return SimCall(
+            cid, prog.program_id, prog.agent_id if req.agent_id is None else req.agent_id,
+            req.thread_id or thread_id, prog.kind, self.env.now, prog.arrival_at, req.context,
+            req.num_output_tokens, seg, req.hints, req.parent_call_ids, self.env.event(),
+        )
+
+    def _on_finish(self, call: SimCall) -> None:
+        self._record_call(call, "finished")
+        for fn in self._hooks["on_call_finish"]:
+            fn(call, call.finish_at)
+        call.done.succeed(call)
+
+    def _record_call(self, call: SimCall, status: str) -> None:
+        e = call.engine
+        ttft = call.first_token_at - call.arrival_at
+        tpot = (call.finish_at - call.first_token_at) / (call.num_output_tokens - 1) \
+            if call.num_output_tokens > 1 else math.nan
+        cached = max(call.num_cached_tokens, 0)
+        self.calls.append((
+            call.call_id, call.program_id, call.agent_id, call.thread_id, call.program_kind,
+            e.engine_id if e else -1, e.node_id if e else -1,
+            call.arrival_at, call.scheduled_at, call.first_token_at, call.finish_at,
+            call.scheduled_at - call.arrival_at, ttft, tpot, call.finish_at - call.arrival_at,
+            call.num_prompt_tokens, cached,
+            call.num_computed_prompt_tokens if call.num_generated else 0,
+            call.num_output_tokens, call.num_generated, call.num_preemptions, call.num_retries,
+            call.service_time, status,
+        ))
+
+    # ------------------------------------------------------------------ run
+    def run(self, progress: Callable[[float, float], None] | None = None) -> RunResult:
+        cfg = self.cfg
+        env = self.env
+        wall0 = time.perf_counter()
+        wl = cfg.workload
+        if wl.arrival == "closed":
+            for a in range(wl.agents):
+                env.process(self._agent(a))
+        elif wl.arrival == "poisson":
+            env.process(self._arrivals(self.source.poisson_arrivals(cfg.duration)))
+        else:
+            env.process(self._arrivals(self.source.trace_arrivals(cfg.duration)))
+        until = cfg.duration
+        if cfg.sim.drain:
+            env.run()
+            until = max(env.now, cfg.duration)
+        else:
+            chunks = 50 if progress else 1
+            for i in range(1, chunks + 1):
+                env.run(until=until * i / chunks)
+                if progress:
+                    progress(env.now, until)
+        for e in self.engines:
+            e.finalize(until)
+        # calls and programs still in flight when the run ends
+        for e in self.engines:
+            for c in list(e.running) + [w if isinstance(w, SimCall) else w[3] for w in e.waiting] + list(e.inbox):
+                self._record_call(c, "unfinished")
+        for st in sorted(self._active.values(), key=lambda s: s.prog.program_id):
+            p = st.prog
+            self.programs.append((
+                p.program_id, p.agent_id, p.kind, p.arrival_at, math.nan, math.nan, st.num_calls,
+                st.num_tool_calls, st.prompt_tokens, st.output_tokens, st.llm_time, st.tool_time, math.nan,
+                math.nan, "unfinished",
+            ))
+        wall = time.perf_counter() - wall0
+        calls = self.calls.to_frame().sort_values("call_id", kind="stable").reset_index(drop=True)
+        programs = self.programs.to_frame().sort_values("program_id", kind="stable").reset_index(drop=True)
+        engines = self.samples.to_frame()
+        summary = summarize(calls, programs, engines, until, cfg.slo_ttft, cfg.slo_tpot)
+        stats = {
+            "wall_time_s": wall,
+            "num_steps": sum(e.num_steps for e in self.engines),
+            "num_ff_windows": sum(e.num_ff_windows for e in self.engines),
+            "num_llm_calls": self._next_call_id,
+            "calls_per_wall_s": self._next_call_id / wall if wall > 0 else math.nan,
+            "kv_blocks_per_engine": self.num_blocks,
+            "num_engines": len(self.engines),
+        }
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "backend": "sim",
+            "config": cfg.to_dict(),
+            "seed": cfg.seed,
+            "policy": self.bundle.name,
+            "profile": {"name": self.profile.name, "source": self.profile.source,
+                        "provenance": self.profile.provenance},
+            "versions": _versions(),
+            "git_revision": _git_revision(),
+            "complete": True,
+        }
+        return RunResult(cfg, calls, programs, engines, summary, manifest, stats)
+
+
+def run(cfg: RunConfig, progress: Callable[[float, float], None] | None = None) -> RunResult:
+    """Simulate ``cfg`` and return its tables, summary and manifest."""
+    return Simulation(cfg).run(progress)
+
+
+def _versions() -> dict:
+    import numpy
+    import scipy
+
+    return {"agentsim": agentsim.__version__, "python": platform.python_version(), "simpy": simpy.__version__,
+            "numpy": numpy.__version__, "scipy": scipy.__version__, "pandas": pd.__version__}
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
