@@ -1,0 +1,228 @@
+"""Ray for the live driver: an embedded local multi-node cluster, or an existing one; engine actors.
+
+- :meth:`RayCluster.local` starts ``num_nodes`` raylets on this machine with
+  ``ray.cluster_utils.Cluster``, each with a custom resource ``node<k>``, a small object store and
+  loopback addresses, and connects to it. :meth:`RayCluster.connect` joins an existing cluster
+  (``auto`` or ``HOST:PORT``) and places engines with node-affinity on its alive nodes.
+- :meth:`RayCluster.start_engines` starts one :class:`~agentsim.live.engine.EngineHost` actor per
+  engine spec, pinned to its node (and ``tp`` GPUs where the cluster has GPUs), and waits until
+  every engine is up. Engine processes (the actor and its vLLM engine-core children) are
+  recorded by pid so :meth:`shutdown` can make sure none outlives the run.
+
+Ray is imported inside the methods.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentsim.errors import ConfigError
+
+
+@dataclass
+class EngineHandle:
+    """A started engine: its actor handle and the facts it reported at start."""
+
+    engine_id: int
+    node_id: int
+    actor: Any
+    info: dict
+    pids: list[int] = field(default_factory=list)
+    alive: bool = True
+
+
+class RayCluster:
+    """A Ray connection plus what this run started on it (stop everything by handle)."""
+
+    def __init__(self, local: Any | None, num_nodes: int, node_resources: bool) -> None:
+        self._local = local
+        self.num_nodes = num_nodes
+        self.node_resources = node_resources
+        self.engines: list[EngineHandle] = []
+        self._node_ids: list[str] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def local(cls, num_nodes: int, object_store_mb: int = 80, cpus_per_node: int = 1,
+              log_to_driver: bool = False) -> "RayCluster":
+        """Start an embedded ``num_nodes``-node cluster bound to 127.0.0.1 and connect to it."""
+        if num_nodes < 1:
+            raise ConfigError("--local-nodes", f"must be >= 1, got {num_nodes}")
+        from agentsim.live.compat import check_ray
+
+        check_ray()
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        import ray
+        from ray.cluster_utils import Cluster
+
+        store = int(object_store_mb) * 2**20
+        common = dict(num_cpus=cpus_per_node, object_store_memory=store, node_ip_address="127.0.0.1")
+        c = Cluster(initialize_head=True, connect=False,
+                    head_node_args=dict(common, resources={"node0": 1.0}, include_dashboard=False))
+        try:
+            for k in range(1, num_nodes):
+                c.add_node(**common, resources={f"node{k}": 1.0})
+            c.wait_for_nodes()
+            ray.init(address=c.address, log_to_driver=log_to_driver, include_dashboard=False,
+                     _node_ip_address="127.0.0.1")
+        except BaseException:
+            c.shutdown()
+            raise
+        return cls(c, num_nodes, node_resources=True)
+
+    @classmethod
+    def connect(cls, address: str, num_nodes: int | None = None, log_to_driver: bool = False) -> "RayCluster":
+        """Join a running cluster; engines go to its alive nodes in a stable order."""
+        from agentsim.live.compat import check_ray
+
+        check_ray()
+        import ray
+
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError("--address", f"cannot join Ray cluster {address!r}: {e}") from None
+        nodes = sorted((n for n in ray.nodes() if n.get("Alive")),
+                       key=lambda n: (n.get("NodeManagerAddress", ""), n["NodeID"]))
+        if not nodes:
+            ray.shutdown()
+            raise ConfigError("--address", f"Ray cluster {address!r} has no alive nodes")
+        self = cls(None, num_nodes or len(nodes), node_resources=False)
+        self._node_ids = [n["NodeID"] for n in nodes]
+        return self
+
+    # ------------------------------------------------------------------ engines
+    def _placement(self, node_id: int, tp: int) -> dict:
+        import ray
+
+        opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": 0}
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            opts["num_gpus"] = tp
+        if self.node_resources:
+            opts["resources"] = {f"node{node_id}": 0.001}
+        else:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            nid = self._node_ids[node_id % len(self._node_ids)]
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nid, soft=False)
+        return opts
+
+    def start_engines(self, specs: list[dict], timeout: float = 600.0) -> list[EngineHandle]:
+        """Start one actor per spec (all at once) and wait for every engine to be ready."""
+        import ray
+
+        from agentsim.live.engine import EngineHost
+
+        cls = ray.remote(EngineHost)
+        pending = []
+        for spec in specs:
+            actor = cls.options(**self._placement(spec["node_id"], spec.get("tp", 1)),
+                                name=f"agentsim-engine-{spec['run_tag']}-{spec['engine_id']}").remote(spec)
+            pending.append((spec, actor, actor.start.remote()))
+        handles: list[EngineHandle] = []
+        errors = []
+        for spec, actor, ref in pending:
+            try:
+                info = ray.get(ref, timeout=timeout)
+            except Exception as e:  # noqa: BLE001 - report every engine that failed, then stop them all
+                errors.append(f"engine {spec['engine_id']}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+                handles.append(EngineHandle(spec["engine_id"], spec["node_id"], actor, {}, [], alive=False))
+                continue
+            handles.append(EngineHandle(spec["engine_id"], spec["node_id"], actor, info,
+                                        [info["pid"], *info.get("child_pids", [])]))
+        self.engines.extend(handles)
+        if errors:
+            self.stop_engines()
+            raise RuntimeError("engines failed to start: " + "; ".join(errors))
+        return handles
+
+    def kill_engine(self, handle: EngineHandle) -> None:
+        """Kill one engine actor abruptly (fault injection); its vLLM children are reaped too."""
+        import ray
+
+        ray.kill(handle.actor, no_restart=True)
+        handle.alive = False
+        self._reap(handle.pids, grace=5.0)
+
+    def stop_engines(self) -> None:
+        """Shut every engine down by its handle, then make sure its processes are gone."""
+        import ray
+
+        refs = []
+        for h in self.engines:
+            if h.alive:
+                try:
+                    refs.append(h.actor.shutdown.remote())
+                except Exception:  # noqa: BLE001 - the actor may already be dead
+                    pass
+        if refs:
+            try:
+                ray.wait(refs, num_returns=len(refs), timeout=30)
+            except Exception:  # noqa: BLE001
+                pass
+        for h in self.engines:
+            try:
+                ray.kill(h.actor, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+            h.alive = False
+        self._reap([p for h in self.engines for p in h.pids], grace=10.0)
+        self.engines = []
+
+    @staticmethod
+    def _reap(pids: list[int], grace: float) -> None:
+        """Wait for our own engine processes to exit; SIGKILL what is left (same host only)."""
+        import psutil
+
+        procs = []
+        for pid in pids:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+        if not procs:
+            return
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+    def shutdown(self) -> None:
+        """Stop engines, disconnect, and stop the embedded cluster (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        import ray
+
+        try:
+            self.stop_engines()
+        finally:
+            ray.shutdown()
+            if self._local is not None:
+                self._local.shutdown()
+                self._local = None
+
+    def __enter__(self) -> "RayCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def wait_until(pred, timeout: float, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()

@@ -1,0 +1,643 @@
+"""The live driver: the simulator's program generators and policy objects, on real vLLM engines.
+
+The driver steps each program body (``agentsim.workload``) from an asyncio task:
+
+- ``LLMCall``: the prompt is the context's token ids (:class:`~agentsim.live.tokens.TokenMapper`),
+  the route policy picks an engine from live :class:`~agentsim.live.views.LiveEngineView` s, the
+  order policy's key becomes vLLM's ``priority``, hints travel in ``SamplingParams.extra_args``;
+  the output is forced to the requested length (``max_tokens`` + ``ignore_eos``) and the tokens
+  vLLM generated become the call's output segment, so the next prompt reuses exactly them.
+- ``ToolCall``: the program really sleeps ``duration`` seconds.
+- ``Parallel``: branches run as concurrent tasks; the program gets their results in order.
+
+Engines are reached through an :class:`EngineClient` (a Ray actor here; an HTTP endpoint in
+:mod:`agentsim.live.http`). An engine that dies mid-run is marked dead; its in-flight calls are
+retried on the remaining engines (counted in ``num_retries``). Results follow
+``agentsim.metrics`` exactly and are flushed atomically every ``flush_interval`` seconds with
+``manifest.complete = false``; only the final write says ``complete = true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from agentsim import metrics as M
+from agentsim.policies.base import PolicyBundle
+from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall
+
+PRIORITY_SCALE = 1000.0  # order keys (seconds, levels ...) -> integer vLLM priority, 1 ms resolution
+
+
+class EngineDead(Exception):
+    """The engine serving a call is gone (actor died, endpoint unreachable)."""
+
+
+class EngineClient:
+    """How the driver talks to one engine. Replies use the node's monotonic clock."""
+
+    engine_id: int
+    node_id: int
+    info: dict
+
+    async def generate(self, request_id: str, token_ids: list[int], max_tokens: int, priority: int,
+                       extra_args: dict, run_epoch: float | None) -> dict:
+        raise NotImplementedError
+
+    async def poll(self) -> dict:
+        raise NotImplementedError
+
+    async def clock(self) -> float:
+        raise NotImplementedError
+
+
+class RayEngineClient(EngineClient):
+    """An :class:`~agentsim.live.engine.EngineHost` actor; actor death becomes :class:`EngineDead`."""
+
+    def __init__(self, handle: Any) -> None:
+        import ray.exceptions as rex
+
+        self.handle = handle
+        self.engine_id = handle.engine_id
+        self.node_id = handle.node_id
+        self.info = handle.info
+        self._dead = (rex.RayActorError, rex.ActorUnavailableError)
+
+    async def _call(self, ref: Any) -> Any:
+        try:
+            return await ref
+        except self._dead as e:
+            raise EngineDead(f"engine {self.engine_id}: {type(e).__name__}") from None
+
+    async def generate(self, request_id, token_ids, max_tokens, priority, extra_args, run_epoch):
+        try:
+            ref = self.handle.actor.generate.remote(request_id, token_ids, max_tokens, priority, extra_args, run_epoch)
+        except self._dead as e:
+            raise EngineDead(f"engine {self.engine_id}: {type(e).__name__}") from None
+        return await self._call(ref)
+
+    async def poll(self) -> dict:
+        return await self._call(self.handle.actor.poll.remote())
+
+    async def clock(self) -> float:
+        return await self._call(self.handle.actor.clock.remote())
+
+
+@dataclass
+class LiveOptions:
+    """Driver knobs (all times in seconds of wall clock)."""
+
+    duration: float = 60.0               # stop starting programs after this long
+    drain: bool = True                   # then let running programs finish ...
+    drain_timeout: float | None = None   # ... for at most this long (default: duration)
+    sample_interval: float = 1.0         # engine time-series period
+    poll_interval: float = 0.25          # KV-event / stats refresh between replies
+    flush_interval: float = 5.0          # partial results written this often (0 = only at the end)
+    max_retries: int = 3                 # per call, after engine deaths
+    token_low: int = 4                   # prompt token ids are drawn from [token_low, token_high)
+    token_high: int | None = None        # default: min(vocab size, 32000)
+    kill_engines: tuple = ()             # fault injection: ((engine_id, at_time), ...)
+    slo_ttft: float | None = None
+    slo_tpot: float | None = None
+
+
+@dataclass
+class LiveResult:
+    out_dir: Path | None
+    calls: Any
+    programs: Any
+    engines: Any
+    summary: dict
+    manifest: dict
+    views: list = field(default_factory=list)
+
+
+class _Program:
+    __slots__ = ("prog", "pc", "num_calls", "num_tool_calls", "prompt_tokens", "output_tokens", "llm_time",
+                 "tool_time", "status", "end_at", "error", "critical_path")
+
+    def __init__(self, prog: Program, pc: ProgramContext) -> None:
+        self.prog = prog
+        self.pc = pc
+        self.num_calls = 0
+        self.num_tool_calls = 0
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+        self.llm_time = 0.0
+        self.tool_time = 0.0
+        self.critical_path = 0.0
+        self.status = "running"
+        self.end_at = float("nan")
+        self.error: str | None = None
+
+    def row(self) -> tuple:
+        p = self.prog
+        lat = self.end_at - p.arrival_at if self.status == "finished" else float("nan")
+        tl = lat / self.output_tokens if self.output_tokens else float("nan")
+        return (p.program_id, p.agent_id, p.kind, p.arrival_at, self.end_at, lat, self.num_calls,
+                self.num_tool_calls, self.prompt_tokens, self.output_tokens, self.llm_time, self.tool_time,
+                self.critical_path, tl, self.status)
+
+
+class ProgramFailed(Exception):
+    pass
+
+
+def priority_for(order: Any, call: Any, now: float) -> int:
+    """The order policy's key as vLLM's integer ``priority`` (lower runs first; ties by arrival).
+
+    A policy may define ``live_priority(call, now) -> int`` itself; otherwise the key (or the first
+    element of a tuple key) is scaled to 1 ms resolution, which keeps FCFS (key = arrival time)
+    exactly FCFS.
+    """
+    fn = getattr(order, "live_priority", None)
+    if fn is not None:
+        return int(fn(call, now))
+    key = order.key(call, now)
+    if isinstance(key, tuple):
+        key = key[0] if key else 0
+    k = float(key)
+    if not math.isfinite(k):
+        return 2**62 if k > 0 else -(2**62)
+    return int(math.floor(k * PRIORITY_SCALE))
+
+
+def call_extra_args(call: Any, now: float, order_key: float | None) -> dict:
+    """Per-request hints for the in-engine scheduler (msgpack-friendly primitives only)."""
+    h = call.hints
+    return {"agentsim": {
+        "call_id": call.call_id, "program_id": call.program_id, "agent_id": call.agent_id,
+        "thread_id": call.thread_id, "kind": call.program_kind, "arrival_at": call.arrival_at,
+        "program_arrival_at": call.program_arrival_at, "num_output_tokens": call.num_output_tokens,
+        "parent_call_ids": list(call.parent_call_ids), "order_key": order_key,
+        "hints": {k: v for k, v in (asdict(h) if h is not None else {}).items() if v is not None},
+    }}
+
+
+class LiveDriver:
+    """Runs programs against engine clients with one policy bundle; records the shared metrics.
+
+    ``programs``: an iterable of :class:`Program` (open loop, started at ``arrival_at``) or a
+    :class:`agentsim.traces.source.ProgramSource` (closed loop / Poisson / trace per its spec).
+    """
+
+    def __init__(self, engines: Sequence[EngineClient], bundle: PolicyBundle, *, block_size: int,
+                 options: LiveOptions | None = None, out_dir: str | Path | None = None, seed: int = 0,
+                 manifest: dict | None = None, on_kill: Callable[[int], None] | None = None,
+                 kv_events: bool = True, max_num_seqs: int = 256) -> None:
+        if not engines:
+            raise ValueError("the live driver needs at least one engine")
+        self.clients = list(engines)
+        self.bundle = bundle
+        self.opt = options or LiveOptions()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.seed = seed
+        self.base_manifest = dict(manifest or {})
+        self.on_kill = on_kill
+        self.block_size = block_size
+        vocab = min(int(c.info.get("vocab_size", 32000)) for c in self.clients)
+        hi = self.opt.token_high if self.opt.token_high is not None else min(vocab, 32000)
+        from agentsim.live.tokens import TokenMapper
+
+        self.tokens = TokenMapper(self.opt.token_low, hi)
+        self.hasher = None
+        if kv_events:
+            from agentsim.live.tokens import VllmBlockHasher
+
+            algo = self.clients[0].info.get("hash_algo", "sha256")
+            self.hasher = VllmBlockHasher(block_size, algo)
+            probe = self.hasher.probe()
+            bad = [c.engine_id for c in self.clients if c.info.get("hash_probe") not in (None, probe)]
+            if bad:
+                raise RuntimeError(f"engines {bad} hash KV blocks differently from the driver "
+                                   "(PYTHONHASHSEED or prefix_caching_hash_algo differ); KV-aware routing would be wrong")
+        self.views = [LiveEngineView(c.engine_id, c.node_id, block_size, int(c.info.get("num_blocks", 0)),
+                                     max_num_seqs, self.hasher) for c in self.clients]
+        self.max_model_len = min(int(c.info.get("max_model_len", 1 << 30)) for c in self.clients)
+        self.calls = M.ColumnStore(M.CALL_COLUMNS)
+        self.engine_rows = M.ColumnStore(M.ENGINE_COLUMNS)
+        self.programs: dict[int, _Program] = {}
+        self.finished_programs: list[tuple] = []
+        self.inflight_calls: dict[int, LiveCall] = {}
+        self.errors: list[str] = []
+        self.engine_failures: list[dict] = []
+        self.num_retries = 0
+        self._offsets: dict[int, float] = {}
+        self._t0 = 0.0
+        self._next_call = 0
+        self._prev_stats: dict[int, dict] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+        self._complete = False
+        self._ended_at: float | None = None
+        self._write_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ clock
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _to_run(self, engine_id: int, node_t: float) -> float:
+        if not node_t:
+            return float("nan")
+        return node_t - self._offsets[engine_id] - self._t0
+
+    async def _measure_offsets(self) -> None:
+        """Per engine: node monotonic - driver monotonic, from the lowest-RTT of a few pings."""
+        for c in self.clients:
+            best = None
+            for _ in range(5):
+                a = time.monotonic()
+                t = await c.clock()
+                b = time.monotonic()
+                if best is None or b - a < best[0]:
+                    best = (b - a, t - (a + b) / 2)
+            self._offsets[c.engine_id] = best[1]
+
+    # ------------------------------------------------------------------ run
+    def run(self, programs: Any) -> LiveResult:
+        return asyncio.run(self.arun(programs))
+
+    async def arun(self, programs: Any) -> LiveResult:
+        await self._measure_offsets()
+        self._t0 = time.monotonic()
+        bg = [asyncio.create_task(self._sampler()), asyncio.create_task(self._poller())]
+        if self.opt.flush_interval > 0 and self.out_dir is not None:
+            bg.append(asyncio.create_task(self._flusher()))
+        for eid, at in self.opt.kill_engines:
+            bg.append(asyncio.create_task(self._kill_later(int(eid), float(at))))
+        status = "finished"
+        try:
+            await self._start_programs(programs)
+            pending = [t for t in self._tasks if not t.done()]
+            if pending and self.opt.drain:
+                limit = self.opt.drain_timeout if self.opt.drain_timeout is not None else self.opt.duration
+                await asyncio.wait(pending, timeout=max(0.0, limit))
+            self._stopping = True
+            for t in list(self._tasks):
+                if not t.done():
+                    t.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            status = "interrupted"
+            raise
+        finally:
+            self._stopping = True
+            for t in bg:
+                t.cancel()
+            await asyncio.gather(*bg, return_exceptions=True)
+            for t in list(self._tasks):
+                t.cancel()
+            self._ended_at = self.now()
+            self._complete = status == "finished"
+            result = self._write(final=True, status=status)
+        return result
+
+    async def _start_programs(self, programs: Any) -> None:
+        from agentsim.traces.source import ProgramSource
+
+        if isinstance(programs, ProgramSource):
+            spec = programs.spec
+            if spec.arrival == "closed":
+                agents = [asyncio.create_task(self._agent_loop(programs, a)) for a in range(spec.agents)]
+                self._tasks.update(agents)
+                # agents stop starting programs at `duration`; draining their last program is arun's job
+                await asyncio.wait(agents, timeout=max(0.0, self.opt.duration - self.now()))
+                return
+            it = programs.poisson_arrivals(self.opt.duration) if spec.arrival == "poisson" \
+                else programs.trace_arrivals(self.opt.duration)
+            await self._open_loop(it, programs)
+        else:
+            await self._open_loop(iter(programs), None)
+
+    async def _agent_loop(self, source: Any, agent_id: int) -> None:
+        while not self._stopping and self.now() < self.opt.duration and not source.exhausted():
+            prog = source.make(agent_id, self.now())
+            await self._run_program(prog, source)
+
+    async def _open_loop(self, it: Iterable[Program], source: Any) -> None:
+        for prog in it:
+            if prog.arrival_at >= self.opt.duration:
+                break
+            delay = prog.arrival_at - self.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t = asyncio.create_task(self._run_program(prog, source))
+            self._tasks.add(t)
+
+    # ------------------------------------------------------------------ programs
+    def _body(self, prog: Program, pc: ProgramContext) -> Any:
+        if prog.body is not None:
+            return prog.body(pc)
+        gen = prog.meta["generator"]
+        if getattr(gen, "is_team", False):
+            task = gen.task(pc.rng)
+            topology = self.bundle.shape.shape(task, self.now())
+            prog.meta["topology"] = topology
+            return gen.team_body(pc, task, topology)
+        return gen.body(pc)
+
+    async def _run_program(self, prog: Program, source: Any) -> None:
+        if source is not None and prog.body is None:
+            pc = source.context_for(prog)
+        else:
+            from agentsim.traces.source import program_rng
+
+            pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, program_rng(prog.seed, prog.program_id))
+        st = _Program(prog, pc)
+        self.programs[prog.program_id] = st
+        self.bundle.emit("on_program_start", prog.program_id, prog.agent_id, prog.kind, self.now())
+        try:
+            body = self._body(prog, pc)
+            _, cp = await self._run_strand(body, st)
+            st.critical_path = cp
+            st.status = "finished"
+        except asyncio.CancelledError:
+            st.status = "unfinished"
+            raise
+        except ProgramFailed as e:
+            st.status = "failed"
+            st.error = str(e)
+        except Exception as e:  # noqa: BLE001 - a program bug fails that program, not the run
+            st.status = "failed"
+            st.error = f"{type(e).__name__}: {e}"
+            self.errors.append(f"program {prog.program_id}: {traceback.format_exc(limit=3)}")
+        finally:
+            st.end_at = self.now()
+            if st.error and len(self.errors) < 50:
+                self.errors.append(f"program {prog.program_id}: {st.error}")
+            self.tokens.drop_program(prog.program_id)
+            if st.status != "unfinished":
+                self.finished_programs.append(st.row())
+                del self.programs[prog.program_id]
+                self.bundle.emit("on_program_end", prog.program_id, self.now())
+
+    async def _run_strand(self, gen: Any, st: _Program) -> tuple[Any, float]:
+        """Step one generator to its end; return (its return value, its critical-path time)."""
+        value: Any = None
+        cp = 0.0
+        while True:
+            try:
+                req = gen.send(value)
+            except StopIteration as stop:
+                return stop.value, cp
+            value, t = await self._do(req, st)
+            cp += t
+
+    async def _do(self, req: Any, st: _Program) -> tuple[Any, float]:
+        if isinstance(req, LLMCall):
+            res = await self._llm(req, st)
+            return res, res.finish_at - res.arrival_at
+        if isinstance(req, ToolCall):
+            p = st.prog
+            st.num_tool_calls += 1
+            self.bundle.emit("on_tool_start", p.program_id, p.agent_id, req.name, req.estimate, self.now())
+            t = self.now()
+            await asyncio.sleep(req.duration)
+            took = self.now() - t
+            st.tool_time += took
+            self.bundle.emit("on_tool_end", p.program_id, p.agent_id, req.name, self.now())
+            return None, took
+        if isinstance(req, Parallel):
+            async def branch(b: Any) -> tuple[Any, float]:
+                if isinstance(b, (LLMCall, ToolCall, Parallel)):
+                    return await self._do(b, st)
+                return await self._run_strand(b, st)
+
+            outs = await asyncio.gather(*(branch(b) for b in req.branches))
+            return [o[0] for o in outs], max((o[1] for o in outs), default=0.0)
+        raise ProgramFailed(f"program yielded {type(req).__name__}, not LLMCall/ToolCall/Parallel")
+
+    # ------------------------------------------------------------------ calls
+    async def _llm(self, req: LLMCall, st: _Program) -> CallResult:
+        p = st.prog
+        now = self.now()
+        if req.output_seg_id is not None:
+            call_id = req.output_seg_id
+        else:
+            self._next_call += 1
+            call_id = (1 << 61) | self._next_call
+        call = LiveCall(call_id, p.program_id, req.agent_id if req.agent_id is not None else p.agent_id,
+                        req.thread_id, p.kind, now, p.arrival_at, req.context, req.num_output_tokens,
+                        req.hints, tuple(req.parent_call_ids), req.output_seg_id)
+        st.num_calls += 1
+        if call.num_prompt_tokens + call.num_output_tokens > self.max_model_len:
+            call.status = "failed"
+            self.calls.append(call.row())
+            raise ProgramFailed(f"call {call_id}: prompt {call.num_prompt_tokens} + output {call.num_output_tokens} "
+                                f"tokens exceed the engines' max_model_len {self.max_model_len}")
+        token_ids = self.tokens.prompt(req.context)
+        if self.hasher is not None:
+            call.vllm_hashes = self.hasher.map_context(req.context.block_hashes(self.block_size), token_ids)
+        self.bundle.emit("on_call_arrive", call, now)
+        self.inflight_calls[call_id] = call
+        try:
+            reply, view = await self._dispatch(call, token_ids)
+        except BaseException:
+            self.inflight_calls.pop(call_id, None)
+            if call.status == "running":
+                call.status = "unfinished" if self._stopping else "failed"
+            self.calls.append(call.row())
+            raise
+        self.inflight_calls.pop(call_id, None)
+        eid = view.engine_id
+        call.finish_at = self.now()
+        call.scheduled_at = self._to_run(eid, reply["scheduled_at"])
+        call.first_token_at = self._to_run(eid, reply["first_token_at"])
+        if not call.first_token_at == call.first_token_at:  # engine stats missing: fall back to receipt
+            call.first_token_at = call.finish_at
+        last = self._to_run(eid, reply["last_token_at"])
+        call.service_time = (last - call.scheduled_at) if last == last and call.scheduled_at == call.scheduled_at else 0.0
+        call.wait_time = call.scheduled_at - call.arrival_at if call.scheduled_at == call.scheduled_at else 0.0
+        out_ids = reply["token_ids"]
+        call.num_generated = len(out_ids)
+        call.num_cached_tokens = int(reply["num_cached_tokens"])
+        call.num_preemptions = int(reply["num_preemptions"])
+        call.status = "finished"
+        if req.output_seg_id is not None:
+            self.tokens.register_output(p.program_id, req.output_seg_id, out_ids)
+        self.calls.append(call.row())
+        st.prompt_tokens += call.num_prompt_tokens
+        st.output_tokens += call.num_generated
+        st.llm_time += call.finish_at - call.arrival_at
+        self.bundle.emit("on_call_finish", call, self.now())
+        if req.hints is not None and req.hints.next_invocation_distance is not None:
+            self.bundle.emit("on_distance_update", {call.agent_id: req.hints.next_invocation_distance}, self.now())
+        seg = Segment(req.output_seg_id if req.output_seg_id is not None else call_id, call.num_generated)
+        return CallResult(call_id, seg, call.arrival_at, call.first_token_at, call.finish_at, eid)
+
+    async def _dispatch(self, call: LiveCall, token_ids: list[int]) -> tuple[dict, LiveEngineView]:
+        """Route, submit, and on engine death retry on another engine (``max_retries`` times)."""
+        while True:
+            alive = [v for v in self.views if v.alive]
+            if not alive:
+                call.status = "failed"
+                raise ProgramFailed(f"call {call.call_id}: no engine alive")
+            now = self.now()
+            idx = self.bundle.route.route(call, alive, now)
+            if not isinstance(idx, (int, np.integer)) or not 0 <= idx < len(alive):
+                raise ProgramFailed(f"route policy returned {idx!r} for {len(alive)} engines")
+            view = alive[int(idx)]
+            client = self.clients[self.views.index(view)]
+            call.engine_id = view.engine_id
+            call.node_id = view.node_id
+            okey = None
+            try:
+                k = self.bundle.order.key(call, now)
+                okey = float(k[0] if isinstance(k, tuple) else k)
+            except (TypeError, ValueError, IndexError):
+                okey = None
+            call.priority = priority_for(self.bundle.order, call, now)
+            call.submitted_at = now
+            view.add(call)
+            try:
+                reply = await client.generate(f"c{call.call_id:x}-{call.num_retries}", token_ids, call.num_output_tokens,
+                                              call.priority, call_extra_args(call, now, okey),
+                                              self._t0 + self._offsets[view.engine_id])
+            except EngineDead as e:
+                view.remove(call)
+                self._mark_dead(view, str(e))
+                if call.num_retries >= self.opt.max_retries:
+                    call.status = "failed"
+                    raise ProgramFailed(f"call {call.call_id}: gave up after {call.num_retries} retries ({e})") from None
+                call.num_retries += 1
+                self.num_retries += 1
+                continue
+            except BaseException:
+                view.remove(call)
+                raise
+            view.remove(call)
+            view.reported = reply.get("stats", view.reported)
+            view.apply_events(reply.get("events", ()))
+            return reply, view
+
+    def _mark_dead(self, view: LiveEngineView, why: str) -> None:
+        if view.alive:
+            view.alive = False
+            view.cached.clear()
+            self.engine_failures.append({"engine_id": view.engine_id, "node_id": view.node_id, "at": self.now(),
+                                         "error": why})
+
+    async def _kill_later(self, engine_id: int, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - self.now()))
+        if self.on_kill is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self.on_kill, engine_id)
+
+    # ------------------------------------------------------------------ background
+    async def _poller(self) -> None:
+        """Refresh KV events and stats of idle engines between replies."""
+        while True:
+            await asyncio.sleep(self.opt.poll_interval)
+            await self._poll_all(record=False)
+
+    async def _sampler(self) -> None:
+        while True:
+            await self._poll_all(record=True)
+            await asyncio.sleep(self.opt.sample_interval)
+
+    async def _poll_all(self, record: bool) -> None:
+        live = [(c, v) for c, v in zip(self.clients, self.views) if v.alive]
+        outs = await asyncio.gather(*(c.poll() for c, _ in live), return_exceptions=True)
+        now = self.now()
+        for (c, v), out in zip(live, outs):
+            if isinstance(out, EngineDead):
+                self._mark_dead(v, str(out))
+                continue
+            if isinstance(out, BaseException):
+                continue
+            v.reported = out["stats"]
+            v.apply_events(out["events"])
+            if record:
+                self._record_engine(v, out["stats"], now)
+
+    def _record_engine(self, v: LiveEngineView, s: dict, now: float) -> None:
+        prev = self._prev_stats.get(v.engine_id)
+        self._prev_stats[v.engine_id] = s
+        if prev is None:
+            d_pre = d_dec = 0
+            busy = 0.0
+        else:
+            d_pre = s["prefill_tokens"] - prev["prefill_tokens"]
+            d_dec = s["decode_tokens"] - prev["decode_tokens"]
+            dt = s["t"] - prev["t"]
+            busy = min(1.0, max(0.0, (s["busy_time"] - prev["busy_time"]) / dt)) if dt > 0 else 0.0
+        gpu = s.get("gpu_util")
+        self.engine_rows.append((v.engine_id, v.node_id, now, int(s["num_running"]), int(s["num_waiting"]),
+                                 float(s["kv_usage"]), int(d_pre), int(d_dec), busy,
+                                 float(gpu) if gpu is not None else float("nan")))
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(self.opt.flush_interval)
+            try:
+                # tables are copied on the loop thread (appends happen there); parquet is written off it
+                job = self._prepare(final=False, status="running")
+                await asyncio.get_running_loop().run_in_executor(None, self._store, job)
+            except Exception as e:  # noqa: BLE001 - a failed partial flush must not stop the run
+                self.errors.append(f"flush: {e}")
+
+    # ------------------------------------------------------------------ results
+    def _frames(self):
+        calls = self.calls.to_frame()
+        inflight = [c.row() for c in list(self.inflight_calls.values())]
+        if inflight:
+            import pandas as pd
+
+            calls = pd.concat([calls, _frame(M.CALL_COLUMNS, inflight)], ignore_index=True)
+        rows = list(self.finished_programs) + [st.row() for st in list(self.programs.values())]
+        programs = _frame(M.PROGRAM_COLUMNS, rows)
+        engines = self.engine_rows.to_frame()
+        return calls, programs, engines
+
+    def _write(self, final: bool, status: str) -> LiveResult:
+        return self._store(self._prepare(final, status))
+
+    def _store(self, res: LiveResult) -> LiveResult:
+        if self.out_dir is not None:
+            with self._write_lock:  # a partial flush may still be running in its thread
+                res.out_dir = M.write_results(self.out_dir, res.calls, res.programs, res.engines, res.summary, res.manifest)
+        return res
+
+    def _prepare(self, final: bool, status: str) -> LiveResult:
+        calls, programs, engines = self._frames()
+        duration = self._ended_at if final and self._ended_at is not None else self.now()
+        summary = M.summarize(calls, programs, engines, max(duration, 1e-9), self.opt.slo_ttft, self.opt.slo_tpot)
+        summary["num_retries"] = float(self.num_retries)
+        summary["num_engine_failures"] = float(len(self.engine_failures))
+        summary["num_programs_failed"] = float((programs["status"] == "failed").sum())
+        summary["num_programs_unfinished"] = float((programs["status"].isin(["unfinished", "running"])).sum())
+        complete = final and self._complete
+        manifest = dict(self.base_manifest)
+        manifest.update({
+            "backend": "live", "complete": complete, "status": status if final else "running",
+            "schema_version": M.SCHEMA_VERSION, "policy": self.bundle.name, "seed": self.seed,
+            "engines": [dict(engine_id=c.engine_id, node_id=c.node_id,
+                             **{k: c.info.get(k) for k in ("num_blocks", "block_size", "vllm_version",
+                                                           "scheduler_cls", "max_model_len", "hostname")})
+                        for c in self.clients],
+            "engine_failures": list(self.engine_failures), "num_retries": self.num_retries,
+            "errors": list(self.errors[:20]), "clock_offsets": {str(k): v for k, v in self._offsets.items()},
+            "gpu": self.base_manifest.get("gpu", "no GPU"),
+        })
+        if not complete:
+            summary["incomplete"] = 1.0
+        return LiveResult(None, calls, programs, engines, summary, manifest, self.views)
+
+
+def _frame(columns, rows):
+    store = M.ColumnStore(columns)
+    for r in rows:
+        store.append(r)
+    return store.to_frame()
+
+
+from agentsim.live.views import LiveCall, LiveEngineView  # noqa: E402  (views import nothing from here)

@@ -1,0 +1,216 @@
+"""``run_live(cfg, settings)``: a :class:`~agentsim.config.RunConfig` on real engines, end to end.
+
+The cluster spec becomes engines (``num_nodes`` x ``engines_per_node``, TP inside a node, the
+engine limits of ``cluster.engine``), the workload spec becomes a
+:class:`~agentsim.traces.source.ProgramSource`, the policy spec becomes the same
+:class:`~agentsim.policies.base.PolicyBundle` the simulator uses. Engines run either in a local
+multi-node Ray cluster (``local_nodes``), on an existing Ray cluster (``address``) or behind
+existing OpenAI-compatible vLLM servers (``endpoints``). ``cluster.model`` names the simulator's
+profile; the live model is ``settings.model`` (default: a tiny random Llama made on the spot).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agentsim.config import RunConfig
+from agentsim.errors import ConfigError
+from agentsim.live.driver import LiveDriver, LiveOptions, LiveResult, RayEngineClient
+
+TINY = "tiny"
+
+
+@dataclass
+class LiveSettings:
+    """Where and how the engines run (everything that is not in the shared RunConfig)."""
+
+    local_nodes: int | None = None        # start an embedded Ray cluster with this many nodes
+    address: str | None = None            # or join this Ray cluster ("auto" or HOST:PORT)
+    endpoints: tuple[str, ...] = ()       # or drive these OpenAI-compatible vLLM servers (no Ray)
+    model: str = TINY                     # model dir / HF id, or "tiny" (made offline)
+    model_cache: str | None = None        # where the tiny model is made (default ~/.cache/agentsim)
+    load_format: str = "dummy"            # "dummy" = random weights; "auto" to load real weights
+    dtype: str = "float32"
+    kv_cache_gib: float = 1.0             # CPU backend: KV cache per engine
+    object_store_mb: int = 80             # local cluster: object store per node
+    max_model_len: int | None = None      # default: cluster.engine.max_model_len or 8192
+    force_engine_scheduler: bool = False  # host the order/evict policies in vLLM even for FCFS/LRU
+    scheduler_log_dir: str | None = None
+    engine_env: dict = field(default_factory=dict)
+    options: LiveOptions = field(default_factory=LiveOptions)
+    log_to_driver: bool = False
+
+    def __post_init__(self) -> None:
+        n = sum(x is not None and x != () for x in (self.local_nodes, self.address, self.endpoints or None))
+        if n > 1:
+            raise ConfigError("live", "give only one of --local-nodes, --address and --endpoints")
+        if self.local_nodes is not None and self.local_nodes < 1:
+            raise ConfigError("--local-nodes", f"must be >= 1, got {self.local_nodes}")
+        if self.kv_cache_gib <= 0:
+            raise ConfigError("--kv-cache-gib", "must be > 0")
+
+
+def default_model_cache() -> Path:
+    return Path(os.environ.get("AGENTSIM_CACHE", Path.home() / ".cache" / "agentsim"))
+
+
+def resolve_model(settings: LiveSettings) -> str:
+    if settings.model != TINY:
+        return settings.model
+    from agentsim.live.tiny_model import make_tiny_llama
+
+    base = Path(settings.model_cache) if settings.model_cache else default_model_cache()
+    return str(make_tiny_llama(base / "tiny-llama-16k", max_position_embeddings=16384))
+
+
+def needs_engine_scheduler(bundle: Any) -> bool:
+    """True when the order/evict policies need more than vLLM's priority number and LRU."""
+    from agentsim.policies.baseline import LRU
+
+    order = bundle.order
+    return bool(getattr(order, "dynamic", False) or getattr(order, "preemptive", False)
+                or not isinstance(bundle.evict, LRU))
+
+
+def engine_specs(cfg: RunConfig, settings: LiveSettings, model: str, run_tag: str, scheduler: dict | None) -> list[dict]:
+    from agentsim.live.engine import EngineSpec
+
+    c = cfg.cluster
+    e = c.engine
+    max_len = settings.max_model_len or e.max_model_len or 8192
+    specs = []
+    eid = 0
+    for node in range(c.num_nodes):
+        for _ in range(c.num_engines_per_node):
+            sched = None
+            if scheduler is not None:
+                sched = dict(scheduler)
+                if settings.scheduler_log_dir:
+                    sched["log"] = str(Path(settings.scheduler_log_dir) / f"engine{eid}.jsonl")
+            specs.append(EngineSpec(
+                engine_id=eid, node_id=node, model=model, run_tag=run_tag, load_format=settings.load_format,
+                dtype=settings.dtype, block_size=e.block_size, max_model_len=max_len, max_num_seqs=e.max_num_seqs,
+                max_num_batched_tokens=max(e.max_num_batched_tokens, max_len) if not e.enable_chunked_prefill
+                else e.max_num_batched_tokens,
+                enable_chunked_prefill=e.enable_chunked_prefill, enable_prefix_caching=e.enable_prefix_caching,
+                num_gpu_blocks_override=e.num_gpu_blocks_override, tp=c.tp, kv_cache_gib=settings.kv_cache_gib,
+                scheduler=sched, seed=cfg.seed, env=dict(settings.engine_env),
+            ).to_dict())
+            eid += 1
+    return specs
+
+
+def check_cpu_limits(cfg: RunConfig) -> None:
+    """vLLM's CPU backend needs block sizes that are multiples of 32."""
+    bs = cfg.cluster.engine.block_size
+    if bs % 32:
+        raise ConfigError("cluster.engine.block_size",
+                          f"{bs} is not a multiple of 32, which vLLM's CPU backend requires (use 32 or 64)")
+
+
+def _git_rev() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def manifest_base(cfg: RunConfig, settings: LiveSettings, model: str) -> dict:
+    from agentsim.live.compat import ray_version, vllm_version
+
+    where = (f"local {settings.local_nodes}-node Ray cluster" if settings.local_nodes
+             else f"Ray cluster {settings.address}" if settings.address
+             else f"endpoints {','.join(settings.endpoints)}")
+    return {
+        "config": cfg.to_dict(), "seed": cfg.seed, "live_model": model, "load_format": settings.load_format,
+        "cluster": where, "git_revision": _git_rev(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"vllm": vllm_version(), "ray": ray_version(), "python": platform.python_version()},
+        "live_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings.options).items()},
+    }
+
+
+def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None = None) -> LiveResult:
+    """Run ``cfg`` on real engines and write results to ``out_dir`` (if given)."""
+    from agentsim.live.compat import check_vllm
+    from agentsim.policies.registry import make_bundle
+    from agentsim.traces.source import ProgramSource
+
+    bundle = make_bundle(cfg.policy)
+    source = ProgramSource(cfg.workload, cfg.seed)
+    opt = replace(settings.options, duration=cfg.duration,
+                  slo_ttft=cfg.slo_ttft if settings.options.slo_ttft is None else settings.options.slo_ttft,
+                  slo_tpot=cfg.slo_tpot if settings.options.slo_tpot is None else settings.options.slo_tpot)
+    if settings.endpoints:
+        from agentsim.live.http import run_endpoints
+
+        return run_endpoints(cfg, settings, bundle, source, opt, out_dir)
+    check_vllm()
+    check_cpu_limits_if_cpu(cfg)
+    model = resolve_model(settings)
+    run_tag = uuid.uuid4().hex[:8]
+    scheduler = None
+    if settings.force_engine_scheduler or needs_engine_scheduler(bundle):
+        scheduler = {"policy": cfg.policy, "force_free_queue": settings.force_engine_scheduler}
+    specs = engine_specs(cfg, settings, model, run_tag, scheduler)
+    from agentsim.live.cluster import RayCluster
+
+    if settings.address:
+        cluster = RayCluster.connect(settings.address, cfg.cluster.num_nodes, settings.log_to_driver)
+    else:
+        cluster = RayCluster.local(settings.local_nodes or cfg.cluster.num_nodes, settings.object_store_mb,
+                                   log_to_driver=settings.log_to_driver)
+    with cluster:
+        handles = cluster.start_engines(specs)
+        by_id = {h.engine_id: h for h in handles}
+        clients = [RayEngineClient(h) for h in handles]
+        manifest = manifest_base(cfg, settings, model)
+        manifest["gpu"] = _gpu_summary(handles)
+        driver = LiveDriver(clients, bundle, block_size=handles[0].info["block_size"], options=opt,
+                            out_dir=out_dir, seed=cfg.seed, manifest=manifest,
+                            on_kill=lambda eid: cluster.kill_engine(by_id[eid]),
+                            max_num_seqs=cfg.cluster.engine.max_num_seqs)
+        result = driver.run(source)
+        if scheduler is not None:
+            import ray
+
+            recs = {}
+            for h in handles:
+                if h.alive:
+                    try:
+                        recs[h.engine_id] = len(ray.get(h.actor.scheduler_records.remote(), timeout=30))
+                    except Exception:  # noqa: BLE001 - a dead engine has no records to give
+                        pass
+            result.manifest["scheduler_decisions"] = recs
+            if result.out_dir is not None:
+                from agentsim import metrics as M
+
+                M.write_results(result.out_dir, result.calls, result.programs, result.engines, result.summary,
+                                result.manifest)
+    return result
+
+
+def check_cpu_limits_if_cpu(cfg: RunConfig) -> None:
+    try:
+        import torch
+
+        on_gpu = bool(torch.cuda.is_available())
+    except ImportError:
+        on_gpu = False
+    if not on_gpu:
+        check_cpu_limits(cfg)
+
+
+def _gpu_summary(handles: list) -> Any:
+    gpus = [h.info.get("gpus") for h in handles if h.info.get("gpus")]
+    if not gpus:
+        return "no GPU"
+    return gpus
