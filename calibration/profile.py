@@ -104,7 +104,22 @@ class Profile:
     links: Links
     provenance: dict = field(default_factory=dict)
     fit_error: dict | None = None
+    kv_block_size: int = 16  # block size the stated capacity in blocks refers to (vLLM's GPU default)
     source: str = ""  # where it was loaded from (not serialised)
+
+    @property
+    def kv_capacity_blocks(self) -> int:
+        return self.kv_capacity_tokens // self.kv_block_size
+
+    @property
+    def raw_points_path(self) -> Path | None:
+        """The optional Parquet file of raw measured points (``provenance.raw_points``, relative to
+        the profile file), or None."""
+        rel = self.provenance.get("raw_points") if isinstance(self.provenance, dict) else None
+        if not rel:
+            return None
+        base = Path(self.source).parent if self.source else Path(".")
+        return base / rel
 
     def to_dict(self) -> dict:
         d = {
@@ -119,6 +134,8 @@ class Profile:
             "kv": {
                 "bytes_per_token": self.kv_bytes_per_token,
                 "capacity_tokens": self.kv_capacity_tokens,
+                "block_size": self.kv_block_size,
+                "capacity_blocks": self.kv_capacity_blocks,
                 "gpu_memory_utilization": self.gpu_memory_utilization,
             },
             "links": asdict(self.links),
@@ -188,6 +205,17 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> Profile:
         raise ConfigError(f"{kvw}.capacity_tokens", f"must be > 0, got {cap}")
     if bpt <= 0:
         raise ConfigError(f"{kvw}.bytes_per_token", f"must be > 0, got {bpt}")
+    if not 0 < util <= 1:
+        raise ConfigError(f"{kvw}.gpu_memory_utilization", f"must be in (0, 1], got {util}")
+    block_size = int(_need(kv, "block_size", kvw)) if "block_size" in kv else 16
+    if block_size < 1:
+        raise ConfigError(f"{kvw}.block_size", f"must be >= 1, got {block_size}")
+    if "capacity_blocks" in kv and int(_need(kv, "capacity_blocks", kvw)) != cap // block_size:
+        raise ConfigError(f"{kvw}.capacity_blocks",
+                          f"{kv['capacity_blocks']} disagrees with capacity_tokens // block_size = {cap // block_size}")
+    fit_error = d.get("fit_error")
+    if fit_error is not None and not isinstance(fit_error, dict):
+        raise ConfigError(f"{source}: fit_error", f"must be an object, got {fit_error!r}")
     ln = _need(d, "links", source, dict)
     links = Links(**{k: float(_need(ln, k, f"{source}: links")) for k in ("nvlink_GBps", "pcie_GBps", "internode_GBps")})
     tp = int(_need(d, "tp", source))
@@ -197,8 +225,8 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> Profile:
     return Profile(
         name=name, gpu=gpu, model=model, tp=tp, dtype_bytes=int(d.get("dtype_bytes", 2)),
         step_time=StepTimeCoefficients(**coeffs), kv_bytes_per_token=bpt, kv_capacity_tokens=cap,
-        gpu_memory_utilization=util, links=links, provenance=prov, fit_error=d.get("fit_error"),
-        source=source,
+        gpu_memory_utilization=util, links=links, provenance=prov, fit_error=fit_error,
+        kv_block_size=block_size, source=source,
     )
 
 

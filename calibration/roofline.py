@@ -13,16 +13,12 @@ from __future__ import annotations
 
 from datetime import date
 
-from agentsim.calibration.profile import (
-    GPUSpec, Links, ModelDims, Profile, StepTimeCoefficients,
-)
+from agentsim.calibration.hardware import GPUS
+from agentsim.calibration.models import LLAMA3_8B
+from agentsim.calibration.profile import GPUSpec, ModelDims, Profile, StepTimeCoefficients
 
-A100_80GB = GPUSpec(name="a100-80gb", memory_gib=80.0, hbm_GBps=2039.0, peak_tflops=312.0)
-LLAMA3_8B = ModelDims(
-    name="llama-3-8b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
-    intermediate_size=14336, vocab_size=128256, num_params=8.03e9, max_model_len=8192,
-)
-A100_LINKS = Links(nvlink_GBps=300.0, pcie_GBps=25.0, internode_GBps=25.0)
+A100_80GB = GPUS["a100-80gb"].spec
+A100_LINKS = GPUS["a100-80gb"].links
 
 
 def roofline_profile(
@@ -52,14 +48,14 @@ def roofline_profile(
     free = gpu.memory_gib * 2**30 * gpu_memory_utilization - weight_bytes - activation_reserve_gib * 2**30
     capacity = int(free / (kv_bpt / tp))
     return Profile(
-        name=f"{gpu.name}_{model.name}_tp{tp}",
+        name=f"{gpu.name}_{model.name}_tp{tp}_roofline",
         gpu=gpu, model=model, tp=tp, dtype_bytes=dtype_bytes, step_time=coeffs,
         kv_bytes_per_token=kv_bpt, kv_capacity_tokens=capacity,
         gpu_memory_utilization=gpu_memory_utilization, links=A100_LINKS,
         provenance={
             "kind": "roofline",
-            "note": "Roofline stand-in, NOT measured: to be replaced by profiles built from measured "
-                    "A100 layer timings (agentsim calibrate).",
+            "note": "Roofline, NOT measured: kept for comparison with the measured profile of the same "
+                    "name without the _roofline suffix (python -m agentsim.calibration.build_profiles).",
             "assumptions": {
                 "hbm_efficiency": hbm_efficiency, "mfu_linear": mfu_linear,
                 "mfu_attention": mfu_attention, "step_overhead_s": step_overhead_s,

@@ -1,0 +1,160 @@
+"""``agentsim calibrate show | list | profile | fit | check``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from agentsim.errors import ConfigError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=max(140, Console().width))
+
+
+def load_named_profile(spec: str, where: str = "PROFILE"):
+    """A shipped profile by name (``a100-80gb_llama-3-8b_tp1``) or a profile file by path."""
+    from agentsim.calibration.profile import load_profile, shipped_profiles
+
+    shipped = shipped_profiles()
+    if spec in shipped:
+        return load_profile(shipped[spec])
+    p = Path(spec)
+    if p.exists() or p.suffix == ".json":
+        return load_profile(p)
+    raise ConfigError(where, f"unknown profile {spec!r}: not a file and not a shipped name ({', '.join(shipped)})")
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List the shipped profiles with their provenance and fit error."""
+    from rich.table import Table
+
+    from agentsim.calibration.profile import load_profile, shipped_profiles
+
+    t = Table(title="shipped profiles")
+    for col in ("name", "provenance", "KV tokens", "fit median / p90"):
+        t.add_column(col)
+    for name, path in shipped_profiles().items():
+        p = load_profile(path)
+        fe = (p.fit_error or {}).get("grid") or (p.fit_error or {}).get("held_out")
+        err = f"{fe['median_rel_error']:.1%} / {fe['p90_rel_error']:.1%}" if fe else "-"
+        kind = p.provenance.get("kind", "?") + (f" from {p.provenance['derived_from']}" if p.provenance.get("derived_from") else "")
+        t.add_row(name, kind, f"{p.kv_capacity_tokens:,}", err)
+    _console().print(t)
+
+
+@app.command()
+def show(profile: str = typer.Argument(..., help="shipped profile name or path to a profile JSON")) -> None:
+    """Predicted step times (decode batch 1/32/128 at 1k/8k context, prefill 512/2k/8k) beside the
+    HBM-bandwidth and FLOP rooflines, and the KV capacity."""
+    from agentsim.calibration.report import render_show
+
+    render_show(load_named_profile(profile), _console())
+
+
+@app.command("profile")
+def profile_cmd(
+    model: str = typer.Option(..., "--model", help="local model directory (config.json; weights unless --load-format dummy)"),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel degree"),
+    out: Path = typer.Option(..., "--out", help="job directory (created; rerun the same command to resume)"),
+    grid: str = typer.Option("default", "--grid", help="shape grid: 'default' (GPU serving shapes) or 'small' (CPU / CI)"),
+    reps: int = typer.Option(3, "--reps", help="measured steps per grid point"),
+    holdout_every: int = typer.Option(4, "--holdout-every", help="hold out about one point in N of each kind for `check`"),
+    seed: int = typer.Option(0, "--seed", help="seed for prompts and the held-out choice"),
+    dtype: str = typer.Option("auto", "--dtype", help="vLLM dtype (auto, bfloat16, float16, float32)"),
+    load_format: str = typer.Option("auto", "--load-format", help="vLLM load format ('dummy' = random weights)"),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="KV block size (default 16 on GPU, 32 on CPU)"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="default: the model's"),
+    max_num_batched_tokens: int = typer.Option(8192, "--max-num-batched-tokens"),
+    max_num_seqs: int = typer.Option(256, "--max-num-seqs"),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
+    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", help="KV cache size (default 1 GiB on CPU; on GPU from --gpu-memory-utilization)"),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="default: eager on CPU, CUDA graphs on GPU"),
+    max_points: Optional[int] = typer.Option(None, "--max-points", help="stop after this many new points (resumable)"),
+) -> None:
+    """Measure a grid of controlled batch shapes on an in-process vLLM engine; points are appended
+    to DIR/points.jsonl as they are measured and an interrupted job resumes where it stopped."""
+    from agentsim.calibration.job import EngineConfig, JobOptions, run_profile_job
+
+    for flag, v, lo in (("--tp", tp, 1), ("--max-num-batched-tokens", max_num_batched_tokens, 16),
+                        ("--max-num-seqs", max_num_seqs, 1)):
+        if v < lo:
+            raise ConfigError(flag, f"must be >= {lo}, got {v}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ConfigError("--gpu-memory-utilization", f"must be in (0, 1], got {gpu_memory_utilization}")
+    if block_size is not None and block_size < 1:
+        raise ConfigError("--block-size", f"must be >= 1, got {block_size}")
+    if not (Path(model) / "config.json").exists():
+        raise ConfigError("--model", f"{model}: no config.json (expected a local model directory)")
+    cfg = EngineConfig(
+        model=str(Path(model).resolve()), tp=tp, dtype=dtype, load_format=load_format, block_size=block_size,
+        max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+        gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager,
+        seed=seed,
+    )
+    job = run_profile_job(cfg, out, JobOptions(grid=grid, reps=reps, holdout_every=holdout_every, seed=seed),
+                          max_points=max_points)
+    print(f"{len(job.points)} of {len(job.meta['grid'])} points measured in {out}", file=sys.stderr)
+
+
+@app.command()
+def fit(
+    job_dir: Path = typer.Argument(..., help="profiling job directory"),
+    out: Path = typer.Option(..., "--out", help="profile JSON to write (raw points go beside it as .points.parquet)"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="model name in the profile (default: the model directory's name)"),
+) -> None:
+    """Fit non-negative step-time coefficients on the job's points (held-out points excluded)."""
+    from agentsim.calibration.job import Job, fit_job, write_raw_points
+
+    job = Job.load(job_dir)
+    res = fit_job(job, model_name)
+    prof = res.profile
+    raw = out.with_name(out.stem + ".points.parquet")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_raw_points(job, raw)
+    prof.provenance["raw_points"] = raw.name
+    prof.save(out)
+    st = prof.step_time
+    print(f"wrote {out} ({prof.name})")
+    print(f"coefficients: const {st.const * 1e3:.4f} ms, per prefill token {st.per_prefill_token * 1e6:.4f} us, "
+          f"per attn pair {st.per_prefill_attn_pair * 1e9:.5f} ns, per decode seq {st.per_decode_seq * 1e6:.4f} us, "
+          f"per decode ctx token {st.per_decode_ctx_token * 1e9:.4f} ns")
+    for label, e in (("fitted", res.train), ("held-out", res.held_out)):
+        print(f"{label} points: {e.num_points}, median relative error {e.median:.1%}, p90 {e.p90:.1%}")
+
+
+@app.command()
+def check(
+    profile: str = typer.Argument(..., help="profile name or path"),
+    job_dir: Path = typer.Argument(..., help="profiling job directory with measured points"),
+    max_median_error: Optional[float] = typer.Option(None, "--max-median-error", help="exit 1 if the held-out median relative error exceeds this (e.g. 0.15)"),
+) -> None:
+    """Median and p90 relative error of PROFILE's predictions on the job's held-out grid points."""
+    from rich.table import Table
+
+    from agentsim.calibration.job import Job, check_profile
+
+    prof = load_named_profile(profile)
+    job = Job.load(job_dir)
+    stats = check_profile(prof, job)
+    t = Table(title=f"{prof.name} vs measured steps in {job_dir}")
+    for col in ("points", "n", "median rel. error", "p90 rel. error", "max rel. error", "mean signed"):
+        t.add_column(col, justify="left" if col == "points" else "right")
+    for label, e in stats.items():
+        t.add_row(label, str(e.num_points), f"{e.median:.1%}", f"{e.p90:.1%}", f"{e.max:.1%}", f"{e.mean_signed:+.1%}")
+    _console().print(t)
+    ho = stats["held_out"]
+    print(f"held-out median relative error {ho.median:.1%}, p90 {ho.p90:.1%} over {ho.num_points} points")
+    if ho.num_points == 0:
+        raise ConfigError(str(job_dir), "no held-out points measured yet")
+    if max_median_error is not None and not ho.median <= max_median_error:
+        print(f"FAIL: median {ho.median:.1%} > {max_median_error:.1%}", file=sys.stderr)
+        raise typer.Exit(1)
