@@ -10,9 +10,13 @@ class AgentsimError(Exception):
     """Bad input: names where (``field`` or ``file:line``) and what is wrong."""
 
     def __init__(self, where: str, message: str) -> None:
-        super().__init__(f"{where}: {message}")
+        # args keep both parts so the error survives copying/pickling (SimPy re-raises copies)
+        super().__init__(where, message)
         self.where = where
         self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
 
 
 class ConfigError(AgentsimError):

@@ -75,7 +75,10 @@ class Context:
     def __init__(self, parent: Context | None = None, segments: tuple[Segment, ...] = ()) -> None:
         self.parent = parent
         self.segments = segments
-        self.num_tokens = (parent.num_tokens if parent else 0) + sum(s.num_tokens for s in segments)
+        n = parent.num_tokens if parent is not None else 0
+        for s in segments:
+            n += s.num_tokens
+        self.num_tokens = n
         # block_size -> (hashes of full blocks, pieces of the trailing partial block)
         self._hash_cache: dict[int, tuple[list[int], tuple]] = {}
 

@@ -114,7 +114,7 @@ def _run_cell(base: dict, cell: dict, cell_dir: str) -> dict:
     cfg = config_from_dict(data)
     r = run(cfg)
     write_results(cell_dir, r.calls, r.programs, r.engines, r.summary, {**r.manifest, "stats": r.stats, "cell": cell})
-    return {**cell, **r.summary, "_wall_time_s": r.stats["wall_time_s"]}
+    return {**cell, **r.summary}
 
 
 def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = None,
@@ -140,6 +140,8 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
             _run_local(spec, todo, cells_dir, workers, rows, console)
     order = [cell_id(c) for c in spec.cells()]
     table = pd.DataFrame([rows[c] for c in order])
+    metrics = sorted(c for c in table.columns if c not in spec.grid)
+    table = table[list(spec.grid) + metrics]
     for k in spec.grid:
         if k in table and table[k].map(type).nunique() > 1:
             table[k] = table[k].astype(str)

@@ -280,39 +280,41 @@ class Engine:
         pool = self.pool
         running = self.running
         batch: list = []
-        scheduled: set = set()
         preempted = False
+        free = pool.num_blocks - pool.num_used
         i = 0
         while i < len(running) and budget > 0:
             call = running[i]
-            n = call.num_prompt_tokens + call.num_generated - call.num_computed
+            nc = call.num_computed
+            n = call.num_prompt_tokens + call.num_generated - nc
             if n > budget:
                 n = budget
-            need = -(-(call.num_computed + n) // bs) - len(call.blocks)
-            self_preempted = False
-            while need > pool.num_blocks - pool.num_used:
-                victim = self._pick_victim(now)
-                if id(victim) in scheduled:
+            need = (nc + n + bs - 1) // bs - len(call.blocks)
+            if need > free:
+                # KV cache full: preempt by recompute until the call fits (vLLM v1)
+                self_preempted = False
+                while need > pool.num_blocks - pool.num_used:
+                    victim = self._pick_victim(now)
                     for j, (c2, n2) in enumerate(batch):
                         if c2 is victim:
                             budget += n2
                             del batch[j]
                             break
-                    scheduled.discard(id(victim))
-                vi = running.index(victim)
-                self._preempt(victim, now)
-                preempted = True
-                if victim is call:
-                    self_preempted = True
-                    break
-                if vi < i:
-                    i -= 1
-            if self_preempted:
-                break  # as vLLM: the call could not be scheduled, stop the running pass
+                    vi = running.index(victim)
+                    self._preempt(victim, now)
+                    preempted = True
+                    if victim is call:
+                        self_preempted = True
+                        break
+                    if vi < i:
+                        i -= 1
+                if self_preempted:
+                    break  # as vLLM: the call could not be scheduled, stop the running pass
+                free = pool.num_blocks - pool.num_used
             if need > 0:
                 call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(call.blocks)))
+                free -= need
             batch.append((call, n))
-            scheduled.add(id(call))
             budget -= n
             i += 1
         if preempted:
@@ -447,6 +449,8 @@ class Engine:
         for call, n in batch:
             before = call.num_computed
             call.num_computed = before + n
+            if call.num_generated == 0:
+                call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
             if self.prefix_caching:
                 full_before = before // bs
                 full_after = call.num_computed // bs
@@ -459,7 +463,6 @@ class Engine:
                 call.num_generated += 1
                 if call.num_generated == 1:
                     call.first_token_at = t1
-                    call.num_computed_prompt_tokens = call.num_prompt_tokens - call.num_cached_tokens
                 if call.num_generated >= call.num_output_tokens:
                     finished.append(call)
         self._account_step(t0, t1, n_prefill, n_decode)
@@ -573,7 +576,7 @@ class Engine:
             if t0 < edge:
                 self._bucket_busy += edge - t0
                 t0 = edge
-            self._emit(edge, used)
+            self._emit(edge, used, t1)
         self._bucket_busy += t1 - t0
         self._bucket_prefill += n_prefill
         self._bucket_decode += n_decode
@@ -582,12 +585,18 @@ class Engine:
         if self._record_sample is None:
             return
         while t1 >= self._next_sample_at:
-            self._emit(self._next_sample_at, self.pool.num_used)
+            self._emit(self._next_sample_at, self.pool.num_used, self._next_sample_at)
 
-    def _emit(self, edge: float, used: int) -> None:
+    def _emit(self, edge: float, used: int, seen_at: float) -> None:
+        # queue length as of ``seen_at`` (the end of the step crossing the edge): a fast-forward
+        # window applies its steps later, when arrivals that interrupted it are already queued
         iv = self.sample_interval
+        num_waiting = len(self.waiting)
+        for c in self.inbox:
+            if c.enqueued_at < seen_at:
+                num_waiting += 1
         self._record_sample((
-            self.engine_id, self.node_id, edge, len(self.running), len(self.waiting) + len(self.inbox),
+            self.engine_id, self.node_id, edge, len(self.running), num_waiting,
             used / self.pool.num_blocks, self._bucket_prefill, self._bucket_decode,
             min(1.0, self._bucket_busy / iv), math.nan,
         ))

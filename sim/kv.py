@@ -21,10 +21,11 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, free_queue: FreeBlockQueue, now: float = 0.0) -> None:
         self.num_blocks = num_blocks
-        self.blocks = [BlockView(i) for i in range(num_blocks)]
+        # Blocks are created on first use: never-used blocks sit at the head of vLLM's free queue
+        # (it starts in block-id order and freed blocks join the tail), so handing them out
+        # before any freed block is the same order, without building 10^6 objects up front.
+        self.blocks: list[BlockView] = []
         self.free_queue = free_queue
-        for b in self.blocks:
-            free_queue.append(b, now)
         self.cached: dict[int, BlockView] = {}
         self.num_used = 0          # blocks with ref_count > 0
         self.num_evictions = 0     # cached blocks handed out again (their hash dropped)
@@ -58,8 +59,13 @@ class BlockPool:
         fq = self.free_queue
         cached = self.cached
         out = []
+        blocks = self.blocks
         for i in range(n):
-            b = fq.pop(now)
+            if len(blocks) < self.num_blocks:
+                b = BlockView(len(blocks))
+                blocks.append(b)
+            else:
+                b = fq.pop(now)
             h = b.block_hash
             if h is not None:
                 if cached.get(h) is b:
@@ -96,6 +102,7 @@ class BlockPool:
         used = sum(1 for b in self.blocks if b.ref_count > 0)
         assert all(b.ref_count >= 0 for b in self.blocks), "negative ref count"
         assert used == self.num_used, f"num_used {self.num_used} != counted {used}"
-        assert len(self.free_queue) == self.num_blocks - used, "free + used != total"
+        never_used = self.num_blocks - len(self.blocks)
+        assert len(self.free_queue) + never_used == self.num_blocks - used, "free + used != total"
         for h, b in self.cached.items():
             assert b.block_hash == h, "cache map points at a block with another hash"

@@ -65,7 +65,9 @@ def _one(request: Any):
 class Simulation:
     """One simulated run; ``run()`` returns a :class:`RunResult`."""
 
-    def __init__(self, cfg: RunConfig, profile: Profile | None = None) -> None:
+    def __init__(self, cfg: RunConfig, profile: Profile | None = None,
+                 on_step: Callable[[Engine], None] | None = None) -> None:
+        """``on_step(engine)`` runs after every applied step or window (tests check invariants)."""
         self.cfg = cfg
         cl = cfg.cluster
         self.profile = profile or resolve_profile(cl.profile, cl.gpu, cl.model, cl.tp)
@@ -76,6 +78,11 @@ class Simulation:
         if self.num_blocks < 1:
             raise ConfigError("cluster.engine.block_size", "the KV cache holds no block of this size")
         self.max_model_len = lim.max_model_len or self.profile.model.max_model_len
+        if not lim.enable_chunked_prefill and lim.max_num_batched_tokens < self.max_model_len:
+            # as vLLM: without chunked prefill a prompt must fit one step's token budget
+            raise ConfigError("cluster.engine.max_num_batched_tokens",
+                              f"{lim.max_num_batched_tokens} is below max_model_len {self.max_model_len} "
+                              "with chunked prefill disabled")
         self.bundle = make_bundle(cfg.policy)
         self.source = ProgramSource(cfg.workload, cfg.seed)
         self.env = simpy.Environment()
@@ -90,7 +97,7 @@ class Simulation:
                     self.env, eid, node, self.profile, lim, self.bundle.order,
                     self.bundle.evict.new_free_queue(eid), self.num_blocks, on_finish=self._on_finish,
                     fast_forward=cfg.sim.fast_forward, sample_interval=cfg.sim.sample_interval,
-                    max_ff_steps=cfg.sim.max_ff_steps, record_sample=self.samples.append,
+                    max_ff_steps=cfg.sim.max_ff_steps, record_sample=self.samples.append, on_step=on_step,
                 ))
                 eid += 1
         self._next_call_id = 0
@@ -239,7 +246,7 @@ class Simulation:
             call.arrival_at, call.scheduled_at, call.first_token_at, call.finish_at,
             call.scheduled_at - call.arrival_at, ttft, tpot, call.finish_at - call.arrival_at,
             call.num_prompt_tokens, cached,
-            call.num_computed_prompt_tokens if call.num_generated else 0,
+            call.num_computed_prompt_tokens,
             call.num_output_tokens, call.num_generated, call.num_preemptions, call.num_retries,
             call.service_time, status,
         ))
@@ -283,7 +290,8 @@ class Simulation:
         wall = time.perf_counter() - wall0
         calls = self.calls.to_frame().sort_values("call_id", kind="stable").reset_index(drop=True)
         programs = self.programs.to_frame().sort_values("program_id", kind="stable").reset_index(drop=True)
-        engines = self.samples.to_frame()
+        # engines emit samples when they apply steps (a fast-forward window emits at its end)
+        engines = self.samples.to_frame().sort_values(["time", "engine_id"], kind="stable").reset_index(drop=True)
         summary = summarize(calls, programs, engines, until, cfg.slo_ttft, cfg.slo_tpot)
         stats = {
             "wall_time_s": wall,

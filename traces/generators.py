@@ -138,8 +138,17 @@ BFCL_TOOLS = (
 
 
 def pick_tool(rng: np.random.Generator, tools: tuple[ToolSpec, ...]) -> ToolSpec:
-    w = np.array([t.weight for t in tools], dtype=float)
-    return tools[int(rng.choice(len(tools), p=w / w.sum()))]
+    """A tool drawn with probability proportional to its weight."""
+    if len(tools) == 1:
+        return tools[0]
+    total = sum(t.weight for t in tools)
+    u = rng.random() * total
+    acc = 0.0
+    for t in tools:
+        acc += t.weight
+        if u < acc:
+            return t
+    return tools[-1]
 
 
 # --------------------------------------------------------------------------- generators
