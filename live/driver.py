@@ -371,7 +371,8 @@ class LiveDriver:
             st.error = f"{type(e).__name__}: {e}"
             self.errors.append(f"program {prog.program_id}: {traceback.format_exc(limit=3)}")
         finally:
-            st.end_at = self.now()
+            if st.status != "unfinished":
+                st.end_at = self.now()
             if st.error and len(self.errors) < 50:
                 self.errors.append(f"program {prog.program_id}: {st.error}")
             self.tokens.drop_program(prog.program_id)
@@ -469,8 +470,6 @@ class LiveDriver:
         st.output_tokens += call.num_generated
         st.llm_time += call.finish_at - call.arrival_at
         self.bundle.emit("on_call_finish", call, self.now())
-        if req.hints is not None and req.hints.next_invocation_distance is not None:
-            self.bundle.emit("on_distance_update", {call.agent_id: req.hints.next_invocation_distance}, self.now())
         seg = Segment(req.output_seg_id if req.output_seg_id is not None else call_id, call.num_generated)
         return CallResult(call_id, seg, call.arrival_at, call.first_token_at, call.finish_at, eid)
 
@@ -596,6 +595,9 @@ class LiveDriver:
         rows = list(self.finished_programs) + [st.row() for st in list(self.programs.values())]
         programs = _frame(M.PROGRAM_COLUMNS, rows)
         engines = self.engine_rows.to_frame()
+        calls = calls.sort_values("call_id", kind="stable").reset_index(drop=True)
+        programs = programs.sort_values("program_id", kind="stable").reset_index(drop=True)
+        engines = engines.sort_values(["time", "engine_id"], kind="stable").reset_index(drop=True)
         return calls, programs, engines
 
     def _write(self, final: bool, status: str) -> LiveResult:

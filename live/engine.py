@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -150,6 +151,10 @@ class EngineHost:
 
         s = self.spec
         os.environ.update({k: str(v) for k, v in s.env.items()})
+        # vLLM spawns the engine core with this process's sys.path, not a fresh PYTHONPATH
+        for p in reversed([p for p in str(s.env.get("PYTHONPATH", "")).split(os.pathsep) if p]):
+            if p not in sys.path:
+                sys.path.insert(0, p)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(s.kv_cache_gib)))))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         check_vllm()
@@ -189,7 +194,19 @@ class EngineHost:
         if self._kv_endpoint:
             await self._start_subscriber()
         args = AsyncEngineArgs(**kw)
-        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_make_stat_logger_factory(self.sink)])
+        try:
+            self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_make_stat_logger_factory(self.sink)])
+        except Exception as e:
+            logs = "the Ray worker logs (<ray session dir>/logs/worker-*.err)"
+            try:
+                import ray
+
+                logs = os.path.join(ray.get_runtime_context().get_node_logs_dir() if hasattr(
+                    ray.get_runtime_context(), "get_node_logs_dir") else "/tmp/ray/session_latest/logs", "worker-*.err")
+            except Exception:  # noqa: BLE001
+                pass
+            raise RuntimeError(f"vLLM engine {s.engine_id} failed to start ({type(e).__name__}: {e}); "
+                               f"the engine core's own error is in {logs}") from e
         cc = self.llm.vllm_config.cache_config
         from agentsim.live.tokens import engine_probe_hash
 

@@ -42,6 +42,7 @@ class LiveSettings:
     object_store_mb: int = 80             # local cluster: object store per node
     max_model_len: int | None = None      # default: cluster.engine.max_model_len or 8192
     force_engine_scheduler: bool = False  # host the order/evict policies in vLLM even for FCFS/LRU
+    policy_imports: tuple[str, ...] = ()  # extra modules that register policies (imported in engines too)
     scheduler_log_dir: str | None = None
     engine_env: dict = field(default_factory=dict)
     options: LiveOptions = field(default_factory=LiveOptions)
@@ -85,6 +86,10 @@ def engine_specs(cfg: RunConfig, settings: LiveSettings, model: str, run_tag: st
     c = cfg.cluster
     e = c.engine
     max_len = settings.max_model_len or e.max_model_len or 8192
+    if e.num_gpu_blocks_override is not None and e.num_gpu_blocks_override * e.block_size < max_len:
+        raise ConfigError("cluster.engine.num_gpu_blocks_override",
+                          f"{e.num_gpu_blocks_override} blocks x {e.block_size} tokens cannot hold one request of "
+                          f"max_model_len {max_len} (vLLM refuses to start); raise it or lower max_model_len")
     specs = []
     eid = 0
     for node in range(c.num_nodes):
@@ -144,6 +149,10 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
     from agentsim.policies.registry import make_bundle
     from agentsim.traces.source import ProgramSource
 
+    import importlib
+
+    for mod in settings.policy_imports:
+        importlib.import_module(mod)
     bundle = make_bundle(cfg.policy)
     source = ProgramSource(cfg.workload, cfg.seed)
     opt = replace(settings.options, duration=cfg.duration,
@@ -159,7 +168,8 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
     run_tag = uuid.uuid4().hex[:8]
     scheduler = None
     if settings.force_engine_scheduler or needs_engine_scheduler(bundle):
-        scheduler = {"policy": cfg.policy, "force_free_queue": settings.force_engine_scheduler}
+        scheduler = {"policy": cfg.policy, "force_free_queue": settings.force_engine_scheduler,
+                     "imports": list(settings.policy_imports)}
     specs = engine_specs(cfg, settings, model, run_tag, scheduler)
     from agentsim.live.cluster import RayCluster
 
