@@ -1,0 +1,102 @@
+"""Export canonical traces: to agentsim's JSONL, and back to the Mooncake and Azure formats.
+
+``native`` writes every field (exact). ``mooncake`` and ``azure`` need one-call programs; Mooncake
+also needs 512-token pieces (all but the last full) and timestamps in whole ms. A trace imported
+from those formats exports to the original file byte for byte. Output is written to a temporary
+name and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, TextIO
+
+from agentsim.errors import ConfigError, TraceError
+from agentsim.traces.canonical import SCHEMA_VERSION, ProgramRecord
+
+EXPORT_FORMATS = ("native", "mooncake", "azure")
+
+
+def _atomic_text(path: Path, write: Callable[[TextIO], None]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_native(meta: dict, programs: Iterable[ProgramRecord], out: str | Path) -> Path:
+    def write(f: TextIO) -> None:
+        m = {k: v for k, v in meta.items() if k not in ("format", "schema_version")}
+        f.write(json.dumps({"agentsim_trace": SCHEMA_VERSION, "meta": m}, sort_keys=True) + "\n")
+        for p in programs:
+            steps = [{
+                "step_id": s.step_id, "kind": s.kind, "agent_id": s.agent_id, "thread_id": s.thread_id,
+                "parents": list(s.parents), "segments": [[a, b] for a, b in zip(s.seg_ids, s.seg_tokens)],
+                "output_tokens": s.output_tokens, "output_seg_id": s.output_seg_id, "tool_name": s.tool_name,
+                "tool_time": s.tool_time, "recorded_at": s.recorded_at, "recorded_time": s.recorded_time,
+                "hints": s.hints,
+            } for s in p.steps]
+            f.write(json.dumps({"program_id": p.program_id, "arrival_at": p.arrival_at, "kind": p.kind,
+                                "key": p.key, "steps": steps}) + "\n")
+
+    return _atomic_text(Path(out), write)
+
+
+def _single_call(p: ProgramRecord, fmt: str):
+    if len(p.steps) != 1 or p.steps[0].kind != "llm":
+        raise TraceError(f"program {p.program_id}", f"{fmt} holds one LLM call per request; this program has "
+                                                    f"{len(p.steps)} steps (export to native instead)")
+    return p.steps[0]
+
+
+def export_mooncake(meta: dict, programs: Iterable[ProgramRecord], out: str | Path, block_size: int | None = None) -> Path:
+    bs = block_size or (meta.get("options") or {}).get("block_size") or 512
+
+    def write(f: TextIO) -> None:
+        for p in programs:
+            s = _single_call(p, "mooncake")
+            if any(n != bs for n in s.seg_tokens[:-1]) or s.seg_tokens[-1] > bs:
+                raise TraceError(f"program {p.program_id}", f"prompt pieces are not {bs}-token blocks")
+            ts = p.arrival_at * 1000.0
+            f.write(json.dumps({"timestamp": int(round(ts)) if abs(ts - round(ts)) < 1e-6 else ts,
+                                "input_length": s.input_tokens, "output_length": s.output_tokens,
+                                "hash_ids": list(s.seg_ids)}) + "\n")
+
+    return _atomic_text(Path(out), write)
+
+
+def export_azure(meta: dict, programs: Iterable[ProgramRecord], out: str | Path) -> Path:
+    from agentsim.traces.azure import format_timestamp_ns
+
+    t0 = meta.get("t0_ns")
+    digits = meta.get("timestamp_digits", 7)
+    nl = meta.get("line_terminator", "\r\n")
+    if t0 is None:
+        t0 = 1_700_000_000 * 1_000_000_000  # 2023-11-14 22:13:20 UTC: any origin will do
+        digits = 7
+
+    def write(f: TextIO) -> None:
+        f.write(meta.get("header", "TIMESTAMP,ContextTokens,GeneratedTokens") + nl)
+        for p in programs:
+            s = _single_call(p, "azure")
+            ns = t0 + int(round(p.arrival_at * 1e9))
+            f.write(f"{format_timestamp_ns(ns, digits)},{s.input_tokens},{s.output_tokens}{nl}")
+
+    return _atomic_text(Path(out), write)
+
+
+def export(meta: dict, programs: Iterable[ProgramRecord], out: str | Path, fmt: str) -> Path:
+    if fmt == "native":
+        return export_native(meta, programs, out)
+    if fmt == "mooncake":
+        return export_mooncake(meta, programs, out)
+    if fmt == "azure":
+        return export_azure(meta, programs, out)
+    raise ConfigError("to", f"cannot export to {fmt!r} (known: {', '.join(EXPORT_FORMATS)})")

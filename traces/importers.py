@@ -1,0 +1,211 @@
+"""Importer registry, format detection and the streaming import into canonical Parquet.
+
+Every importer reads its source as a stream and yields :class:`ProgramRecord` objects; a malformed
+line, row or record raises :class:`~agentsim.errors.TraceError` naming ``file:line``. With
+``skip_bad`` the importer skips it instead and counts it (:attr:`Importer.num_skipped`, the first
+few messages in :attr:`Importer.skipped`). Text inputs may be gzip-compressed (detected by their
+magic bytes, whatever the suffix).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+from agentsim.errors import ConfigError, TraceError
+from agentsim.traces.canonical import ProgramRecord, Trace, TraceWriter, check_program
+
+FORMATS = ("mooncake", "azure", "tau2", "tracelab", "native")
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Open a text trace for reading, transparently gunzipping it; newlines are kept as written."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise TraceError(str(path), "no such file") from None
+    except OSError as e:
+        raise TraceError(str(path), f"cannot read ({e.strerror})") from None
+    magic = f.read(2)
+    f.seek(0)
+    raw = gzip.GzipFile(fileobj=f) if magic == b"\x1f\x8b" else f
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+class Importer:
+    """Base class: options, bad-record accounting and program numbering.
+
+    Subclasses set ``name``, ``OPTIONS`` (option name -> (type, default, help)) and implement
+    :meth:`_programs`; ``meta`` may be completed while reading (it is written with the first
+    row group, so anything needed for export must be known by then).
+    """
+
+    name: ClassVar[str] = ""
+    OPTIONS: ClassVar[dict[str, tuple[type, Any, str]]] = {}
+    MAX_REPORTED = 5
+
+    def __init__(self, path: str | Path, skip_bad: bool = False, **options: Any) -> None:
+        self.path = Path(path)
+        self.skip_bad = skip_bad
+        self.options: dict[str, Any] = {}
+        for k, (typ, default, _) in self.OPTIONS.items():
+            self.options[k] = default
+        for k, v in options.items():
+            if v is None:
+                continue
+            if k not in self.OPTIONS:
+                known = ", ".join(self.OPTIONS) or "none"
+                raise ConfigError(k, f"not an option of the {self.name} importer (its options: {known})")
+            typ = self.OPTIONS[k][0]
+            if typ is bool and not isinstance(v, bool) or typ is not bool and not isinstance(v, typ):
+                if typ is float and isinstance(v, int) and not isinstance(v, bool):
+                    v = float(v)
+                else:
+                    raise ConfigError(k, f"must be {typ.__name__}, got {v!r}")
+            self.options[k] = v
+        self.num_skipped = 0
+        self.skipped: list[str] = []
+        from agentsim.traces.canonical import make_meta
+
+        self.meta = make_meta(self.name, self.path, options=dict(sorted(self.options.items())))
+
+    def bad(self, where: str, message: str) -> None:
+        """Report a malformed record: raise, or count it when skipping bad records."""
+        if not self.skip_bad:
+            raise TraceError(where, message)
+        self.num_skipped += 1
+        if len(self.skipped) < self.MAX_REPORTED:
+            self.skipped.append(f"{where}: {message}")
+
+    def where(self, line: int | str) -> str:
+        return f"{self.path}:{line}"
+
+    def programs(self) -> Iterator[ProgramRecord]:
+        """The programs, validated, numbered 0..n-1 in the order they are produced."""
+        n = 0
+        for prog in self._programs():
+            prog.program_id = n
+            check_program(prog, self.where(prog.key))
+            yield prog
+            n += 1
+
+    def _programs(self) -> Iterator[ProgramRecord]:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Importer]] = {}
+
+
+def register_importer(cls: type[Importer]) -> type[Importer]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def importers() -> dict[str, type[Importer]]:
+    _load()
+    return dict(_REGISTRY)
+
+
+def _load() -> None:
+    if len(_REGISTRY) < len(FORMATS):
+        from agentsim.traces import azure, mooncake, native, tau2, tracelab  # noqa: F401  (register)
+
+
+def sniff_format(path: str | Path) -> str:
+    """Guess a trace's format from its name and first record."""
+    path = Path(path)
+    name = path.name.lower()
+    for z in (".gz",):
+        if name.endswith(z):
+            name = name[: -len(z)]
+    if name.endswith(".parquet"):
+        return "native"
+    with open_text(path) as f:
+        try:
+            head = f.read(65536)
+        except (OSError, UnicodeDecodeError, EOFError) as e:
+            raise TraceError(str(path), f"cannot read as text ({e})") from None
+    first = next((ln for ln in head.splitlines() if ln.strip()), "")
+    if name.endswith(".csv") or (first and not first.lstrip().startswith(("{", "["))):
+        cols = {c.strip() for c in first.split(",")}
+        if {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} <= cols:
+            return "azure"
+        if {"input_len", "output_len", "round_idx"} <= cols:
+            return "tracelab"
+        raise TraceError(str(path), f"cannot tell the format of a CSV with header {first[:80]!r}; pass a format")
+    if name.endswith(".json") or head.lstrip().startswith("{") and '"simulations"' in head[:200000] and not _one_json_line(first):
+        return "tau2"
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        raise TraceError(f"{path}:1", "cannot tell the format (first line is not JSON); pass a format") from None
+    if isinstance(obj, dict):
+        if "hash_ids" in obj:
+            return "mooncake"
+        if "round_index" in obj and "input_tokens_total" in obj:
+            return "tracelab"
+        if "agentsim_trace" in obj or "steps" in obj:
+            return "native"
+        if "simulations" in obj:
+            return "tau2"
+    raise TraceError(f"{path}:1", "cannot tell the format from the first record; pass a format")
+
+
+def _one_json_line(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+def get_importer(path: str | Path, fmt: str | None = None, skip_bad: bool = False, **options: Any) -> Importer:
+    """An importer for ``path`` (format guessed when ``fmt`` is None or ``"auto"``)."""
+    _load()
+    if fmt in (None, "auto"):
+        fmt = sniff_format(path)
+    if fmt in ("parquet", "canonical"):
+        fmt = "native"
+    cls = _REGISTRY.get(fmt)
+    if cls is None:
+        raise ConfigError("format", f"unknown trace format {fmt!r} (known: {', '.join(FORMATS)})")
+    return cls(path, skip_bad=skip_bad, **options)
+
+
+@dataclass
+class ImportResult:
+    path: Path
+    num_programs: int
+    num_steps: int
+    num_skipped: int
+    skipped: list[str]
+    meta: dict
+
+
+def import_trace(src: str | Path, out: str | Path, fmt: str | None = None, skip_bad: bool = False,
+                 **options: Any) -> ImportResult:
+    """Stream ``src`` into canonical Parquet at ``out``; nothing is written unless it all succeeds."""
+    imp = get_importer(src, fmt, skip_bad=skip_bad, **options)
+    writer = TraceWriter(out, imp.meta)
+    with writer:
+        for prog in imp.programs():
+            writer.add(prog)
+        if writer.num_programs == 0:
+            raise TraceError(str(src), "no programs in the trace" + (
+                f" ({imp.num_skipped} bad records skipped)" if imp.num_skipped else ""))
+        writer.close()
+    return ImportResult(Path(out), writer.num_programs, writer.num_steps, imp.num_skipped, imp.skipped, imp.meta)
+
+
+def load_trace(src: str | Path, fmt: str | None = None, skip_bad: bool = False, **options: Any) -> Trace:
+    """Import ``src`` (any format, or canonical Parquet) into memory."""
+    imp = get_importer(src, fmt, skip_bad=skip_bad, **options)
+    progs = list(imp.programs())
+    if not progs:
+        raise TraceError(str(src), "no programs in the trace")
+    return Trace(imp.meta, progs)
