@@ -53,8 +53,7 @@ def list_cmd() -> None:
 
 @app.command()
 def show(profile: str = typer.Argument(..., help="shipped profile name or path to a profile JSON")) -> None:
-    """Predicted step times (decode batch 1/32/128 at 1k/8k context, prefill 512/2k/8k) beside the
-    HBM-bandwidth and FLOP rooflines, and the KV capacity."""
+    """Predicted step times (decode batch 1/32/128 at 1k/8k context, prefill 512/2k/8k) beside the HBM-bandwidth and FLOP rooflines, and the KV capacity."""
     from agentsim.calibration.report import render_show
 
     render_show(load_named_profile(profile), _console())
@@ -80,8 +79,7 @@ def profile_cmd(
     enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--cuda-graphs", help="default: eager on CPU, CUDA graphs on GPU"),
     max_points: Optional[int] = typer.Option(None, "--max-points", help="stop after this many new points (resumable)"),
 ) -> None:
-    """Measure a grid of controlled batch shapes on an in-process vLLM engine; points are appended
-    to DIR/points.jsonl as they are measured and an interrupted job resumes where it stopped."""
+    """Measure a grid of controlled batch shapes on an in-process vLLM engine (appended to OUT/points.jsonl as measured; rerun to resume)."""
     from agentsim.calibration.job import EngineConfig, JobOptions, run_profile_job
 
     for flag, v, lo in (("--tp", tp, 1), ("--max-num-batched-tokens", max_num_batched_tokens, 16),
@@ -110,12 +108,13 @@ def fit(
     job_dir: Path = typer.Argument(..., help="profiling job directory"),
     out: Path = typer.Option(..., "--out", help="profile JSON to write (raw points go beside it as .points.parquet)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="model name in the profile (default: the model directory's name)"),
+    clock: Optional[str] = typer.Option(None, "--clock", help="step time to fit: 'wall' or 'cpu' (default: cpu for a 1-thread CPU engine, else wall)"),
 ) -> None:
     """Fit non-negative step-time coefficients on the job's points (held-out points excluded)."""
     from agentsim.calibration.job import Job, fit_job, write_raw_points
 
     job = Job.load(job_dir)
-    res = fit_job(job, model_name)
+    res = fit_job(job, model_name, clock)
     prof = res.profile
     raw = out.with_name(out.stem + ".points.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +122,7 @@ def fit(
     prof.provenance["raw_points"] = raw.name
     prof.save(out)
     st = prof.step_time
-    print(f"wrote {out} ({prof.name})")
+    print(f"wrote {out} ({prof.name}, fitted to {prof.provenance['clock']} time)")
     print(f"coefficients: const {st.const * 1e3:.4f} ms, per prefill token {st.per_prefill_token * 1e6:.4f} us, "
           f"per attn pair {st.per_prefill_attn_pair * 1e9:.5f} ns, per decode seq {st.per_decode_seq * 1e6:.4f} us, "
           f"per decode ctx token {st.per_decode_ctx_token * 1e9:.4f} ns")
@@ -136,6 +135,7 @@ def check(
     profile: str = typer.Argument(..., help="profile name or path"),
     job_dir: Path = typer.Argument(..., help="profiling job directory with measured points"),
     max_median_error: Optional[float] = typer.Option(None, "--max-median-error", help="exit 1 if the held-out median relative error exceeds this (e.g. 0.15)"),
+    clock: Optional[str] = typer.Option(None, "--clock", help="measured time to compare with: 'wall' or 'cpu' (default: the one the profile was fitted to, else the job's)"),
 ) -> None:
     """Median and p90 relative error of PROFILE's predictions on the job's held-out grid points."""
     from rich.table import Table
@@ -144,8 +144,10 @@ def check(
 
     prof = load_named_profile(profile)
     job = Job.load(job_dir)
-    stats = check_profile(prof, job)
-    t = Table(title=f"{prof.name} vs measured steps in {job_dir}")
+    clock = clock or (prof.provenance.get("clock") if isinstance(prof.provenance, dict) else None)
+    clock = job.clock(clock if clock in ("wall", "cpu") else None)
+    stats = check_profile(prof, job, clock)
+    t = Table(title=f"{prof.name} vs measured steps ({clock} time) in {job_dir}")
     for col in ("points", "n", "median rel. error", "p90 rel. error", "max rel. error", "mean signed"):
         t.add_column(col, justify="left" if col == "points" else "right")
     for label, e in stats.items():

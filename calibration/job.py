@@ -103,6 +103,24 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+CLOCKS = {"wall": "step_time_s", "cpu": "step_cpu_time_s"}
+
+
+def default_clock(meta: dict) -> str:
+    """Which per-step time a job's fit uses by default.
+
+    ``cpu`` (process CPU time) for a CPU engine running one OpenMP thread: its step is this one
+    thread's work, and on a shared machine CPU time leaves out the time other processes held the
+    core (wall times of a 2 ms step were seen to triple during other engineers' test runs).
+    ``wall`` otherwise: a GPU step's host thread mostly waits for the device, so only wall time
+    measures it (run GPU jobs on an otherwise idle machine).
+    """
+    info = meta.get("engine_info", {})
+    if info.get("platform") == "cpu" and str(info.get("omp_num_threads")) == "1":
+        return "cpu"
+    return "wall"
+
+
 # --------------------------------------------------------------------------- the on-disk store
 class PointStore:
     """``points.jsonl``: append-only, one grid point per line, durable after each append."""
@@ -169,11 +187,19 @@ class Job:
         return cls(d, meta, PointStore(d / "points.jsonl").load())
 
     # ------------------------------------------------------------------ per-point table
-    def table(self) -> dict[str, np.ndarray]:
-        """One row per measured point: mean features, median step time, kind, held-out flag."""
+    def clock(self, clock: str | None = None) -> str:
+        clock = clock or default_clock(self.meta)
+        if clock not in CLOCKS:
+            raise ConfigError("--clock", f"unknown clock {clock!r} (have {', '.join(CLOCKS)})")
+        return clock
+
+    def table(self, clock: str | None = None) -> dict[str, np.ndarray]:
+        """One row per measured point: mean features, median step time (on ``clock``, default
+        :func:`default_clock`), kind, held-out flag."""
+        key = CLOCKS[self.clock(clock)]
         rows = [r for r in self.points if r["samples"]]
         feats = np.array([[np.mean([s[k] for s in r["samples"]]) for k in FEATURE_KEYS] for r in rows], dtype=float)
-        times = np.array([np.median([s["step_time_s"] for s in r["samples"]]) for r in rows], dtype=float)
+        times = np.array([np.median([s[key] for s in r["samples"]]) for r in rows], dtype=float)
         return {
             "point_id": np.array([r["point_id"] for r in rows]),
             "kind": np.array([r["kind"] for r in rows]),
@@ -308,9 +334,10 @@ class FitResult:
     held_out: ErrorStats
 
 
-def fit_job(job: Job, model_name: str | None = None) -> FitResult:
+def fit_job(job: Job, model_name: str | None = None, clock: str | None = None) -> FitResult:
     """Fit the five coefficients on the job's non-held-out points and build a profile."""
-    t = job.table()
+    clock = job.clock(clock)
+    t = job.table(clock)
     train = ~t["holdout"]
     if train.sum() < 5:
         raise ConfigError(str(job.directory), f"only {int(train.sum())} fitted points measured; run the job further")
@@ -327,6 +354,7 @@ def fit_job(job: Job, model_name: str | None = None) -> FitResult:
     fit_error = {
         "what": "relative error of the fitted step time against the engine's measured step time "
                 "(per grid point: median over its repetitions)",
+        "clock": clock,
         "train": tr.to_dict(), "held_out": ho.to_dict(),
         "held_out_by_kind": {k: error_stats(pred[~train & (kinds == k)], t["step_time_s"][~train & (kinds == k)]).to_dict()
                              for k in ("decode", "prefill", "mixed") if (~train & (kinds == k)).any()},
@@ -338,6 +366,7 @@ def fit_job(job: Job, model_name: str | None = None) -> FitResult:
                     f"on {info['platform']} ({info['device_name']}), vLLM {info['vllm_version']}, "
                     f"{info['dtype']}, {'eager' if info['enforce_eager'] else 'CUDA graphs'}",
         "job_dir": str(job.directory),
+        "clock": clock,
         "grid": meta["options"]["grid"], "num_points": len(t["step_time_s"]),
         "num_points_shape_differs": shape_bad,
         "nvml": meta.get("nvml"),
@@ -364,15 +393,16 @@ def write_raw_points(job: Job, path: Path) -> None:
     for r in job.points:
         for i, s in enumerate(r["samples"]):
             rows.append({"point_id": r["point_id"], "kind": r["kind"], "holdout": bool(r["holdout"]), "rep": i,
-                         **{k: s[k] for k in (*FEATURE_KEYS, "step_time_s", "engine_step_time_s", "shape_ok")}})
+                         **{k: s.get(k) for k in (*FEATURE_KEYS, "step_time_s", "step_cpu_time_s",
+                                                  "engine_step_time_s", "shape_ok")}})
     tmp = path.with_name(path.name + ".tmp")
     pd.DataFrame(rows).to_parquet(tmp, index=False)
     tmp.replace(path)
 
 
-def check_profile(profile: Profile, job: Job) -> dict[str, ErrorStats]:
+def check_profile(profile: Profile, job: Job, clock: str | None = None) -> dict[str, ErrorStats]:
     """Errors of ``profile`` on the job's held-out points, per kind, and on the fitted ones."""
-    t = job.table()
+    t = job.table(clock)
     pred = predict_many(profile.step_time, t["features"])
     y, ho, kinds = t["step_time_s"], t["holdout"], t["kind"]
     out = {"held_out": error_stats(pred[ho], y[ho])}

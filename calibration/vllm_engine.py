@@ -17,6 +17,10 @@ How a clean per-step time is obtained
   point is ``batch`` requests whose prompts are all computed; a mixed point adds a new request to
   a running decode batch (vLLM schedules running decodes first, then the new chunk). Every
   prompt is fresh random token ids, so nothing else hits the prefix cache.
+* On the CPU backend with one OpenMP thread the step's work is done by this process alone, so the
+  process CPU time over the same interval is recorded too (``step_cpu_time_s``): on a machine
+  whose cores other processes also use it excludes the time they took, which wall time does not
+  (see :func:`agentsim.calibration.job.default_clock`).
 * The frontend's output processing (detokenisation, request-state bookkeeping) is excluded from
   the step time; it runs in a separate process when vLLM serves. It is recorded per sample as
   ``engine_step_time_s`` for reference.
@@ -61,7 +65,8 @@ class StepRecord:
     num_decode_seqs: int = 0
     decode_ctx_tokens: int = 0
     num_prefill_chunks: int = 0
-    step_time_s: float = 0.0
+    step_time_s: float = 0.0      # wall clock
+    step_cpu_time_s: float = 0.0  # CPU time of this process over the same interval
 
 
 class StepTimingScheduler(Scheduler):
@@ -70,10 +75,11 @@ class StepTimingScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.agentsim_records: list[StepRecord] = []
-        self._agentsim_pending: tuple[int, StepRecord] | None = None
+        self._agentsim_pending: tuple[int, int, StepRecord] | None = None
 
     def schedule(self, *args, **kwargs):
         started = time.perf_counter_ns()
+        started_cpu = time.process_time_ns()
         out = super().schedule(*args, **kwargs)
         if out.total_num_scheduled_tokens > 0:
             rec = StepRecord()
@@ -88,7 +94,7 @@ class StepTimingScheduler(Scheduler):
                     rec.num_prefill_chunks += 1
                     rec.num_prefill_tokens += n
                     rec.prefill_attn_pairs += attn_pairs(n, before)
-            self._agentsim_pending = (started, rec)
+            self._agentsim_pending = (started, started_cpu, rec)
         else:
             self._agentsim_pending = None
         return out
@@ -96,8 +102,9 @@ class StepTimingScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         result = super().update_from_output(scheduler_output, model_runner_output)
         if self._agentsim_pending is not None:
-            started, rec = self._agentsim_pending
+            started, started_cpu, rec = self._agentsim_pending
             rec.step_time_s = (time.perf_counter_ns() - started) / 1e9
+            rec.step_cpu_time_s = (time.process_time_ns() - started_cpu) / 1e9
             self.agentsim_records.append(rec)
             self._agentsim_pending = None
         return result
@@ -257,7 +264,7 @@ class ShapeDriver:
             s = {
                 "num_prefill_tokens": rec.num_prefill_tokens, "prefill_attn_pairs": rec.prefill_attn_pairs,
                 "num_decode_seqs": rec.num_decode_seqs, "decode_ctx_tokens": rec.decode_ctx_tokens,
-                "step_time_s": rec.step_time_s, "engine_step_time_s": wall,
+                "step_time_s": rec.step_time_s, "step_cpu_time_s": rec.step_cpu_time_s, "engine_step_time_s": wall,
             }
             want_pairs = attn_pairs(p.chunk, p.computed) if p.chunk else 0.0
             s["shape_ok"] = (rec.num_prefill_tokens == p.chunk and rec.prefill_attn_pairs == want_pairs
