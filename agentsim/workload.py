@@ -79,8 +79,8 @@ class Context:
         for s in segments:
             n += s.num_tokens
         self.num_tokens = n
-        # block_size -> (hashes of full blocks, pieces of the trailing partial block)
-        self._hash_cache: dict[int, tuple[list[int], tuple]] = {}
+        # block_size -> (hashes of full blocks, pieces of the trailing partial block, tokens in it)
+        self._hash_cache: dict[int, tuple[list[int], tuple, int]] | None = None
 
     @staticmethod
     def of(*segments: Segment) -> Context:
@@ -88,10 +88,13 @@ class Context:
 
     def extend(self, *segments: Segment) -> Context:
         """A new context: this one followed by ``segments`` (empty segments are dropped)."""
-        segs = tuple(s for s in segments if s.num_tokens > 0)
-        if not segs:
-            return self
-        return Context(self, segs)
+        for s in segments:
+            if s.num_tokens <= 0:
+                segments = tuple(s for s in segments if s.num_tokens > 0)
+                if not segments:
+                    return self
+                break
+        return Context(self, segments)
 
     def all_segments(self) -> list[Segment]:
         chain: list[Context] = []
@@ -111,24 +114,32 @@ class Context:
         """
         return self._hashes(block_size)[0]
 
-    def _hashes(self, block_size: int) -> tuple[list[int], tuple]:
-        cached = self._hash_cache.get(block_size)
-        if cached is not None:
-            return cached
-        if self.parent is not None:
-            parent_hashes, tail = self.parent._hashes(block_size)
-            hashes = list(parent_hashes)
+    def _hashes(self, block_size: int) -> tuple[list[int], tuple, int]:
+        cache = self._hash_cache
+        if cache is None:
+            cache = self._hash_cache = {}
         else:
-            hashes, tail = [], ()
-        filled = sum(end - start for _, start, end in tail)
+            hit = cache.get(block_size)
+            if hit is not None:
+                return hit
+        if self.parent is not None:
+            parent_hashes, tail, filled = self.parent._hashes(block_size)
+            hashes = parent_hashes.copy()
+        else:
+            hashes, tail, filled = [], (), 0
         prev = hashes[-1] if hashes else 0
         pieces = list(tail)
         for seg in self.segments:
+            seg_id = seg.seg_id
+            remaining = seg.num_tokens
             pos = 0
-            while pos < seg.num_tokens:
-                take = min(block_size - filled, seg.num_tokens - pos)
-                pieces.append((seg.seg_id, pos, pos + take))
+            while remaining:
+                take = block_size - filled
+                if take > remaining:
+                    take = remaining
+                pieces.append((seg_id, pos, pos + take))
                 pos += take
+                remaining -= take
                 filled += take
                 if filled == block_size:
                     # tuples of ints hash identically in every process (no str randomisation)
@@ -136,8 +147,8 @@ class Context:
                     hashes.append(prev)
                     pieces = []
                     filled = 0
-        result = (hashes, tuple(pieces))
-        self._hash_cache[block_size] = result
+        result = (hashes, tuple(pieces), filled)
+        cache[block_size] = result
         return result
 
     def __repr__(self) -> str:

@@ -457,8 +457,16 @@ class Engine:
                 if full_after > full_before:
                     hashes = call.full_hashes
                     blocks = call.blocks
-                    for k in range(full_before, min(full_after, len(hashes))):
-                        pool.cache(blocks[k], hashes[k])
+                    if full_after > len(hashes):
+                        full_after = len(hashes)
+                    cached = pool.cached
+                    for k in range(full_before, full_after):
+                        b = blocks[k]
+                        h = hashes[k]
+                        # register full computed blocks (a duplicate stays uncached, as in vLLM)
+                        if b.block_hash is None and h not in cached:
+                            b.block_hash = h
+                            cached[h] = b
             if call.num_computed == call.num_prompt_tokens + call.num_generated:
                 call.num_generated += 1
                 if call.num_generated == 1:

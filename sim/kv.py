@@ -44,10 +44,10 @@ class BlockPool:
 
     def touch(self, blocks: list[BlockView], now: float, program_id: int, agent_id: int) -> None:
         """Take a reference on prefix-cache hits (removing free ones from the free queue)."""
-        fq = self.free_queue
+        remove = self.free_queue.remove
         for b in blocks:
             if b.ref_count == 0:
-                fq.remove(b)
+                remove(b)
                 self.num_used += 1
             b.ref_count += 1
             b.last_used_at = now
@@ -56,40 +56,47 @@ class BlockPool:
 
     def allocate(self, n: int, now: float, program_id: int, agent_id: int, first_position: int) -> list[BlockView]:
         """Hand out ``n`` free blocks (caller checked ``n <= num_free``), evicting cached ones."""
-        fq = self.free_queue
-        cached = self.cached
-        out = []
         blocks = self.blocks
-        for i in range(n):
-            if len(blocks) < self.num_blocks:
-                b = BlockView(len(blocks))
-                blocks.append(b)
-            else:
-                b = fq.pop(now)
-            h = b.block_hash
-            if h is not None:
-                if cached.get(h) is b:
-                    del cached[h]
-                b.block_hash = None
-                self.num_evictions += 1
-            b.ref_count = 1
-            b.last_used_at = now
-            b.program_id = program_id
-            b.agent_id = agent_id
-            b.position = first_position + i
-            out.append(b)
+        fresh = self.num_blocks - len(blocks)
+        if fresh >= n:
+            base = len(blocks)
+            out = [BlockView(base + i, None, 1, now, program_id, agent_id, first_position + i) for i in range(n)]
+            blocks.extend(out)
+        else:
+            out = [BlockView(len(blocks) + i) for i in range(fresh)]
+            blocks.extend(out)
+            pop = self.free_queue.pop
+            cached = self.cached
+            for _ in range(n - fresh):
+                b = pop(now)
+                h = b.block_hash
+                if h is not None:
+                    if cached.get(h) is b:
+                        del cached[h]
+                    b.block_hash = None
+                    self.num_evictions += 1
+                out.append(b)
+            for i, b in enumerate(out):
+                b.ref_count = 1
+                b.last_used_at = now
+                b.program_id = program_id
+                b.agent_id = agent_id
+                b.position = first_position + i
         self.num_used += n
         return out
 
     def free(self, blocks: list[BlockView], now: float) -> None:
         """Drop one reference on each block; tail blocks enter the free queue first (vLLM order)."""
-        fq = self.free_queue
+        append = self.free_queue.append
+        n = 0
         for b in reversed(blocks):
-            b.ref_count -= 1
-            if b.ref_count == 0:
+            rc = b.ref_count - 1
+            b.ref_count = rc
+            if rc == 0:
                 b.last_used_at = now
-                fq.append(b, now)
-                self.num_used -= 1
+                append(b, now)
+                n += 1
+        self.num_used -= n
 
     def cache(self, block: BlockView, block_hash: int) -> None:
         """Register a full, computed block under its hash (a duplicate stays uncached, as in vLLM)."""
