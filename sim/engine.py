@@ -203,6 +203,11 @@ class Engine:
             call.full_hashes = full.block_hashes(self.block_size)
         self.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
         self.inbox.append(call)
+        self.notify()
+
+    def notify(self) -> None:
+        """Something outside the batch changed (an arrival, a KV block unpinned or loaded ...):
+        wake an idle engine, or end a fast-forward window after the step in progress."""
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
         elif self._ff_active:
