@@ -202,7 +202,12 @@ class AgentsimScheduler(Scheduler):
         if epoch is not None:
             self._epoch = float(epoch)
         now = self.now()
-        call = EngineCall(request, xa.get("agentsim") or {}, now)
+        meta = xa.get("agentsim")
+        if meta is None:  # over HTTP the hints arrive flattened in vllm_xargs
+            from agentsim.live.http import unflatten_extra_args
+
+            meta = unflatten_extra_args(xa)
+        call = EngineCall(request, meta, now)
         self.calls[request.request_id] = call
         if self.dynamic or self.preemptive:
             request.priority = self._rank_of(call, now)
