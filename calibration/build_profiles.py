@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from agentsim.calibration.batch import BatchShape
 from agentsim.calibration.fit import error_stats, fit_coefficients, predict_many
 from agentsim.calibration.grid import GridLimits, random_batches, serving_grid
 from agentsim.calibration.hardware import GPUS
@@ -130,8 +129,8 @@ def build_profile(model: ModelDims, tp: int, source: ModelDims, created_at: str,
     )
 
 
-def build_all(created_at: str) -> list[Profile]:
-    return [build_profile(m, tp, src, created_at) for m, tp, src in BUILDS]
+def build_all(created_at: str, assumptions: Assumptions = Assumptions()) -> list[Profile]:
+    return [build_profile(m, tp, src, created_at, assumptions) for m, tp, src in BUILDS]
 
 
 def _comparable(d: dict) -> dict:
@@ -144,10 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agentsim.calibration.build_profiles", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=PROFILES_DIR, help="directory to write profiles to")
     ap.add_argument("--check", action="store_true", help="exit 1 if the shipped profiles differ from a rebuild")
+    ap.add_argument("--vidur-prefill-kv-save", action="store_true",
+                    help="charge prefill KV writes with Vidur's prefill kv_cache_save fit (5.3e-4 ms/token/layer) "
+                         "instead of its decode fit; not for the shipped profiles")
     args = ap.parse_args(argv)
+    if args.check and args.vidur_prefill_kv_save:
+        ap.error("--check compares the shipped profiles, which use the default assumptions")
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     created = (datetime.fromtimestamp(int(epoch), timezone.utc).date() if epoch else date.today()).isoformat()
-    profiles = build_all(created)
+    profiles = build_all(created, Assumptions(vidur_prefill_kv_save=args.vidur_prefill_kv_save))
     if args.check:
         shipped = shipped_profiles()
         bad = []

@@ -114,6 +114,9 @@ def fit(
     from agentsim.calibration.job import Job, fit_job, write_raw_points
 
     job = Job.load(job_dir)
+    if len(job.points) < len(job.meta["grid"]):
+        print(f"note: fitting {len(job.points)} of {len(job.meta['grid'])} grid points (the job is incomplete; "
+              f"rerun `agentsim calibrate profile` with the same options to finish it)", file=sys.stderr)
     res = fit_job(job, model_name, clock)
     prof = res.profile
     raw = out.with_name(out.stem + ".points.parquet")

@@ -247,6 +247,10 @@ def run_profile_job(engine_cfg: EngineConfig, out_dir: str | Path, options: JobO
     elif store.path.exists() and store.path.stat().st_size:
         raise ConfigError(str(store.path), "points without a job.json; use a new --out")
     done = {r["point_id"] for r in store.load(repair=True)}
+    if meta is not None and all(GridPoint(**{k: v for k, v in g.items() if k != "holdout"}).point_id in done
+                                for g in meta["grid"]):
+        log(f"{out}: all {len(meta['grid'])} points already measured")
+        return Job.load(out)
 
     from agentsim.calibration.hardware import NVML
 

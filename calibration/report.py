@@ -109,7 +109,8 @@ def render_show(profile: Profile, console) -> None:
     console.print(f"[bold]{profile.name}[/bold]  ({profile.source or 'in memory'})")
     console.print(f"model {m.name}: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_heads}/{m.num_kv_heads} "
                   f"(q/kv) x {m.head_dim}, {m.num_params / 1e9:.2f}B params;  GPU {profile.gpu.name} x TP {profile.tp};  "
-                  f"provenance: {prov.get('kind', '?')}" + (f" from {prov['derived_from']}" if prov.get("derived_from") else ""))
+                  f"provenance: {prov.get('kind', '?')}" + (f" from {prov['derived_from']}" if prov.get("derived_from") else "")
+                  + (f", fitted to {prov['clock']} time" if prov.get("clock") else ""))
     console.print(f"KV cache: {profile.kv_capacity_tokens:,} tokens ({profile.kv_capacity_blocks:,} blocks of "
                   f"{profile.kv_block_size}) at gpu_memory_utilization {profile.gpu_memory_utilization}, "
                   f"{profile.kv_bytes_per_token:,} bytes/token")

@@ -189,6 +189,7 @@ class ShapeDriver:
             vocab_size=self.vocab_size, omp_num_threads=os.environ.get("OMP_NUM_THREADS"), hf_config=mc.hf_config.to_dict() if hasattr(mc.hf_config, "to_dict") else {},
         )
         self._counter = 0
+        self._background = 0  # requests that stay in the engine while a point is measured (decoders)
 
     # ------------------------------------------------------------------ engine plumbing
     def _tokens(self, n: int, *key: object) -> list[int]:
@@ -244,13 +245,12 @@ class ShapeDriver:
     # ------------------------------------------------------------------ measurement
     def warm_up(self) -> None:
         """Run a few unrecorded shapes so one-off costs (allocations, kernel selection) are paid."""
-        self._background = 0
         for c in (16, min(512, self.cfg.max_num_batched_tokens - 1)):
             self._add(self._tokens(c, "warm", c), 2)
             self._drain()
-        ids = [self._add(self._tokens(64, "warm-dec", i), 4) for i in range(min(8, self.cfg.max_num_seqs))]
+        for i in range(min(8, self.cfg.max_num_seqs)):
+            self._add(self._tokens(64, "warm-dec", i), 4)
         self._drain()
-        del ids
 
     def measure(self, p: GridPoint, reps: int) -> list[dict]:
         """Samples (features + times) of ``reps`` steps of shape ``p``; each carries ``shape_ok``,

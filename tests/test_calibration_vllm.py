@@ -89,6 +89,11 @@ def test_profile_interrupt_resume_fit_check(tiny_model, tmp_path):
     assert job.meta["nvml"]["available"] is False and job.meta["nvml"]["reason"]
     assert all(p["nvml"] is None for p in job.points)
 
+    # a complete job is not measured again (no engine start)
+    r = agentsim("calibrate", "profile", "--model", str(tiny_model), "--out", str(job_dir), *ENGINE_ARGS, timeout=60)
+    assert r.returncode == 0 and f"all {grid_size} points already measured" in r.stderr
+    assert (job_dir / "points.jsonl").read_bytes() == after
+
     # 4. fit on the points not held out
     prof_path = tmp_path / "tiny.json"
     r = agentsim("calibrate", "fit", str(job_dir), "--out", str(prof_path))
