@@ -13,6 +13,7 @@ from __future__ import annotations
 import calendar
 import csv
 import re
+from datetime import datetime
 from typing import Iterator
 
 from agentsim.traces.canonical import ProgramRecord, llm_step
@@ -28,7 +29,11 @@ def parse_timestamp_ns(s: str) -> tuple[int, int]:
     if not m:
         raise ValueError(f"not a timestamp like 2023-11-16 18:15:46.6805900: {s!r}")
     y, mo, d, h, mi, sec, frac = m.groups()
-    secs = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(sec), 0, 0, 0))
+    try:
+        dt = datetime(int(y), int(mo), int(d), int(h), int(mi), int(sec))
+    except ValueError as e:
+        raise ValueError(f"{s!r}: {e}") from None
+    secs = calendar.timegm(dt.timetuple())
     frac = frac or ""
     return secs * 1_000_000_000 + int((frac + "000000000")[:9]), len(frac)
 

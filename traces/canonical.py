@@ -213,6 +213,8 @@ class TraceWriter:
         self.num_steps = 0
 
     def add(self, prog: ProgramRecord) -> None:
+        """Buffer one (validated) program; raises TraceError for a malformed one."""
+        check_program(prog, f"{self.path}: program {prog.program_id}")
         c = self._cols
         for s in prog.steps:
             c["program_id"].append(prog.program_id)
