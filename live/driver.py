@@ -229,6 +229,7 @@ class LiveDriver:
         self.inflight_calls: dict[int, LiveCall] = {}
         self.errors: list[str] = []
         self.engine_failures: list[dict] = []
+        self.engine_kills: list[dict] = []
         self.num_retries = 0
         self._offsets: dict[int, float] = {}
         self._t0 = 0.0
@@ -526,9 +527,19 @@ class LiveDriver:
                                          "error": why})
 
     async def _kill_later(self, engine_id: int, at: float) -> None:
+        """Fault injection: kill engine ``engine_id`` at ``at`` s, once it has calls in flight
+        (waiting up to 30 s more for some), so that the retry path is really exercised."""
         await asyncio.sleep(max(0.0, at - self.now()))
         if self.on_kill is None:
             return
+        view = next((v for v in self.views if v.engine_id == engine_id), None)
+        if view is None:
+            self.errors.append(f"kill: no engine {engine_id}")
+            return
+        end = self.now() + 30.0
+        while not view.outstanding and self.now() < end and not self._stopping:
+            await asyncio.sleep(0.01)
+        self.engine_kills.append({"engine_id": engine_id, "at": self.now(), "inflight": len(view.outstanding)})
         await asyncio.get_running_loop().run_in_executor(None, self.on_kill, engine_id)
 
     # ------------------------------------------------------------------ background
@@ -626,7 +637,8 @@ class LiveDriver:
                              **{k: c.info.get(k) for k in ("num_blocks", "block_size", "vllm_version",
                                                            "scheduler_cls", "max_model_len", "hostname")})
                         for c in self.clients],
-            "engine_failures": list(self.engine_failures), "num_retries": self.num_retries,
+            "engine_failures": list(self.engine_failures), "engine_kills": list(self.engine_kills),
+            "num_retries": self.num_retries,
             "errors": list(self.errors[:20]), "clock_offsets": {str(k): v for k, v in self._offsets.items()},
             "gpu": self.base_manifest.get("gpu", "no GPU"),
         })
