@@ -113,6 +113,9 @@ def fit(
     """Fit non-negative step-time coefficients on the job's points (held-out points excluded)."""
     from agentsim.calibration.job import Job, fit_job, write_raw_points
 
+    if model_name is not None and (not model_name or "_" in model_name or "/" in model_name):
+        raise ConfigError("--model-name", f"{model_name!r}: must be non-empty without '_' or '/' "
+                                          f"(profile names are <gpu>_<model>_tp<N>)")
     job = Job.load(job_dir)
     if len(job.points) < len(job.meta["grid"]):
         print(f"note: fitting {len(job.points)} of {len(job.meta['grid'])} grid points (the job is incomplete; "

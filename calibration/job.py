@@ -297,7 +297,12 @@ def run_profile_job(engine_cfg: EngineConfig, out_dir: str | Path, options: JobO
             break
         p = GridPoint(**{k: v for k, v in g.items() if k != "holdout"})
         t = time.perf_counter()
-        samples = driver.measure(p, options.reps)
+        try:
+            samples = driver.measure(p, options.reps)
+        except KeyboardInterrupt:
+            log(f"interrupted: {len(done) + n} of {len(meta['grid'])} points are in {store.path}; "
+                f"rerun the same command to resume")
+            raise SystemExit(130) from None
         rec = {
             "point_id": p.point_id, "kind": p.kind, "holdout": bool(g["holdout"]), "intended": p.to_dict(),
             "samples": samples, "shape_ok": all(s["shape_ok"] for s in samples),
@@ -305,7 +310,9 @@ def run_profile_job(engine_cfg: EngineConfig, out_dir: str | Path, options: JobO
         }
         store.append(rec)
         med = np.median([s["step_time_s"] for s in samples])
-        log(f"[{len(done) + n + 1}/{len(meta['grid'])}] {p.point_id}: median step {med * 1e3:.2f} ms "
+        med_cpu = np.median([s["step_cpu_time_s"] for s in samples])
+        log(f"[{len(done) + n + 1}/{len(meta['grid'])}] {p.point_id}: median step {med * 1e3:.2f} ms wall, "
+            f"{med_cpu * 1e3:.2f} ms cpu "
             f"({len(samples)} steps, {time.perf_counter() - t:.1f} s)" + ("" if rec["shape_ok"] else "  [shape differs]"))
     return Job.load(out)
 
