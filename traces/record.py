@@ -24,8 +24,9 @@ _HINT_FIELDS = tuple(f.name for f in fields(CallHints))
 
 
 class _Recorder:
-    def __init__(self, pc: ProgramContext) -> None:
+    def __init__(self, pc: ProgramContext, reverse_branches: bool = False) -> None:
         self.pc = pc
+        self.reverse = reverse_branches
         self.steps: list[Step] = []
 
     def drive(self, gen: Any, frontier: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
@@ -55,22 +56,28 @@ class _Recorder:
                                    tool_time=float(req.duration)))
             return None, (sid,)
         if isinstance(req, Parallel):
-            results = []
+            results: list[Any] = [None] * len(req.branches)
             ends: list[int] = []
-            for b in req.branches:
+            order = range(len(req.branches))
+            for i in (reversed(order) if self.reverse else order):
+                b = req.branches[i]
                 if _inspect.isgenerator(b):
                     r, f = self.drive(b, frontier)
                 else:
                     r, f = self.do(b, frontier)
-                results.append(r)
+                results[i] = r
                 ends.extend(x for x in f if x not in ends)
             return results, tuple(sorted(ends)) if ends else frontier
         raise TypeError(f"program {self.pc.program_id} yielded {type(req).__name__}, not a request")
 
 
-def record_body(body, pc: ProgramContext) -> list[Step]:
-    """The steps a program body issues (see the module docstring)."""
-    rec = _Recorder(pc)
+def record_body(body, pc: ProgramContext, reverse_branches: bool = False) -> list[Step]:
+    """The steps a program body issues (see the module docstring).
+
+    ``reverse_branches`` runs the branches of every Parallel last-first: a program whose content
+    does not depend on branch completion order records the same calls either way.
+    """
+    rec = _Recorder(pc, reverse_branches)
     rec.drive(body(pc), ())
     return rec.steps
 

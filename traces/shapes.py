@@ -416,10 +416,17 @@ class SWEAgent:
         object.__setattr__(self, "tools", _tools(self.tools))
         if self.max_calls < 1 or self.max_observation_tokens < 1:
             raise ValueError("max_calls and max_observation_tokens must be >= 1")
+        if not 1 <= self.calls_mean <= self.max_calls:
+            raise ValueError("calls_mean must be between 1 and max_calls")
+
+    @cached_property
+    def draw_mean(self) -> float:
+        """The geometric mean to draw with so that the capped call count averages ``calls_mean``."""
+        return geometric_mean_for(self.calls_mean, self.max_calls)
 
     def body(self, pc: ProgramContext) -> Generator:
         rng = pc.rng
-        n = sample_calls(rng, self.calls_mean, self.max_calls)
+        n = sample_calls(rng, self.draw_mean, self.max_calls)
         ctx = Context.of(pc.shared(self.system_prompt, self.system_tokens),
                          pc.segment(sample_len(rng, self.issue_tokens_mean, self.length_sigma)))
         for i in range(n):
