@@ -138,8 +138,13 @@ def sniff_format(path: str | Path) -> str:
         if {"input_len", "output_len", "round_idx"} <= cols:
             return "tracelab"
         raise TraceError(str(path), f"cannot tell the format of a CSV with header {first[:80]!r}; pass a format")
-    if name.endswith(".json") or head.lstrip().startswith("{") and '"simulations"' in head[:200000] and not _one_json_line(first):
+    if name.endswith(".json"):
         return "tau2"
+    if head.lstrip().startswith("{") and not _one_json_line(first):
+        # one JSON document over several lines (JSONL has one object per line)
+        if '"simulations"' in head:
+            return "tau2"
+        raise TraceError(str(path), "cannot tell the format of this JSON document; pass a format")
     try:
         obj = json.loads(first)
     except ValueError:
