@@ -305,3 +305,30 @@ def test_bad_parameters_name_the_field(name, params, match):
 def test_geometric_solver():
     for target, cap in ((15.97, 100), (3.0, 10), (1.0, 5)):
         assert capped_geometric_mean(geometric_mean_for(target, cap), cap) == pytest.approx(target, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- the simulator runs the same programs
+SIM_PARAMS = {"society": {"num_agents": 20, "num_steps": 10}}
+
+
+@pytest.mark.parametrize("name", ["lats", "mapreduce", "kvflow", "society", "swe", "team", "react", "chat", "fanout"])
+def test_simulator_runs_exactly_the_recorded_programs(name):
+    """Same generator, params and seed: every simulated program makes the recorded calls and tools."""
+    from agentsim.config import load_config
+    from agentsim.sim.runner import run
+
+    params = SIM_PARAMS.get(name, {})
+    cfg = load_config(None, {
+        "cluster.num_nodes": 1, "cluster.gpus_per_node": 1, "workload.generator": name, "workload.params": params,
+        "workload.arrival": "poisson", "workload.rate": 0.5, "workload.num_programs": 6, "duration": 60.0,
+        "sim.drain": True, "seed": 11, "cluster.engine.max_model_len": 131072})
+    sim = run(cfg).programs.set_index("program_id").sort_index()
+    _, progs = generate_programs(name, params, 6, rate=0.5, seed=11)
+    progs = list(progs)
+    assert len(sim) == 6
+    for p in progs:
+        row = sim.loc[p.program_id]
+        llm = llm_steps(p)
+        assert row.arrival_at == pytest.approx(p.arrival_at)
+        assert (row.num_calls, row.num_tool_calls, row.num_prompt_tokens, row.num_output_tokens) == (
+            len(llm), len(p.steps) - len(llm), sum(s.input_tokens for s in llm), sum(s.output_tokens for s in llm))
