@@ -173,6 +173,7 @@ class Simulation:
                 engine = self.engines[self._route(call, self.engines, env.now)]
                 engine.add_call(call)
                 yield call.done
+                call.done = None  # no call <-> event cycle for the collector to find
                 st.num_calls += 1
                 st.prompt_tokens += call.num_prompt_tokens
                 st.output_tokens += call.num_output_tokens
@@ -233,7 +234,7 @@ class Simulation:
         self._record_call(call, "finished")
         for fn in self._hooks["on_call_finish"]:
             fn(call, call.finish_at)
-        call.done.succeed(call)
+        call.done.succeed()
 
     def _record_call(self, call: SimCall, status: str) -> None:
         e = call.engine
