@@ -305,3 +305,20 @@ def test_native_jsonl_defaults(tmp_path):
     assert [s.parents for s in a.steps] == [(), (0,), (1,)] and a.steps[2].input_tokens == 130
     assert (b.program_id, b.kind, b.steps[0].agent_id, b.steps[0].hints) == (1, "native", 1, '{"stage": "x"}')
     assert math.isclose(a.steps[1].tool_time, 1.5)
+
+
+def test_failure_after_row_groups_were_written_leaves_nothing(tmp_path):
+    """The writer flushes row groups as it goes (16,384 steps each); a late bad line removes them."""
+    lines = _lines(MOONCAKE) * 11 + ["{not json"]
+    src = tmp_path / "big.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.parquet"
+    with pytest.raises(TraceError) as e:
+        import_trace(src, out, "mooncake")
+    assert e.value.where == f"{src}:{len(lines)}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+    res = import_trace(src, out, "mooncake", skip_bad=True)
+    assert res.num_programs == 1750 * 11 and res.num_skipped == 1
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(out).num_row_groups >= 2
