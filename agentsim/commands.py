@@ -104,6 +104,7 @@ def register_commands(app: typer.Typer) -> None:
         time_scale: Optional[float] = typer.Option(None, help="Trace: multiply arrival offsets."),
         limit: Optional[int] = typer.Option(None, help="Trace: first N programs only."),
         duration: Optional[float] = typer.Option(None, help="Simulated seconds (default 600)."),
+        max_model_len: Optional[int] = typer.Option(None, help="Engine context length (default: the model's)."),
         fast_forward: Optional[bool] = typer.Option(None, "--fast-forward/--no-fast-forward",
                                                     help="Advance decode-only stretches as one event (default on)."),
         out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Result directory (written atomically)."),
@@ -125,6 +126,7 @@ def register_commands(app: typer.Typer) -> None:
             "workload.agents": agents, "workload.rate": rate, "workload.arrival": arrival,
             "workload.generator": generator, "workload.trace": trace, "workload.time_scale": time_scale,
             "workload.limit": limit, "sim.fast_forward": fast_forward,
+            "cluster.engine.max_model_len": max_model_len,
         }
         cfg = load_config(config, overrides)
         bar = _LazyProgress("simulating")

@@ -112,7 +112,7 @@ class EvictPolicy(Protocol):
 
 class ShapePolicy(Protocol):
     def shape(self, task: Any, now: float) -> str:
-        """Topology name for a multi-agent task (see agentsim.traces.generators.TEAM_TOPOLOGIES)."""
+        """Topology name for a multi-agent task (see agentsim.traces.shapes.TEAM_TOPOLOGIES)."""
 
 
 HOOKS = (

@@ -449,22 +449,24 @@ class Engine:
                 if id(c) not in running_ids:
                     c._skipped += dt
         bs = self.block_size
-        pool = self.pool
+        caching = self.prefix_caching
+        cached = self.pool.cached
         finished = []
         for call, n in batch:
             before = call.num_computed
-            call.num_computed = before + n
-            if call.num_generated == 0:
+            nc = before + n
+            call.num_computed = nc
+            ng = call.num_generated
+            if ng == 0:
                 call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
-            if self.prefix_caching:
+            if caching:
+                full_after = nc // bs
                 full_before = before // bs
-                full_after = call.num_computed // bs
                 if full_after > full_before:
                     hashes = call.full_hashes
                     blocks = call.blocks
                     if full_after > len(hashes):
                         full_after = len(hashes)
-                    cached = pool.cached
                     for k in range(full_before, full_after):
                         b = blocks[k]
                         h = hashes[k]
@@ -472,11 +474,12 @@ class Engine:
                         if b.block_hash is None and h not in cached:
                             b.block_hash = h
                             cached[h] = b
-            if call.num_computed == call.num_prompt_tokens + call.num_generated:
-                call.num_generated += 1
-                if call.num_generated == 1:
+            if nc == call.num_prompt_tokens + ng:
+                ng += 1
+                call.num_generated = ng
+                if ng == 1:
                     call.first_token_at = t1
-                if call.num_generated >= call.num_output_tokens:
+                if ng >= call.num_output_tokens:
                     finished.append(call)
         self._account_step(t0, t1, n_prefill, n_decode)
         for call in finished:

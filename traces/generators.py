@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generator
 import numpy as np
 
 from agentsim.errors import ConfigError
-from agentsim.workload import CallHints, Context, Parallel, ProgramContext, ToolCall
+from agentsim.workload import CallHints, Context, LLMCall, Parallel, ProgramContext, ToolCall
 
 _GENERATORS: dict[str, type] = {}
 
@@ -307,23 +307,40 @@ class FanOut:
                          pc.segment(self.prompt_tokens - self.shared_tokens))
         plan = yield pc.llm(ctx, sample_len(rng, self.plan_output_tokens, self.length_sigma))
         ctx = ctx.extend(plan.output)
-        branches = [self._worker(pc, ctx, pc.new_thread()) for _ in range(self.width)]
+        # Everything a worker needs is drawn here, in worker order, before any branch runs: the
+        # program's content must not depend on which branch a backend finishes first.
+        branches = [self._worker(pc, ctx, pc.new_thread(), self._draw_worker(pc)) for _ in range(self.width)]
         outputs = yield Parallel(branches)
         reduce_ctx = ctx
         for out in outputs:
             reduce_ctx = reduce_ctx.extend(out)
         yield pc.llm(reduce_ctx, sample_len(rng, self.reduce_output_tokens, self.length_sigma))
 
-    def _worker(self, pc: ProgramContext, ctx: Context, thread_id: int) -> Generator:
+    def _draw_worker(self, pc: ProgramContext) -> list:
         rng = pc.rng
-        wctx = ctx.extend(pc.segment(sample_len(rng, self.worker_prompt_tokens, self.length_sigma)))
-        result = None
+        steps = [pc.segment(sample_len(rng, self.worker_prompt_tokens, self.length_sigma))]
         for j in range(self.worker_calls):
-            result = yield pc.llm(wctx, sample_len(rng, self.worker_output_tokens, self.length_sigma), thread_id=thread_id)
+            call = pc.llm(Context.of(steps[0]), sample_len(rng, self.worker_output_tokens, self.length_sigma))
+            steps.append(call)
             if j < self.worker_calls - 1:
                 tool = pick_tool(rng, self.tools)
-                yield ToolCall(tool.name, tool.sample(rng), estimate=tool.mean)
-                wctx = wctx.extend(result.output, pc.segment(64))
+                steps.append(ToolCall(tool.name, tool.sample(rng), estimate=tool.mean))
+                steps.append(pc.segment(64))
+        return steps
+
+    def _worker(self, pc: ProgramContext, ctx: Context, thread_id: int, steps: list) -> Generator:
+        wctx = ctx.extend(steps[0])
+        result = None
+        for step in steps[1:]:
+            if isinstance(step, ToolCall):
+                yield step
+            elif isinstance(step, LLMCall):
+                step.context = wctx
+                step.thread_id = thread_id
+                result = yield step
+                wctx = wctx.extend(result.output)
+            else:
+                wctx = wctx.extend(step)
         return result.output
 
 
