@@ -58,6 +58,10 @@ class EngineClient:
     async def clock(self) -> float:
         raise NotImplementedError
 
+    async def reset_prefix_cache(self) -> bool:
+        """Empty the engine's prefix cache (so the driver's KV view starts exact); False if it could not."""
+        return False
+
 
 class RayEngineClient(EngineClient):
     """An :class:`~agentsim.live.engine.EngineHost` actor; actor death becomes :class:`EngineDead`."""
@@ -90,6 +94,9 @@ class RayEngineClient(EngineClient):
     async def clock(self) -> float:
         return await self._call(self.handle.actor.clock.remote())
 
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self._call(self.handle.actor.reset_prefix_cache.remote()))
+
 
 @dataclass
 class LiveOptions:
@@ -105,6 +112,7 @@ class LiveOptions:
     token_low: int = 4                   # prompt token ids are drawn from [token_low, token_high)
     token_high: int | None = None        # default: min(vocab size, 32000)
     kill_engines: tuple = ()             # fault injection: ((engine_id, at_time), ...)
+    reset_prefix_cache: bool = True      # start from empty prefix caches (where the engine allows it)
     slo_ttft: float | None = None
     slo_tpot: float | None = None
 
@@ -213,7 +221,7 @@ class LiveDriver:
             from agentsim.live.tokens import VllmBlockHasher
 
             algo = self.clients[0].info.get("hash_algo", "sha256")
-            self.hasher = VllmBlockHasher(block_size, algo)
+            self.hasher = VllmBlockHasher(block_size, algo, bool(self.clients[0].info.get("int_block_hashes")))
             probe = self.hasher.probe()
             bad = [c.engine_id for c in self.clients if c.info.get("hash_probe") not in (None, probe)]
             if bad:
@@ -230,6 +238,7 @@ class LiveDriver:
         self.errors: list[str] = []
         self.engine_failures: list[dict] = []
         self.engine_kills: list[dict] = []
+        self.cache_reset: list[int] = []
         self.num_retries = 0
         self._offsets: dict[int, float] = {}
         self._t0 = 0.0
@@ -268,6 +277,14 @@ class LiveDriver:
 
     async def arun(self, programs: Any) -> LiveResult:
         await self._measure_offsets()
+        if self.opt.reset_prefix_cache:
+            # a warm cache from an earlier run would be invisible to this run's KV view (hits emit no events)
+            done = await asyncio.gather(*(c.reset_prefix_cache() for c in self.clients))
+            self.cache_reset = [c.engine_id for c, ok in zip(self.clients, done) if ok]
+            for c, v in zip(self.clients, self.views):
+                v.apply_events((await c.poll())["events"])  # events are ordered: a later "cleared" still applies
+                if c.engine_id in self.cache_reset:
+                    v.cached.clear()
         self._t0 = time.monotonic()
         bg = [asyncio.create_task(self._sampler()), asyncio.create_task(self._poller())]
         if self.opt.flush_interval > 0 and self.out_dir is not None:
@@ -294,9 +311,13 @@ class LiveDriver:
             self._stopping = True
             for t in bg:
                 t.cancel()
-            await asyncio.gather(*bg, return_exceptions=True)
             for t in list(self._tasks):
-                t.cancel()
+                if not t.done():
+                    t.cancel()
+            try:  # let cancelled programs record themselves as unfinished before the final write
+                await asyncio.gather(*bg, *self._tasks, return_exceptions=True)
+            except asyncio.CancelledError:
+                status = "interrupted"
             self._ended_at = self.now()
             self._complete = status == "finished"
             result = self._write(final=True, status=status)
@@ -638,6 +659,7 @@ class LiveDriver:
                                                            "scheduler_cls", "max_model_len", "hostname")})
                         for c in self.clients],
             "engine_failures": list(self.engine_failures), "engine_kills": list(self.engine_kills),
+            "prefix_cache_reset": list(self.cache_reset),
             "num_retries": self.num_retries,
             "errors": list(self.errors[:20]), "clock_offsets": {str(k): v for k, v in self._offsets.items()},
             "gpu": self.base_manifest.get("gpu", "no GPU"),

@@ -222,6 +222,7 @@ class EngineHost:
             "hostname": os.uname().nodename,
             "num_blocks": int(cc.num_gpu_blocks or 0), "block_size": int(cc.block_size),
             "hash_algo": str(cc.prefix_caching_hash_algo),
+            "int_block_hashes": bool(vllm.envs.VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES),
             "hash_probe": engine_probe_hash(int(cc.block_size), str(cc.prefix_caching_hash_algo)),
             "vllm_version": vllm.__version__, "scheduler_cls": kw.get("scheduler_cls"),
             "max_model_len": int(self.llm.vllm_config.model_config.max_model_len),

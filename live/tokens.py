@@ -98,7 +98,7 @@ class VllmBlockHasher:
     ``algo`` is vLLM's ``prefix_caching_hash_algo`` (default ``sha256``).
     """
 
-    def __init__(self, block_size: int, algo: str = "sha256") -> None:
+    def __init__(self, block_size: int, algo: str = "sha256", int_hashes: bool = False) -> None:
         from vllm.utils.hashing import get_hash_fn_by_name
         from vllm.v1.core import kv_cache_utils
 
@@ -106,28 +106,32 @@ class VllmBlockHasher:
         self._fn = get_hash_fn_by_name(algo)
         kv_cache_utils.init_none_hash(self._fn)
         self._hash_block = kv_cache_utils.hash_block_tokens
-        self._map: dict[int, bytes] = {}
+        # vLLM publishes a hash as its low 64 bits (big-endian int) when VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES
+        self.int_hashes = int_hashes
+        self._map: dict[int, bytes | int] = {}
+        self._raw: dict[int, bytes] = {}
 
     def probe(self) -> str:
         """Hash of one block of PROBE_TOKENS with no parent (engines report the same)."""
         return bytes(self._hash_block(self._fn, None, [PROBE_TOKENS] * self.block_size)).hex()
 
-    def map_context(self, ash: Sequence[int], token_ids: Sequence[int]) -> list[bytes]:
-        """vLLM hashes of the full blocks of a prompt whose agentsim hashes are ``ash``."""
+    def map_context(self, ash: Sequence[int], token_ids: Sequence[int]) -> list[bytes | int]:
+        """vLLM's event keys for the full blocks of a prompt whose agentsim hashes are ``ash``."""
         bs = self.block_size
-        out: list[bytes] = []
+        out: list[bytes | int] = []
         parent: bytes | None = None
-        m = self._map
+        m, raw = self._map, self._raw
         for i, h in enumerate(ash):
-            v = m.get(h)
+            v = raw.get(h)
             if v is None:
                 v = bytes(self._hash_block(self._fn, parent, token_ids[i * bs:(i + 1) * bs]))
-                m[h] = v
-            out.append(v)
+                raw[h] = v
+                m[h] = (int.from_bytes(v, "big") & 0xFFFFFFFFFFFFFFFF) if self.int_hashes else v
+            out.append(m[h])
             parent = v
         return out
 
-    def lookup(self, agentsim_hash: int) -> bytes | None:
+    def lookup(self, agentsim_hash: int) -> bytes | int | None:
         return self._map.get(agentsim_hash)
 
     def __len__(self) -> int:

@@ -97,6 +97,7 @@ class LiveEngineView:
         self.reported: dict = {}           # latest stats snapshot from the engine
         self.alive = True
         self.num_events = 0
+        self.num_removed = 0               # blocks vLLM reported evicted (BlockRemoved)
 
     # --- EngineView -------------------------------------------------------------
     @property
@@ -150,6 +151,7 @@ class LiveEngineView:
             if kind == "S":
                 cached.update(hashes)
             elif kind == "R":
+                self.num_removed += len(hashes)
                 cached.difference_update(hashes)
             else:
                 cached.clear()

@@ -86,6 +86,8 @@ def test_vllm_block_hasher_chains_like_vllm():
     b1 = kv_cache_utils.hash_block_tokens(sha256, b0, toks[4:8])
     assert got == [bytes(b0), bytes(b1)]
     assert h.lookup(ash[1]) == bytes(b1) and len(h) == 2
+    hi = VllmBlockHasher(4, "sha256", int_hashes=True)  # as vLLM publishes with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES
+    assert hi.map_context(ash, toks) == [int.from_bytes(bytes(b), "big") & (2**64 - 1) for b in (b0, b1)]
 
 
 # ----------------------------------------------------------------------------- priorities
