@@ -257,7 +257,7 @@ class Engine:
                 self._account_idle(now, env.now)
                 at_boundary = False
                 continue
-            batch, preempted = self._schedule(now)
+            batch, preempted, feats = self._schedule(now)
             if not batch:
                 # Nothing fits although the engine is empty: impossible calls were rejected on
                 # routing, so this only happens transiently; wait for the next arrival.
@@ -267,7 +267,8 @@ class Engine:
                 self._account_idle(now, env.now)
                 at_boundary = False
                 continue
-            dt, n_prefill, n_decode = self._features_time(batch)
+            n_prefill, pairs, n_decode, dctx = feats
+            dt = self._c.predict(n_prefill, pairs, n_decode, dctx)
             if (self.fast_forward and not preempted and n_prefill == 0 and not self.inbox
                     and len(batch) == len(self.running) and (not self.waiting or not self._dynamic)):
                 yield from self._fast_forward(batch, now, dt)
@@ -277,8 +278,12 @@ class Engine:
             at_boundary = True
 
     # ------------------------------------------------------------------ plan
-    def _schedule(self, now: float) -> tuple[list, bool]:
-        """vLLM v1 scheduling for one step: [(call, num_new_tokens)] and whether it preempted."""
+    def _schedule(self, now: float) -> tuple[list, bool, tuple]:
+        """vLLM v1 scheduling for one step.
+
+        Returns [(call, num_new_tokens)], whether it preempted, and the batch features
+        (prefill tokens, prefill attention pairs, decode sequences, decode context tokens).
+        """
         budget = self.limits.max_num_batched_tokens
         chunked = self.limits.enable_chunked_prefill
         bs = self.block_size
@@ -287,13 +292,20 @@ class Engine:
         batch: list = []
         preempted = False
         free = pool.num_blocks - pool.num_used
+        n_prefill = pairs = n_decode = dctx = 0
         i = 0
         while i < len(running) and budget > 0:
             call = running[i]
             nc = call.num_computed
             n = call.num_prompt_tokens + call.num_generated - nc
-            if n > budget:
-                n = budget
+            if n == 1 and call.num_generated:
+                n_decode += 1
+                dctx += nc + 1
+            else:
+                if n > budget:
+                    n = budget
+                n_prefill += n
+                pairs += n * nc + n * (n + 1) // 2
             need = (nc + n + bs - 1) // bs - len(call.blocks)
             if need > free:
                 # KV cache full: preempt by recompute until the call fits (vLLM v1)
@@ -323,7 +335,7 @@ class Engine:
             budget -= n
             i += 1
         if preempted:
-            return batch, True
+            return batch, True, self._features(batch)
         max_seqs = self.limits.max_num_seqs
         if self._dynamic and self.waiting:
             key = self.order.key
@@ -373,7 +385,11 @@ class Engine:
             running.append(call)
             batch.append((call, n))
             budget -= n
-        return batch, preempted
+            n_prefill += n
+            pairs += n * num_hit_tokens + n * (n + 1) // 2
+        if preempted:
+            return batch, True, self._features(batch)
+        return batch, False, (n_prefill, pairs, n_decode, dctx)
 
     def _lookup(self, call: SimCall) -> list[BlockView]:
         if not self.prefix_caching:
@@ -423,7 +439,8 @@ class Engine:
         self._enqueue(call, now, front=True)
 
     # ------------------------------------------------------------------ execute
-    def _features_time(self, batch: list) -> tuple[float, int, int]:
+    def _features(self, batch: list) -> tuple[int, int, int, int]:
+        """Batch features from scratch (used after a preemption reshaped the batch)."""
         n_prefill = 0
         pairs = 0
         n_decode = 0
@@ -436,7 +453,7 @@ class Engine:
                 k = call.num_computed
                 n_prefill += n
                 pairs += n * k + n * (n + 1) // 2
-        return self._c.predict(n_prefill, pairs, n_decode, dctx), n_prefill, n_decode
+        return n_prefill, pairs, n_decode, dctx
 
     # ------------------------------------------------------------------ update
     def _apply(self, batch: list, t0: float, t1: float, dt: float, n_prefill: int, n_decode: int) -> None:
