@@ -139,3 +139,37 @@ def test_policies_lists_components_with_defaults():
     for name in ("round-robin", "least-loaded", "fcfs", "lru", "fixed", "vllm"):
         assert name in p.stdout
     assert "metric='calls'" in p.stdout
+
+
+@pytest.mark.slow
+def test_sweep_cells_run_as_ray_tasks_on_a_local_cluster(tmp_path):
+    """`agentsim sweep --ray ADDRESS` on a real 2-node Ray cluster (loopback) gives the local results."""
+    pytest.importorskip("ray", reason="ray is part of the test install ('.[test,cpu]')")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray.cluster_utils import Cluster
+
+    common = dict(num_cpus=1, object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(common, include_dashboard=False))
+    try:
+        cluster.add_node(**common)
+        cluster.wait_for_nodes()
+        spec = tmp_path / "s.toml"
+        spec.write_text(textwrap.dedent("""
+            [base]
+            duration = 15.0
+            [base.workload]
+            agents = 6
+            [grid]
+            policy = ["vllm", "least-loaded"]
+        """))
+        p = agentsim("sweep", spec, "-o", tmp_path / "ray", "--ray", cluster.address, timeout=300)
+        assert p.returncode == 0, p.stderr
+        q = agentsim("sweep", spec, "-o", tmp_path / "local", "-j", "1")
+        assert q.returncode == 0, q.stderr
+    finally:
+        cluster.shutdown()
+    via_ray = pd.read_parquet(tmp_path / "ray" / "results.parquet")
+    local = pd.read_parquet(tmp_path / "local" / "results.parquet")
+    assert len(via_ray) == 2
+    pd.testing.assert_frame_equal(via_ray, local)  # same seeds, same results, wherever the cells ran
