@@ -148,6 +148,14 @@ class PolicyBundle:
                     seen.add(id(comp))
                     fns.append(fn)
             self._hooks[hook] = fns
+        # components that implement one policy together (Continuum's order reads its retention's
+        # pins) find each other here
+        bound: set[int] = set()
+        for comp in (self.route, self.order, self.evict, self.shape):
+            bind = getattr(comp, "bind", None)
+            if bind is not None and id(comp) not in bound:
+                bound.add(id(comp))
+                bind(self)
 
     def hooks(self, name: str) -> list:
         return self._hooks[name]

@@ -145,3 +145,4 @@ def _load_builtins() -> None:
     if not _loaded:
         _loaded = True
         from agentsim.policies import baseline  # noqa: F401  (registers on import)
+        from agentsim.policies import distance, priority, retention, routing, topology  # noqa: F401

@@ -1,0 +1,606 @@
+"""Invocation-distance KV eviction and prefetch: ScaleSim's D_i buckets and KVFlow's steps-to-execution.
+
+Both keep each agent's free (unreferenced, still cached) KV blocks and evict first the blocks of the
+agent whose next LLM call is farthest away; both prefetch, from a CPU KV tier, the blocks of agents
+about to run. They differ in how the distance is known and bucketed (research/policies.md §2-3):
+
+- ``invocation-distance`` (ScaleSim): D_i = how many time units (``unit`` seconds, ScaleSim's simulation
+  timestep) until agent i's next call, from the program's own hints (``source="oracle"``: a call's
+  ``hints.next_invocation_distance`` after it ends), from an online estimator (``"ewma"``: each agent's
+  observed gap between a call's end and its next call, exponentially averaged), or from pushed
+  ``on_distance_update`` events. Hold priority ``min(hold_levels + 1, D)``, an unknown agent
+  ``hold_levels + 1``; evict the highest priority first; prefetch agents with ``D <= look_ahead``.
+- ``steps-to-execution`` (KVFlow): the agent's distance in *workflow steps* over an agent step graph
+  (``graph="hints"``: the call's ``next_invocation_steps``, counted in calls of its workflow client;
+  ``"learned"``: successors observed online, OR-branches take min+1; an explicit graph with AND-joins
+  taking max+1). Only each agent's fixed prompt (``hints.fixed_prefix_tokens``) is prioritised; the
+  dynamic suffix blocks are evicted first; then prefix blocks by descending steps.
+
+A block shared by several agents (a system prompt) is as valuable as its nearest user: its priority is
+the min over the agents that used it. Within one priority, blocks go least recently freed first,
+an agent's tail before its head (vLLM's order).
+
+The CPU tier, the PCIe transfers and the skipping of calls whose KV is loading are mechanisms of the
+backend (``agentsim.sim.tiers`` in the simulator); these classes only decide: ``new_free_queue``
+orders eviction, ``prefetch_candidates(now)`` names the agents to load ahead, ``prefetch_due_at(agent, now)``
+says when an agent enters that list without any other event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from typing import Any
+
+from agentsim.policies.base import BlockView, CallView
+from agentsim.policies.registry import register, register_bundle
+from agentsim.workload import stable_id
+
+INF = math.inf
+_SHARED = -(1 << 62)      # group key of blocks used by several agents
+_SUFFIX = -(1 << 62) + 1  # group key of dynamic-suffix blocks (KVFlow)
+
+
+def _gauss(*parts: object) -> float:
+    """A deterministic standard normal draw named by ``parts`` (no global RNG)."""
+    u1 = (stable_id("u1", *parts) + 0.5) / float(1 << 62)
+    u2 = (stable_id("u2", *parts) + 0.5) / float(1 << 62)
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+
+
+class CpuTierOptions:
+    """What the backend's CPU KV tier should do for an evict policy (mechanism settings).
+
+    ``cpu_tier``: offload evicted cached blocks to host memory (HiCache write-back) and load a call's
+    blocks back from it instead of recomputing them; ``cpu_gib``: host memory for KV per engine;
+    ``pcie_GBps``: host<->GPU bandwidth per direction (``None``: the profile's PCIe link);
+    ``prefetch``: load the blocks of the agents the policy names ahead of their calls.
+    """
+
+    cpu_tier: bool = False
+    cpu_gib: float = 100.0
+    pcie_GBps: float | None = None
+    prefetch: bool = False
+
+
+# --------------------------------------------------------------------------- distance estimators
+class TimeDistances:
+    """Per-agent expected time of the next LLM call (ScaleSim's D_i in seconds).
+
+    ``source``: ``oracle`` (the program's hint when a call ends), ``ewma`` (online, ``alpha``-weighted
+    average of the agent's observed gaps; agents not yet seen twice are unknown), ``none`` (only pushed
+    ``on_distance_update`` events). ``noise_sigma``: multiply each oracle hint by ``exp(sigma * z)``
+    with a deterministic z per call (prediction error of a given size; ``seed`` names the draws).
+    """
+
+    def __init__(self, source: str = "oracle", alpha: float = 0.5, noise_sigma: float = 0.0, seed: int = 0) -> None:
+        if source not in ("oracle", "ewma", "none"):
+            raise ValueError("source must be oracle, ewma or none")
+        if not 0 < alpha <= 1:
+            raise ValueError("alpha must be in (0, 1]")
+        self.source = source
+        self.alpha = alpha
+        self.noise_sigma = noise_sigma
+        self.seed = seed
+        self.next_at: dict[int, float] = {}    # agent -> expected time of its next call
+        self.active: dict[int, int] = {}       # agent -> calls in flight
+        self.last_finish: dict[int, float] = {}
+        self.gap: dict[int, float] = {}        # agent -> EWMA of observed gaps
+        self.version = 0
+
+    def on_call_arrive(self, call: CallView, now: float) -> None:
+        a = call.agent_id
+        self.active[a] = self.active.get(a, 0) + 1
+        last = self.last_finish.pop(a, None)
+        if last is not None:
+            g = max(0.0, now - last)
+            old = self.gap.get(a)
+            self.gap[a] = g if old is None else self.alpha * g + (1 - self.alpha) * old
+        self.next_at.pop(a, None)
+        self.version += 1
+
+    def on_call_finish(self, call: CallView, now: float) -> None:
+        a = call.agent_id
+        n = self.active.get(a, 0) - 1
+        if n > 0:
+            self.active[a] = n
+        else:
+            self.active.pop(a, None)
+        self.last_finish[a] = now
+        d = None
+        if self.source == "oracle":
+            d = call.hints.next_invocation_distance
+            if d is not None and self.noise_sigma > 0:
+                d = d * math.exp(self.noise_sigma * _gauss(self.seed, call.call_id))
+        elif self.source == "ewma":
+            d = self.gap.get(a)
+        if d is None:
+            self.next_at.pop(a, None)
+        else:
+            self.next_at[a] = now + max(0.0, d)
+        self.version += 1
+
+    def on_distance_update(self, distances: dict, now: float) -> None:
+        for a, d in distances.items():
+            if d is None:
+                self.next_at.pop(int(a), None)
+            else:
+                self.next_at[int(a)] = now + max(0.0, float(d))
+        self.version += 1
+
+    def distance(self, agent_id: int, now: float) -> float | None:
+        """Seconds until the agent's next call (0 while it has one in flight); None if unknown."""
+        if agent_id in self.active:
+            return 0.0
+        t = self.next_at.get(agent_id)
+        return None if t is None else max(0.0, t - now)
+
+
+class StepDistances:
+    """Steps-to-execution over an agent step graph (KVFlow), per workflow client.
+
+    A *client* is the closed-loop agent slot that runs a workflow (the program's ``agent_id``); a step
+    is one finished call of that client. ``graph``: ``hints`` (a call's ``next_invocation_steps``:
+    the agent runs again that many calls later), ``learned`` (successor edges observed per client
+    kind: after a call of stage a, the next call of the client was stage b; steps = BFS distance from
+    the client's current stage, OR-branches taking min + 1), or a dict ``{stage: [predecessor stages]}``
+    with optional ``"and:"`` prefix on a stage name for an AND-join (max + 1 over predecessors).
+    Stages are ``hints.stage`` (``agent<i>`` for the kvflow generator).
+    """
+
+    def __init__(self, graph: Any = "hints") -> None:
+        self.mode = graph if isinstance(graph, str) else "graph"
+        if self.mode not in ("hints", "learned", "graph"):
+            raise ValueError("graph must be 'hints', 'learned' or a table {stage: [predecessors]}")
+        self.preds: dict[str, list[str]] = {}
+        self.and_join: set[str] = set()
+        if self.mode == "graph":
+            for k, v in dict(graph).items():
+                name = str(k)
+                if name.startswith("and:"):
+                    name = name[4:]
+                    self.and_join.add(name)
+                self.preds[name] = [str(p) for p in v]
+        self.succ: dict[str, dict[str, int]] = {}   # learned: stage -> {next stage: count}
+        self.client_of: dict[int, int] = {}          # program -> client
+        self.client_steps: dict[int, int] = {}       # client -> finished calls so far
+        self.client_stage: dict[int, str] = {}       # client -> stage of its current/last call
+        self.client_running: dict[int, int] = {}
+        self.agent_client: dict[int, int] = {}
+        self.agent_stage: dict[int, str] = {}
+        self.agent_next: dict[int, int] = {}         # hints: agent -> client step of its next call
+        self.active: dict[int, int] = {}
+        self.version = 0
+        self._cache: tuple | None = None
+
+    def on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
+        self.client_of[program_id] = agent_id
+
+    def on_program_end(self, program_id: int, now: float) -> None:
+        self.client_of.pop(program_id, None)
+
+    def _client(self, call: CallView) -> int:
+        return self.client_of.get(call.program_id, call.program_id)
+
+    def on_call_arrive(self, call: CallView, now: float) -> None:
+        c = self._client(call)
+        a = call.agent_id
+        stage = call.hints.stage or f"agent:{a}"
+        prev = self.client_stage.get(c)
+        if self.mode == "learned" and prev is not None and prev != stage:
+            d = self.succ.setdefault(prev, {})
+            d[stage] = d.get(stage, 0) + 1
+        self.client_stage[c] = stage
+        self.agent_client[a] = c
+        self.agent_stage[a] = stage
+        self.active[a] = self.active.get(a, 0) + 1
+        if self.mode == "hints":
+            steps = call.hints.next_invocation_steps
+            pos = self.client_steps.get(c, 0)
+            if steps is None:
+                self.agent_next.pop(a, None)
+            else:
+                self.agent_next[a] = pos + int(steps)
+        self.version += 1
+
+    def on_call_finish(self, call: CallView, now: float) -> None:
+        a = call.agent_id
+        n = self.active.get(a, 0) - 1
+        if n > 0:
+            self.active[a] = n
+        else:
+            self.active.pop(a, None)
+        c = self._client(call)
+        self.client_steps[c] = self.client_steps.get(c, 0) + 1
+        self.version += 1
+
+    # ------------------------------------------------------------------ steps
+    def _graph_steps(self, front: str) -> dict[str, float]:
+        """Steps to execution of every stage when ``front`` is the stage running (0) or just done."""
+        if self.mode == "learned":
+            # OR semantics everywhere: BFS over observed successors
+            dist = {front: 0}
+            frontier = [front]
+            while frontier:
+                nxt = []
+                for s in frontier:
+                    for t in self.succ.get(s, ()):
+                        if t not in dist:
+                            dist[t] = dist[s] + 1
+                            nxt.append(t)
+                frontier = nxt
+            return dist
+        # explicit graph: relax S(v) = agg(S(p) + 1) from the front, at most |V| rounds
+        steps: dict[str, float] = {front: 0}
+        nodes = set(self.preds) | {p for ps in self.preds.values() for p in ps}
+        for _ in range(len(nodes) + 1):
+            changed = False
+            for v in nodes:
+                if v == front:
+                    continue
+                vals = [steps[p] + 1 for p in self.preds.get(v, ()) if p in steps]
+                if not vals:
+                    continue
+                s = max(vals) if v in self.and_join else min(vals)
+                if steps.get(v) != s:
+                    steps[v] = s
+                    changed = True
+            if not changed:
+                break
+        return steps
+
+    def steps(self, agent_id: int, now: float) -> float | None:
+        """Steps until the agent's next call (0 while running); None if unknown."""
+        if agent_id in self.active:
+            return 0.0
+        c = self.agent_client.get(agent_id)
+        if c is None:
+            return None
+        if self.mode == "hints":
+            nxt = self.agent_next.get(agent_id)
+            if nxt is None:
+                return None
+            return float(max(0, nxt - self.client_steps.get(c, 0)))
+        front = self.client_stage.get(c)
+        stage = self.agent_stage.get(agent_id)
+        if front is None or stage is None:
+            return None
+        if self._cache is None or self._cache[0] != self.version:
+            self._cache = (self.version, {})
+        table = self._cache[1].get(front)
+        if table is None:
+            table = self._cache[1][front] = self._graph_steps(front)
+        s = table.get(stage)
+        if s is None:
+            return None
+        if s == 0 and stage == front:
+            # its own call just ran: next time round the workflow (the cycle length), or unknown
+            cyc = self._cycle_len(front)
+            return float(cyc) if cyc else None
+        return float(s)
+
+    def _cycle_len(self, stage: str) -> int | None:
+        if self.mode == "learned":
+            dist = {stage: 0}
+            frontier = [stage]
+            while frontier:
+                nxt = []
+                for s in frontier:
+                    for t in self.succ.get(s, ()):
+                        if t == stage:
+                            return dist[s] + 1
+                        if t not in dist:
+                            dist[t] = dist[s] + 1
+                            nxt.append(t)
+                frontier = nxt
+            return None
+        return None
+
+
+# --------------------------------------------------------------------------- the free-block queue
+class LeveledFreeQueue:
+    """Free blocks ordered by their holder's eviction level (higher first), then least recently freed.
+
+    Blocks are grouped by the agent that freed them; a block freed by several agents joins the shared
+    group, whose level is the min over its users (it is as useful as its nearest user). KVFlow's
+    dynamic-suffix blocks form a group evicted before every other. The order of groups is rebuilt
+    when the policy's distances change (``version``) or time moves on; between rebuilds pops cost
+    O(log groups).
+    """
+
+    __slots__ = ("policy", "engine_id", "block_size", "depends_on_clock", "_groups", "_users", "_shared_users", "_n",
+                 "_heap", "_epoch", "_seq")
+
+    def __init__(self, policy: "_DistanceEvict", engine_id: int) -> None:
+        self.policy = policy
+        self.engine_id = engine_id
+        self.block_size = 16   # the backend sets the engine's block size
+        self.depends_on_clock = False
+        self._groups: dict[int, OrderedDict[int, BlockView]] = {}
+        self._users: dict[int, dict[int, None]] = {}   # block_id -> agents that freed it (most recent last)
+        self._shared_users: dict[int, None] = {}       # union of the shared group's users
+        self._n = 0
+        self._heap: list = []
+        self._epoch: tuple | None = None
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _group_of(self, block: BlockView) -> int:
+        if self.policy.is_suffix(block, self.block_size):
+            return _SUFFIX
+        users = self._users.get(block.block_id)
+        a = block.agent_id
+        if users is None:
+            self._users[block.block_id] = {a: None}
+            return a
+        users.pop(a, None)
+        users[a] = None
+        if len(users) == 1:
+            return a
+        su = self._shared_users
+        for u in users:
+            su.pop(u, None)
+            su[u] = None
+        return _SHARED
+
+    def append(self, block: BlockView, now: float) -> None:
+        g = self._group_of(block)
+        block.qkey = g
+        grp = self._groups.get(g)
+        if grp is None:
+            grp = self._groups[g] = OrderedDict()
+        was_empty = not grp
+        grp[block.block_id] = block
+        self._n += 1
+        if was_empty and self._epoch is not None:
+            self._push(g, now)
+
+    def remove(self, block: BlockView) -> None:
+        grp = self._groups[block.qkey]
+        del grp[block.block_id]
+        self._n -= 1
+        if not grp:
+            del self._groups[block.qkey]
+            if block.qkey == _SHARED:
+                self._shared_users = {}
+
+    def _level(self, g: int, now: float) -> float:
+        if g == _SUFFIX:
+            return INF
+        if g == _SHARED:
+            return self._shared_level(now)
+        return self.policy.level(g, now)
+
+    def _shared_level(self, now: float) -> float:
+        level = INF
+        floor = self.policy.min_level
+        level_of = self.policy.level
+        # most recent users first: the likeliest to come back soon (early exit at the floor)
+        for a in reversed(self._shared_users):
+            lv = level_of(a, now)
+            if lv < level:
+                level = lv
+                if level <= floor:
+                    break
+        return level
+
+    def _push(self, g: int, now: float) -> None:
+        grp = self._groups[g]
+        oldest = next(iter(grp.values())).last_used_at
+        self._seq += 1
+        heapq.heappush(self._heap, (-self._level(g, now), oldest, self._seq, g))
+
+    def _rebuild(self, now: float) -> None:
+        self._heap = []
+        for g in self._groups:
+            self._push(g, now)
+        self._epoch = (now, self.policy.version)
+
+    def pop(self, now: float) -> BlockView:
+        if self._epoch != (now, self.policy.version):
+            self._rebuild(now)
+        heap = self._heap
+        while True:
+            g = heap[0][3]
+            grp = self._groups.get(g)
+            if grp is None:
+                heapq.heappop(heap)
+                continue
+            _, block = grp.popitem(last=False)
+            self._n -= 1
+            if not grp:
+                del self._groups[g]
+                heapq.heappop(heap)
+                if g == _SHARED:
+                    self._shared_users = {}
+            self._users.pop(block.block_id, None)
+            return block
+
+    # ------------------------------------------------------------------ queries for the backend
+    def evictable_by_level(self, now: float) -> list[tuple[float, int]]:
+        """[(level, free blocks at that level)], farthest level first (what prefetch may displace)."""
+        hist: dict[float, int] = {}
+        for g, grp in self._groups.items():
+            lv = self._level(g, now)
+            hist[lv] = hist.get(lv, 0) + len(grp)
+        return sorted(hist.items(), reverse=True)
+
+    def eviction_order(self, now: float) -> list[BlockView]:
+        """Every free block in the order they would be evicted (tests and debugging)."""
+        groups = sorted(self._groups, key=lambda g: (-self._level(g, now), next(iter(self._groups[g].values())).last_used_at))
+        return [b for g in groups for b in self._groups[g].values()]
+
+
+class _DistanceEvict(CpuTierOptions):
+    """Shared machinery: one distance table across engines, one leveled queue per engine."""
+
+    min_level = 0.0
+
+    # Levels change with the clock (ScaleSim) or with call events on any engine (both), so the
+    # order of one step's evictions depends on exactly when the step's blocks are taken: the
+    # simulator runs such queues step by step (a fast-forward window allocates at its end).
+    depends_on_clock = True
+
+    def new_free_queue(self, engine_id: int) -> LeveledFreeQueue:
+        q = LeveledFreeQueue(self, engine_id)
+        q.depends_on_clock = self.depends_on_clock
+        return q
+
+    @property
+    def version(self) -> int:
+        return self.table.version
+
+    def is_suffix(self, block: BlockView, block_size: int) -> bool:
+        return False
+
+    def level(self, agent_id: int, now: float) -> float:
+        raise NotImplementedError
+
+    # hooks forwarded to the distance table
+    def on_call_arrive(self, call: CallView, now: float) -> None:
+        self.table.on_call_arrive(call, now)
+
+    def on_call_finish(self, call: CallView, now: float) -> None:
+        self.table.on_call_finish(call, now)
+
+
+@register("evict", "invocation-distance")
+class InvocationDistance(_DistanceEvict):
+    """ScaleSim: evict the agent whose next call is farthest first (D_i in ``unit``-second buckets).
+
+    ``source``: oracle | ewma | none (see :class:`TimeDistances`); ``hold_levels`` (ScaleSim's
+    evict_pri_level, 4): priority ``min(hold_levels + 1, D)``, unknown agents ``hold_levels + 1``;
+    ``look_ahead`` (load_ahead_step, 2): prefetch agents with ``D <= look_ahead``; ``unit``: seconds per
+    step of D (D = ceil(gap / unit) - 1, so an agent due within one unit has D = 0); ``cpu_tier``,
+    ``cpu_gib``, ``pcie_GBps``, ``prefetch``: the backend's CPU KV tier (on by default).
+    """
+
+    def __init__(self, source: str = "oracle", hold_levels: int = 4, look_ahead: int = 2, unit: float = 1.0,
+                 alpha: float = 0.5, noise_sigma: float = 0.0, seed: int = 0, cpu_tier: bool = True,
+                 cpu_gib: float = 100.0, pcie_GBps: float | None = None, prefetch: bool = True) -> None:
+        if hold_levels < 0 or look_ahead < 0 or unit <= 0:
+            raise ValueError("hold_levels and look_ahead must be >= 0 and unit > 0")
+        self.table = TimeDistances(source, alpha, noise_sigma, seed)
+        self.hold_levels = hold_levels
+        self.look_ahead = look_ahead
+        self.unit = unit
+        self.cpu_tier = cpu_tier
+        self.cpu_gib = cpu_gib
+        self.pcie_GBps = pcie_GBps
+        self.prefetch = prefetch and cpu_tier
+
+    def on_distance_update(self, distances: dict, now: float) -> None:
+        self.table.on_distance_update(distances, now)
+
+    def steps(self, agent_id: int, now: float) -> int | None:
+        """ScaleSim's D for the agent (None if unknown)."""
+        d = self.table.distance(agent_id, now)
+        if d is None:
+            return None
+        return max(0, math.ceil(d / self.unit - 1e-9) - 1)
+
+    def level(self, agent_id: int, now: float) -> float:
+        d = self.steps(agent_id, now)
+        cap = self.hold_levels + 1
+        return float(cap) if d is None else float(min(cap, d))
+
+    def prefetch_candidates(self, now: float) -> list[int]:
+        """Agents not running whose D <= look_ahead, nearest first (ScaleSim's DispatchLoadTasks)."""
+        out = []
+        horizon = now + (self.look_ahead + 1) * self.unit
+        for a, t in self.table.next_at.items():
+            if t <= horizon and a not in self.table.active:
+                out.append((t, a))
+        out.sort()
+        return [a for _, a in out]
+
+    def prefetch_due_at(self, agent_id: int, now: float) -> float | None:
+        """When the agent enters the look-ahead window (None: unknown distance)."""
+        t = self.table.next_at.get(agent_id)
+        return None if t is None else t - (self.look_ahead + 1) * self.unit
+
+
+@register("evict", "steps-to-execution")
+class StepsToExecution(_DistanceEvict):
+    """KVFlow: dynamic suffixes first, then fixed-prefix blocks of the agent with the most steps to go.
+
+    ``graph``: hints | learned | {stage: [predecessors]} (see :class:`StepDistances`); a block is in
+    the agent's fixed prefix if its position is below ``hints.fixed_prefix_tokens // block_size`` (agents
+    without the hint keep their whole context as prefix); ``look_ahead`` (1): prefetch agents whose
+    steps-to-execution is at most this (the next-step agents); CPU tier on by default.
+    """
+
+    def __init__(self, graph: Any = "hints", look_ahead: int = 1, cpu_tier: bool = True, cpu_gib: float = 100.0,
+                 pcie_GBps: float | None = None, prefetch: bool = True) -> None:
+        self.table = StepDistances(graph)
+        self.look_ahead = look_ahead
+        self.cpu_tier = cpu_tier
+        self.cpu_gib = cpu_gib
+        self.pcie_GBps = pcie_GBps
+        self.prefetch = prefetch and cpu_tier
+        self.fixed_tokens: dict[int, int] = {}
+
+    def on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
+        self.table.on_program_start(program_id, agent_id, kind, now)
+
+    def on_program_end(self, program_id: int, now: float) -> None:
+        self.table.on_program_end(program_id, now)
+
+    def on_call_arrive(self, call: CallView, now: float) -> None:
+        self.table.on_call_arrive(call, now)
+        f = call.hints.fixed_prefix_tokens
+        if f is not None:
+            self.fixed_tokens[call.agent_id] = f
+
+    def is_suffix(self, block: BlockView, block_size: int) -> bool:
+        f = self.fixed_tokens.get(block.agent_id)
+        return f is not None and block.position >= f // block_size
+
+    def level(self, agent_id: int, now: float) -> float:
+        s = self.table.steps(agent_id, now)
+        return 1e9 if s is None else s
+
+    def prefetch_candidates(self, now: float) -> list[int]:
+        out = []
+        for a in self.table.agent_client:
+            if a in self.table.active:
+                continue
+            s = self.table.steps(a, now)
+            if s is not None and s <= self.look_ahead:
+                out.append((s, a))
+        out.sort()
+        return [a for _, a in out]
+
+    prefetch_on_events = True   # steps change only on call events, for every agent of a workflow
+
+    def prefetch_due_at(self, agent_id: int, now: float) -> float | None:
+        return None
+
+
+@register("evict", "lru-cpu")
+class LRUWithCpuTier(CpuTierOptions):
+    """vLLM's LRU free-block order plus a CPU KV tier (SGLang HiCache-like: evicted blocks are written
+    back to host memory and loaded back on a later prefix hit instead of recomputed)."""
+
+    def __init__(self, cpu_gib: float = 100.0, pcie_GBps: float | None = None) -> None:
+        self.cpu_tier = True
+        self.cpu_gib = cpu_gib
+        self.pcie_GBps = pcie_GBps
+        self.prefetch = False
+
+    def new_free_queue(self, engine_id: int):
+        from agentsim.policies.baseline import LRUFreeQueue
+
+        return LRUFreeQueue()
+
+
+register_bundle("scalesim", "ScaleSim: invocation-distance eviction + prefetch from a CPU tier, prefix-affinity routing",
+                route="prefix-affinity", order="fcfs", evict="invocation-distance", shape="fixed")
+register_bundle("kvflow", "KVFlow: steps-to-execution eviction + prefetch from a CPU tier, prefix-affinity routing",
+                route="prefix-affinity", order="fcfs", evict="steps-to-execution", shape="fixed")
+register_bundle("hicache", "LRU eviction with a CPU KV tier (write-back, load on hit), prefix-affinity routing",
+                route="prefix-affinity", order="fcfs", evict="lru-cpu", shape="fixed")
+

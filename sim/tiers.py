@@ -1,0 +1,725 @@
+"""KV mechanisms the retention and eviction policies need: a CPU tier over a PCIe link, pinning,
+prefetch, and holding calls whose KV is still loading.
+
+The policies (``agentsim.policies.distance`` / ``retention``) only decide; this module carries their
+decisions out on a simulated engine, as the live scheduler adapter would on vLLM:
+
+- **CPU tier** (HiCache-like): a cached block evicted from the GPU is written back to host memory
+  (``write_back``) over the device-to-host direction of the PCIe link; host memory is LRU with a
+  capacity of ``cpu_gib``. A call whose prompt continues, past its GPU prefix hit, with blocks held on
+  the host (or already being loaded) is *held* out of the engine's queue while those blocks load over
+  the host-to-device direction -- KVFlow's "skip requests whose KV is still loading": the engine keeps
+  scheduling the other calls -- and joins the queue when the load completes.
+- **Prefetch**: the blocks of the agents the policy names (``prefetch_candidates``) are loaded back
+  ahead of their calls, only into free blocks the policy ranks as farther than the agent (ScaleSim's
+  "denied unless available + evictable can hold it"), nearest agent first, stopping at the first that
+  does not fit.
+- **Pins** (Continuum TTL, Tokencake preservation): when a call ends, ``retain(call)`` may keep its
+  cached blocks referenced for a TTL; a pin ends at expiry if the program has no call waiting, when
+  the program's next call is admitted, when the program ends, or under memory pressure (latest program
+  arrival first, until the engine's waiting head fits: Continuum's deadlock guard).
+- **Offload** (Tokencake): at tool start the policy may move a pinned program's KV to the host; it is
+  released on the GPU once copied and loaded back at the time the policy gives.
+
+Every change to the block pool happens at an engine step boundary (``pre_schedule``) or while the
+engine plans (``reclaim``), never in the middle of a step; anything due at another time (a TTL expiry,
+a finished transfer, an agent entering the prefetch window) calls ``engine.notify()``, so
+fast-forward windows end exactly where step-by-step mode would see the change.
+
+Simplifications (documented in docs/policies.md): a write-back does not delay the GPU block's reuse
+(a staging buffer is assumed); loaded blocks count as computed prefix; preempted calls recompute as
+in vLLM v1 (no swap).
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentsim.policies.base import BlockView
+from agentsim.policies.oracle import plan_body
+from agentsim.workload import ProgramContext
+
+GiB = float(1 << 30)
+
+
+class PCIeLink:
+    """One engine's host link: two independent FIFO directions (full duplex) of ``GBps`` each."""
+
+    __slots__ = ("bytes_per_s", "busy_until", "bytes_moved")
+
+    def __init__(self, GBps: float) -> None:
+        if GBps <= 0:
+            raise ValueError("PCIe bandwidth must be > 0")
+        self.bytes_per_s = GBps * 1e9
+        self.busy_until = {"d2h": 0.0, "h2d": 0.0}
+        self.bytes_moved = {"d2h": 0, "h2d": 0}
+
+    def transfer(self, direction: str, nbytes: int, now: float, not_before: float = 0.0) -> float:
+        """Queue ``nbytes`` in ``direction``; return when the transfer completes."""
+        start = max(now, not_before, self.busy_until[direction])
+        done = start + nbytes / self.bytes_per_s
+        self.busy_until[direction] = done
+        self.bytes_moved[direction] += nbytes
+        return done
+
+    def time_for(self, nbytes: int) -> float:
+        return nbytes / self.bytes_per_s
+
+
+class CpuTier:
+    """Host copies of KV blocks: block hash -> time the copy is complete; LRU beyond ``capacity_blocks``."""
+
+    __slots__ = ("capacity", "ready_at", "num_stored", "num_dropped")
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity = capacity_blocks
+        self.ready_at: OrderedDict[int, float] = OrderedDict()
+        self.num_stored = 0
+        self.num_dropped = 0
+
+    def __contains__(self, h: int) -> bool:
+        return h in self.ready_at
+
+    def store(self, h: int, ready_at: float) -> None:
+        old = self.ready_at.get(h)
+        if old is not None:
+            self.ready_at.move_to_end(h)
+            if ready_at < old:
+                self.ready_at[h] = ready_at
+            return
+        self.ready_at[h] = ready_at
+        self.num_stored += 1
+        if len(self.ready_at) > self.capacity:
+            self.ready_at.popitem(last=False)
+            self.num_dropped += 1
+
+    def touch(self, h: int) -> None:
+        if h in self.ready_at:
+            self.ready_at.move_to_end(h)
+
+
+class _RecordingQueue:
+    """Wraps an engine's free-block queue: a cached block handed out again is written back to the host."""
+
+    __slots__ = ("inner", "tiers")
+
+    def __init__(self, inner: Any, tiers: "EngineTiers") -> None:
+        self.inner = inner
+        self.tiers = tiers
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def append(self, block: BlockView, now: float) -> None:
+        self.inner.append(block, now)
+
+    def remove(self, block: BlockView) -> None:
+        self.inner.remove(block)
+
+    def pop(self, now: float) -> BlockView:
+        b = self.inner.pop(now)
+        if b.block_hash is not None:
+            self.tiers.written_back(b.block_hash, now)
+        return b
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@dataclass
+class _Pin:
+    program_id: int
+    agent_id: int
+    thread_id: int
+    blocks: list
+    expires_at: float
+    program_arrival_at: float
+    hashes: list = field(default_factory=list)
+    next_call: Any = None        # the program's next call once it arrived (admission clears the pin)
+    offloading: bool = False
+
+
+@dataclass
+class _Load:
+    kind: str                    # "call" (a held call), "prefetch", "upload" (Tokencake)
+    blocks: list
+    hashes: list
+    done_at: float
+    agent_id: int
+    program_id: int
+    call: Any = None
+    protect: list = field(default_factory=list)   # GPU prefix blocks referenced while loading
+    finished: bool = False
+
+
+class EngineTiers:
+    """The KV mechanisms of one simulated engine (see the module docstring)."""
+
+    def __init__(self, owner: "Mechanisms", engine: Any) -> None:
+        self.owner = owner
+        self.engine = engine
+        self.env = engine.env
+        self.pool = engine.pool
+        self.bs = engine.block_size
+        self.policy = owner.evict
+        prof = engine.profile
+        self.block_bytes = prof.kv_bytes_per_token * self.bs
+        opts = owner.evict
+        gbps = getattr(opts, "pcie_GBps", None) or prof.links.pcie_GBps
+        self.link = PCIeLink(gbps)
+        self.cpu: CpuTier | None = None
+        if getattr(opts, "cpu_tier", False):
+            self.cpu = CpuTier(max(1, int(getattr(opts, "cpu_gib", 100.0) * GiB // self.block_bytes)))
+        self.write_back = self.cpu is not None and getattr(opts, "write_back", True)
+        self.prefetch_on = self.cpu is not None and bool(getattr(opts, "prefetch", False)) and \
+            hasattr(opts, "prefetch_candidates")
+        q = self.pool.free_queue
+        if hasattr(q, "block_size"):
+            q.block_size = self.bs
+        if getattr(q, "depends_on_clock", False):
+            # its eviction order changes with time alone: a fast-forward window allocates its
+            # steps' blocks at the window's end, so it would pick other victims than step mode
+            engine.fast_forward = False
+        if self.write_back:
+            self.pool.free_queue = _RecordingQueue(q, self)
+        self.pins: dict[tuple[int, int], _Pin] = {}
+        self.pin_of_program: dict[int, set] = {}
+        self.inflight: dict[int, float] = {}          # hash -> when its load completes
+        self.loads: list[_Load] = []                  # started, not yet released
+        self.held: list = []                          # calls waiting for a plan at the next boundary
+        self.bypass: set[int] = set()                 # call ids released by the tier (not intercepted again)
+        self.pending_pins: list = []                  # finished calls to pin at the next boundary
+        self.pending_tools: list = []                 # tool starts to consider for offload at the boundary
+        self.uploads: list = []                       # heap of (upload_at, seq, pin key snapshot)
+        self._seq = 0
+        self._due: list = []                          # heap of (time, seq, what, info) due at a boundary
+        self.prefetch_dirty = False                   # candidates may have changed for this engine
+        self.stats = {"loaded_blocks": 0, "prefetched_blocks": 0, "written_back_blocks": 0, "held_calls": 0,
+                      "pins": 0, "pin_expired": 0, "pin_admitted": 0, "pin_pressure": 0, "offloads": 0,
+                      "uploads": 0}
+        engine.tiers = self
+
+    # ------------------------------------------------------------------ timers
+    def _at(self, t: float) -> None:
+        """Wake the engine at ``t`` (ends a fast-forward window there)."""
+        now = self.env.now
+        if t <= now:
+            self.engine.notify()
+            return
+        ev = self.env.timeout(t - now)
+        ev.callbacks.append(lambda _e: self.engine.notify())
+
+    # ------------------------------------------------------------------ write-back
+    def written_back(self, h: int, now: float) -> None:
+        # Write-through, like vLLM's offloading connector: the host copy was made while the block
+        # was computed (overlapped with compute), so it is ready when the GPU block is reused.
+        self.cpu.store(h, now)
+        self.link.bytes_moved["d2h"] += self.block_bytes
+        self.stats["written_back_blocks"] += 1
+
+    # ------------------------------------------------------------------ held calls
+    def _plan(self, hashes: list, limit: int, now: float) -> tuple[int, list, float]:
+        """(GPU prefix blocks, host-held hashes to load after it, latest in-flight completion)."""
+        k = self.pool.num_cached_prefix(hashes, limit)
+        i = k
+        to_load = []
+        wait = -math.inf
+        cpu = self.cpu
+        while i < limit:
+            h = hashes[i]
+            t = self.inflight.get(h)
+            if t is not None and not to_load:
+                wait = max(wait, t)
+            elif cpu is not None and h in cpu and t is None:
+                to_load.append(h)
+            else:
+                break
+            i += 1
+        return k, to_load, wait
+
+    def intercept(self, call: Any) -> bool:
+        """At arrival: take ``call`` aside until the next step boundary, where the tier decides
+        (with the block pool as it is there, in fast-forward and step-by-step mode alike) whether
+        part of its prompt loads from the host; if not, it joins the inbox as it arrived."""
+        if call.call_id in self.bypass:
+            self.bypass.discard(call.call_id)
+            return False
+        if self.cpu is None:
+            return False
+        call.status = "loading"
+        self.held.append(call)
+        self.engine.notify()
+        return True
+
+    def _release_call(self, call: Any, at_boundary: bool = False) -> None:
+        if at_boundary:
+            # straight into the inbox with its arrival time: the engine drains it right after
+            # this hook exactly as if it had never been taken aside
+            e = self.engine
+            call.status = "waiting"
+            e.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
+            e.inbox.append(call)
+        else:
+            self.bypass.add(call.call_id)
+            self.engine.add_call(call)
+
+    def _start_call_load(self, call: Any, now: float) -> None:
+        limit = (call.num_prompt_tokens - 1) // self.bs
+        hashes = call.full_hashes
+        k, to_load, wait = self._plan(hashes, limit, now) if limit > 0 else (0, [], -math.inf)
+        if not to_load and wait == -math.inf:
+            self._release_call(call, at_boundary=True)
+            return
+        self.stats["held_calls"] += 1
+        cached = self.pool.cached
+        protect = [cached[hashes[j]] for j in range(k)]
+        if protect:
+            self.pool.touch(protect, now, call.program_id, call.agent_id)
+        free = self.pool.num_free
+        if len(to_load) > free:
+            to_load = to_load[:free]
+        blocks, done = self._load(to_load, k, now, call.program_id, call.agent_id)
+        done = max(done, wait)
+        ld = _Load("call", blocks, to_load, done, call.agent_id, call.program_id, call, protect)
+        self.loads.append(ld)
+        self._finish_at(ld)
+
+    # ------------------------------------------------------------------ loads
+    def _load(self, hashes: list, first_position: int, now: float, program_id: int, agent_id: int) -> tuple[list, float]:
+        if not hashes:
+            return [], now
+        blocks = self.pool.allocate(len(hashes), now, program_id, agent_id, first_position)
+        ready = max(self.cpu.ready_at[h] for h in hashes)
+        done = self.link.transfer("h2d", len(hashes) * self.block_bytes, now, not_before=ready)
+        for h in hashes:
+            self.inflight[h] = done
+            self.cpu.touch(h)
+        self.stats["loaded_blocks"] += len(hashes)
+        return blocks, done
+
+    def _finish_at(self, ld: _Load) -> None:
+        ev = self.env.timeout(max(0.0, ld.done_at - self.env.now))
+        ev.callbacks.append(lambda _e, ld=ld: self._loaded(ld))
+
+    def _loaded(self, ld: _Load) -> None:
+        """A transfer completed: its blocks become prefix-cache entries; a held call joins the queue."""
+        ld.finished = True
+        for b, h in zip(ld.blocks, ld.hashes):
+            if self.inflight.get(h) == ld.done_at:
+                del self.inflight[h]
+            self.pool.cache(b, h)
+        if ld.kind == "call":
+            self._release_call(ld.call)
+        else:
+            self.engine.notify()
+
+    # ------------------------------------------------------------------ pins
+    def pin_later(self, call: Any) -> None:
+        self.pending_pins.append(call)
+
+    def _pin(self, call: Any, ttl: float, now: float) -> None:
+        key = (call.program_id, call.thread_id)
+        old = self.pins.get(key)
+        if old is not None:
+            self._unpin(key, now, "replaced")
+        n_full = (call.num_prompt_tokens + call.num_output_tokens - 1) // self.bs
+        cached = self.pool.cached
+        blocks = []
+        for h in call.full_hashes[:n_full]:
+            b = cached.get(h)
+            if b is None:
+                break
+            blocks.append(b)
+        if not blocks:
+            self.policy.on_unpin(call.program_id, now)
+            return
+        self.pool.touch(blocks, now, call.program_id, call.agent_id)
+        pin = _Pin(call.program_id, call.agent_id, call.thread_id, blocks, now + ttl, call.program_arrival_at,
+                   [b.block_hash for b in blocks])
+        self.pins[key] = pin
+        self.pin_of_program.setdefault(call.program_id, set()).add(key)
+        self.stats["pins"] += 1
+        if math.isfinite(pin.expires_at):
+            self._at(pin.expires_at)
+
+    def _unpin(self, key: tuple, now: float, why: str) -> int:
+        pin = self.pins.pop(key, None)
+        if pin is None:
+            return 0
+        before = self.pool.num_used
+        if pin.blocks:
+            self.pool.free(pin.blocks, now)
+        keys = self.pin_of_program.get(pin.program_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self.pin_of_program[pin.program_id]
+                self.policy.on_unpin(pin.program_id, now)
+        if why in ("expired", "admitted", "pressure"):
+            self.stats[f"pin_{why}"] += 1
+        return before - self.pool.num_used
+
+    def note_arrival(self, call: Any) -> None:
+        keys = self.pin_of_program.get(call.program_id)
+        if keys:
+            for key in keys:
+                pin = self.pins[key]
+                if pin.next_call is None and (pin.thread_id == call.thread_id or len(keys) == 1):
+                    pin.next_call = call
+
+    def unpin_program(self, program_id: int, now: float) -> None:
+        for key in list(self.pin_of_program.get(program_id, ())):
+            self._unpin(key, now, "program-end")
+
+    # ------------------------------------------------------------------ offload (Tokencake)
+    def offload(self, program_id: int, agent_id: int, tool: str, estimate: float | None, started_at: float,
+                now: float) -> None:
+        keys = [k for k in self.pin_of_program.get(program_id, ()) if self.pins[k].agent_id == agent_id]
+        if not keys or self.cpu is None or not hasattr(self.policy, "should_offload"):
+            return
+        for key in keys:
+            pin = self.pins[key]
+            if pin.offloading:
+                continue
+            xfer = self.link.time_for(len(pin.blocks) * self.block_bytes)
+            upload_at = self.policy.should_offload(program_id, agent_id, tool, estimate, started_at, xfer,
+                                                   self.engine.kv_usage, self.engine.num_waiting, now)
+            if upload_at is None:
+                continue
+            pin.offloading = True
+            done = self.link.transfer("d2h", len(pin.blocks) * self.block_bytes, now)
+            for h in pin.hashes:
+                self.cpu.store(h, done)
+            self.stats["offloads"] += 1
+            self._seq += 1
+            heapq.heappush(self._due, (done, self._seq, "release", key))
+            self._seq += 1
+            heapq.heappush(self._due, (max(upload_at, done), self._seq, "upload",
+                                       (key, list(pin.hashes), pin.program_id, pin.agent_id, pin.thread_id,
+                                        pin.program_arrival_at)))
+            self._at(done)
+            self._at(max(upload_at, done))
+
+    def _upload(self, info: tuple, now: float) -> None:
+        key, hashes, pid, aid, tid, parr = info
+        if pid not in self.owner.live_programs:
+            return
+        pin_now = self.pins.get(key)
+        if pin_now is not None and not pin_now.offloading:
+            return  # a new pin (the program already came back and finished another call)
+        if key in self.owner.returned and self.owner.returned[key]:
+            return  # the tool returned early: the call's own load took care of it
+        k = self.pool.num_cached_prefix(hashes, len(hashes))
+        to_load = []
+        for h in hashes[k:]:
+            if h in self.cpu and h not in self.inflight:
+                to_load.append(h)
+            else:
+                break
+        to_load = to_load[:max(0, self.pool.num_free - 1)]
+        if not to_load:
+            return
+        blocks, done = self._load(to_load, k, now, pid, aid)
+        ld = _Load("upload", blocks, to_load, done, aid, pid)
+        self.loads.append(ld)
+        self._finish_at(ld)
+        self.stats["uploads"] += 1
+
+    # ------------------------------------------------------------------ prefetch (ScaleSim / KVFlow)
+    def prefetch_at(self, t: float) -> None:
+        """Re-examine the prefetch candidates at ``t`` (an agent enters the look-ahead window)."""
+        ev = self.env.timeout(max(0.0, t - self.env.now))
+        ev.callbacks.append(self._prefetch_timer)
+
+    def _prefetch_timer(self, _ev: Any) -> None:
+        self.prefetch_dirty = True
+        self.engine.notify()
+
+    def _prefetch(self, now: float) -> None:
+        # Only on events that also wake this engine (its own call ends, its timers, step-graph
+        # changes), so fast-forward and step-by-step modes decide at the same boundaries.
+        self.prefetch_dirty = False
+        pol = self.policy
+        q = self.pool.free_queue
+        fresh = self.pool.num_blocks - len(self.pool.blocks)
+        hist = q.evictable_by_level(now) if hasattr(q, "evictable_by_level") else []
+        for agent in pol.prefetch_candidates(now):
+            chain = self.owner.last_chain.get(agent)
+            if not chain or chain[0] != self.engine.engine_id:
+                continue
+            hashes = chain[1]
+            k = self.pool.num_cached_prefix(hashes, len(hashes))
+            to_load = []
+            for h in hashes[k:]:
+                if h in self.cpu and h not in self.inflight:
+                    to_load.append(h)
+                else:
+                    break
+            if not to_load:
+                continue
+            level = pol.level(agent, now)
+            room = fresh + sum(n for lv, n in hist if lv > level)
+            if len(to_load) > room:
+                break  # ScaleSim: stop at the first agent that does not fit
+            blocks, done = self._load(to_load, k, now, -1, agent)
+            take = len(to_load) - min(fresh, len(to_load))
+            fresh -= len(to_load) - take
+            while take > 0 and hist:   # allocation evicts from the farthest levels first
+                lv, n = hist[0]
+                used = min(n, take)
+                take -= used
+                if used == n:
+                    hist.pop(0)
+                else:
+                    hist[0] = (lv, n - used)
+            ld = _Load("prefetch", blocks, to_load, done, agent, -1)
+            self.loads.append(ld)
+            self._finish_at(ld)
+            self.stats["prefetched_blocks"] += len(to_load)
+
+    # ------------------------------------------------------------------ engine hooks
+    def pre_schedule(self, now: float) -> None:
+        """At a step boundary: apply pins, due releases and uploads, start loads, release finished ones."""
+        pol = self.policy
+        if self.pending_pins:
+            calls, self.pending_pins = self.pending_pins, []
+            for call in calls:
+                ttl = pol.retain(call, now)
+                if ttl is not None and ttl > 0:
+                    self._pin(call, ttl, now)
+        if self.pins:
+            for key in list(self.pins):
+                pin = self.pins.get(key)
+                if pin is None:
+                    continue
+                nc = pin.next_call
+                if nc is not None and nc.status in ("running", "finished"):
+                    self._unpin(key, now, "admitted")
+                elif pin.expires_at <= now and (nc is None or nc.status == "finished"):
+                    self._unpin(key, now, "expired")
+        while self._due and self._due[0][0] <= now:
+            _, _, what, info = heapq.heappop(self._due)
+            if what == "release":
+                pin = self.pins.get(info)
+                if pin is not None and pin.offloading:
+                    self._unpin(info, now, "offloaded")
+            else:
+                self._upload(info, now)
+        if self.loads:
+            keep = []
+            for ld in self.loads:
+                if not ld.finished:
+                    keep.append(ld)
+                elif ld.kind == "call":
+                    c = ld.call
+                    if c.status in ("running", "finished", "preempted"):
+                        self.pool.free(ld.blocks + ld.protect, now)
+                    else:
+                        keep.append(ld)
+                else:
+                    self.pool.free(ld.blocks, now)
+            self.loads = keep
+        if self.pending_tools:
+            starts, self.pending_tools = self.pending_tools, []
+            for args in starts:
+                self.offload(*args, now)
+        if self.held:
+            calls, self.held = self.held, []
+            for call in calls:
+                self._start_call_load(call, now)
+        if self.prefetch_dirty and self.prefetch_on:
+            self._prefetch(now)
+
+    def reclaim(self, call: Any, num_blocks: int, now: float) -> bool:
+        """The engine needs ``num_blocks`` more free blocks for ``call``: release pins (latest program
+        arrival first, never ``call``'s own program), then blocks kept for loaded calls still waiting."""
+        freed = 0
+        if self.pins:
+            pol = self.policy
+            order = sorted((k for k in self.pins if k[0] != call.program_id),
+                           key=lambda k: (pol.unpin_key(k[0]), k))
+            for key in order:
+                if freed >= num_blocks:
+                    break
+                freed += self._unpin(key, now, "pressure")
+        if freed < num_blocks and self.loads:
+            keep = []
+            for ld in self.loads:
+                if freed < num_blocks and ld.finished and ld.call is not call:
+                    before = self.pool.num_used
+                    self.pool.free(ld.blocks + ld.protect, now)
+                    freed += before - self.pool.num_used
+                else:
+                    keep.append(ld)
+            self.loads = keep
+        return freed > 0
+
+    def finalize(self, until: float) -> None:
+        """Run end: calls still held by the tier are unfinished calls of this engine."""
+        for call in self.held:
+            self.engine.inbox.append(call)
+        self.held = []
+        for ld in self.loads:
+            if ld.kind == "call" and not ld.finished:
+                self.engine.inbox.append(ld.call)
+
+
+class Mechanisms:
+    """All engines' KV mechanisms plus the workload-side helpers (oracle plans, router LLM calls)."""
+
+    def __init__(self, sim: Any) -> None:
+        self.sim = sim
+        bundle = sim.bundle
+        self.evict = bundle.evict
+        self.engines: list[EngineTiers] = []
+        self.last_chain: dict[int, tuple[int, list]] = {}   # agent -> (engine, hashes of its last context)
+        self.live_programs: set[int] = set()
+        self.returned: dict[tuple, bool] = {}
+        ev = bundle.evict
+        kv = bool(getattr(ev, "cpu_tier", False) or getattr(ev, "retains", False))
+        if kv:
+            for e in sim.engines:
+                self.engines.append(EngineTiers(self, e))
+            if getattr(ev, "retains", False) and hasattr(ev, "prefill_time"):
+                ev.prefill_time = _prefill_time(sim)
+            hooks = sim._hooks
+            hooks["on_call_arrive"].append(self._on_call_arrive)
+            hooks["on_call_finish"].append(self._on_call_finish)
+            hooks["on_program_start"].append(self._on_program_start)
+            hooks["on_program_end"].append(self._on_program_end)
+            hooks["on_tool_start"].append(self._on_tool_start)
+        self._planners = [c for c in _components(bundle) if getattr(c, "needs_program_plan", False)]
+        self._wrap = getattr(bundle.shape, "wrap_team_body", None)
+        if self._planners or self._wrap is not None:
+            self._orig_make = sim.source.make
+            sim.source.make = self._make
+
+    @property
+    def active(self) -> bool:
+        return bool(self.engines or self._planners or self._wrap is not None)
+
+    # ------------------------------------------------------------------ hooks (after the policy's)
+    def _on_call_arrive(self, call: Any, now: float) -> None:
+        for et in self.engines:
+            et.note_arrival(call)
+        self.returned[(call.program_id, call.thread_id)] = True
+
+    def _on_call_finish(self, call: Any, now: float) -> None:
+        e = call.engine
+        bs = e.block_size
+        n_full = (call.num_prompt_tokens + call.num_output_tokens - 1) // bs
+        self.last_chain[call.agent_id] = (e.engine_id, call.full_hashes[:n_full])
+        et = e.tiers
+        if et is None:
+            return
+        if getattr(self.evict, "retains", False):
+            self.returned[(call.program_id, call.thread_id)] = False
+            et.pin_later(call)
+        if et.prefetch_on:
+            et.prefetch_dirty = True   # this engine plans next: no notify needed
+            t = self.evict.prefetch_due_at(call.agent_id, now)
+            if t is not None and t > now:
+                et.prefetch_at(t)
+            if getattr(self.evict, "prefetch_on_events", False):
+                # steps-to-execution: one call ending moves every agent of its workflow a step closer
+                for et2 in self.engines:
+                    if et2 is not et:
+                        et2.prefetch_dirty = True
+                        et2.engine.notify()
+
+    def _on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
+        self.live_programs.add(program_id)
+
+    def _on_program_end(self, program_id: int, now: float) -> None:
+        self.live_programs.discard(program_id)
+        for et in self.engines:
+            if program_id in et.pin_of_program:
+                et.unpin_program(program_id, now)
+                et.engine.notify()
+        for k in [k for k in self.returned if k[0] == program_id]:
+            del self.returned[k]
+
+    def _on_tool_start(self, program_id: int, agent_id: int, tool: str, estimate: float | None, now: float) -> None:
+        if not hasattr(self.evict, "should_offload"):
+            return
+        for et in self.engines:
+            if program_id in et.pin_of_program or any(c.program_id == program_id for c in et.pending_pins):
+                # decided at the engine's next step boundary, on the pool as it is there
+                et.pending_tools.append((program_id, agent_id, tool, estimate, now))
+                et.engine.notify()
+
+    # ------------------------------------------------------------------ workload-side helpers
+    def _make(self, agent_id: int | None, arrival_at: float):
+        prog = self._orig_make(agent_id, arrival_at)
+        gen = prog.meta.get("generator")
+        if gen is None:
+            return prog
+        if self._planners:
+            rng = copy.deepcopy(prog.meta["rng"])
+            pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, rng)
+            if getattr(gen, "is_team", False):
+                task = gen.task(rng)
+                body = gen.team_body(pc, task, task.default_topology)
+            else:
+                body = gen.body(pc)
+            plan = plan_body(body)
+            for comp in self._planners:
+                comp.on_program_plan(prog.program_id, plan, arrival_at)
+        if self._wrap is not None and getattr(gen, "is_team", False):
+            prog.meta["generator"] = _ChargedTeam(gen, self._wrap)
+        return prog
+
+
+class _ChargedTeam:
+    """A team generator whose body runs the shape policy's router calls first."""
+
+    is_team = True
+
+    def __init__(self, gen: Any, wrap: Any) -> None:
+        self._gen = gen
+        self._wrap = wrap
+
+    def task(self, rng: Any) -> Any:
+        return self._gen.task(rng)
+
+    def team_body(self, pc: Any, task: Any, topology: str):
+        return self._wrap(pc, task, topology, self._gen.team_body(pc, task, topology))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gen, name)
+
+
+def _components(bundle: Any) -> list:
+    out, seen = [], set()
+    for c in (bundle.route, bundle.order, bundle.evict, bundle.shape):
+        if id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out
+
+
+def _prefill_time(sim: Any):
+    """PrefillReload(L): seconds to recompute L context tokens in budget-sized chunks (the profile)."""
+    st = sim.profile.step_time
+    budget = sim.cfg.cluster.engine.max_num_batched_tokens
+
+    def prefill(num_tokens: int) -> float:
+        t, k = 0.0, 0
+        while k < num_tokens:
+            n = min(budget, num_tokens - k)
+            t += st.predict(n, n * k + n * (n + 1) // 2, 0, 0)
+            k += n
+        return t
+
+    return prefill
+
+
+def attach_mechanisms(sim: Any) -> Mechanisms | None:
+    """Give a :class:`~agentsim.sim.runner.Simulation` the mechanisms its bundle needs (None if none)."""
+    m = Mechanisms(sim)
+    return m if m.active else None
