@@ -19,13 +19,19 @@ app = typer.Typer(
 SUBAPPS = (
     ("calibrate", "agentsim.calibration.cli", "Profiles: show, measure a vLLM engine, fit, check."),
     ("trace", "agentsim.traces.cli", "Traces: import, inspect, export."),
+    ("live", "agentsim.live.cli", "Run agent programs on real vLLM engines (Ray cluster or HTTP endpoints)."),
 )
 
 
 def _register_subapps() -> None:
+    groups = {g.name for g in app.registered_groups}
     for name, module, help_text in SUBAPPS:
-        if importlib.util.find_spec(module) is not None:
+        if name not in groups and importlib.util.find_spec(module) is not None:
             app.add_typer(importlib.import_module(module).app, name=name, help=help_text)
+    if "compare" not in {c.name for c in app.registered_commands}:
+        from agentsim.live.cli import compare_command
+
+        app.command("compare")(compare_command)
 
 
 def main() -> None:
