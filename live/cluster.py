@@ -56,9 +56,7 @@ class RayCluster:
         from agentsim.live.compat import check_ray
 
         check_ray()
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        _force_loopback()
         import ray
         from ray.cluster_utils import Cluster
 
@@ -69,7 +67,9 @@ class RayCluster:
         try:
             for k in range(1, num_nodes):
                 c.add_node(**common, resources={f"node{k}": 1.0})
-            c.wait_for_nodes()
+            c.wait_for_nodes(timeout=120)
+            if not str(c.address).startswith("127.0.0.1:"):
+                raise RuntimeError(f"local Ray cluster is not on loopback ({c.address})")
             ray.init(address=c.address, log_to_driver=log_to_driver, include_dashboard=False,
                      _node_ip_address="127.0.0.1")
         except BaseException:
@@ -217,6 +217,24 @@ class RayCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _force_loopback() -> None:
+    """Make Ray use 127.0.0.1 for every node it starts from this process.
+
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray resolve "this node's IP" to loopback instead
+    of the routable interface. Ray reads it once, at import: if Ray was imported before (by the
+    caller), its constant is set too, or the driver would look for the GCS on the machine's
+    external address. Raylets and workers inherit the variable from this process.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import sys
+
+    consts = sys.modules.get("ray._private.ray_constants")
+    if consts is not None:
+        consts.ENABLE_RAY_CLUSTER = False
 
 
 def wait_until(pred, timeout: float, interval: float = 0.05) -> bool:
