@@ -40,6 +40,7 @@ from agentsim.workload import stable_id
 INF = math.inf
 _SHARED = -(1 << 62)      # group key of blocks used by several agents
 _SUFFIX = -(1 << 62) + 1  # group key of dynamic-suffix blocks (KVFlow)
+_NOHASH = -(1 << 62) + 2  # blocks with no cached content (a partial last block): reused first, as in vLLM
 
 
 def _gauss(*parts: object) -> float:
@@ -329,6 +330,8 @@ class LeveledFreeQueue:
         return self._n
 
     def _group_of(self, block: BlockView) -> int:
+        if block.block_hash is None:
+            return _NOHASH
         if self.policy.is_suffix(block, self.block_size):
             return _SUFFIX
         users = self._users.get(block.block_id)
@@ -355,7 +358,7 @@ class LeveledFreeQueue:
         was_empty = not grp
         grp[block.block_id] = block
         self._n += 1
-        if was_empty and self._epoch is not None:
+        if was_empty and self._epoch is not None and g != _NOHASH:
             self._push(g, now)
 
     def remove(self, block: BlockView) -> None:
@@ -368,6 +371,8 @@ class LeveledFreeQueue:
                 self._shared_users = {}
 
     def _level(self, g: int, now: float) -> float:
+        if g == _NOHASH:
+            return math.nan  # placeholder; _NOHASH is popped before any level is looked at
         if g == _SUFFIX:
             return INF
         if g == _SHARED:
@@ -396,10 +401,18 @@ class LeveledFreeQueue:
     def _rebuild(self, now: float) -> None:
         self._heap = []
         for g in self._groups:
-            self._push(g, now)
+            if g != _NOHASH:
+                self._push(g, now)
         self._epoch = (now, self.policy.version)
 
     def pop(self, now: float) -> BlockView:
+        nohash = self._groups.get(_NOHASH)
+        if nohash:
+            _, block = nohash.popitem(last=False)
+            self._n -= 1
+            if not nohash:
+                del self._groups[_NOHASH]
+            return block
         if self._epoch != (now, self.policy.version):
             self._rebuild(now)
         heap = self._heap
@@ -424,13 +437,17 @@ class LeveledFreeQueue:
         """[(level, free blocks at that level)], farthest level first (what prefetch may displace)."""
         hist: dict[float, int] = {}
         for g, grp in self._groups.items():
-            lv = self._level(g, now)
+            lv = INF if g == _NOHASH else self._level(g, now)
             hist[lv] = hist.get(lv, 0) + len(grp)
         return sorted(hist.items(), reverse=True)
 
     def eviction_order(self, now: float) -> list[BlockView]:
         """Every free block in the order they would be evicted (tests and debugging)."""
-        groups = sorted(self._groups, key=lambda g: (-self._level(g, now), next(iter(self._groups[g].values())).last_used_at))
+        def order(g: int) -> tuple:
+            first = next(iter(self._groups[g].values())).last_used_at
+            return (-INF, first) if g == _NOHASH else (-self._level(g, now), first)
+
+        groups = sorted(self._groups, key=order)
         return [b for g in groups for b in self._groups[g].values()]
 
 

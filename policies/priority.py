@@ -54,7 +54,6 @@ class _CallEntry:
     quantum_mark: float       # call service_time when the current quantum started
     wait_mark: float          # call wait when its counters were last reset (anti-starvation)
     model_mark: float         # call service_time when its counters were last reset
-    seq: int                  # FCFS order inside the current queue
 
 
 def current_wait(call: CallView, now: float) -> float:
@@ -104,7 +103,6 @@ class PLAS:
             self.bounds.append(self.bounds[-1] + q)
         self.programs: dict[int, _ProgramEntry] = {}
         self.calls: dict[int, _CallEntry] = {}
-        self._seq = 0
         self.num_demotions = 0
         self.num_promotions = 0
 
@@ -112,10 +110,6 @@ class PLAS:
     def queue_of(self, service: float) -> int:
         """Index of the queue whose range contains ``service``."""
         return bisect.bisect_right(self.bounds, service) - 1
-
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
 
     def _entry(self, call: CallView, now: float) -> _CallEntry:
         st = self.calls.get(call.call_id)
@@ -127,7 +121,7 @@ class PLAS:
             base = pt.service
             level = self.queue_of(base) if self.program_level else 0
             served = call.service_time
-            st = _CallEntry(base, level, self.quanta[level], served, current_wait(call, now), served, self._next_seq())
+            st = _CallEntry(base, level, self.quanta[level], served, current_wait(call, now), served)
             self.calls[call.call_id] = st
         return st
 
@@ -152,8 +146,13 @@ class PLAS:
         self.programs.pop(program_id, None)
 
     # ------------------------------------------------------------------ the order
-    def key(self, call: CallView, now: float) -> tuple[int, int]:
-        """(queue index, FCFS position in that queue); demotes and promotes as time passes."""
+    def key(self, call: CallView, now: float) -> tuple[int, float, int]:
+        """(queue index, arrival, call id): FCFS inside a queue; demotes and promotes as time passes.
+
+        A pure function of the call's service and wait and the program's record, however often it
+        is evaluated (the simulator ranks waiting calls every step, the live scheduler every call),
+        so both backends reach the same order at the same instants.
+        """
         st = self._entry(call, now)
         served = call.service_time
         last = self.num_queues - 1
@@ -161,7 +160,6 @@ class PLAS:
             st.quantum_mark += st.quantum
             st.level += 1
             st.quantum = self.quanta[st.level]
-            st.seq = self._next_seq()  # joins the back of the lower queue
             self.num_demotions += 1
         if self.beta is not None and st.level > 0:
             pt = self.programs[call.program_id]
@@ -173,9 +171,8 @@ class PLAS:
                 st.quantum_mark = served
                 st.wait_mark = current_wait(call, now)
                 st.model_mark = served
-                st.seq = self._next_seq()
                 self.num_promotions += 1
-        return (st.level, st.seq)
+        return (st.level, call.arrival_at, call.call_id)
 
     def level_of(self, call_id: int) -> int | None:
         st = self.calls.get(call_id)

@@ -86,6 +86,7 @@ class PrefixAffinity:
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
         self.match = match
+        self.reads_kv_state = match == "cache"   # the backend must show it the cache as of now
         self.max_tree_blocks = max_tree_blocks
         self._trees: dict[int, OrderedDict[int, None]] = {}
         self.num_imbalanced = 0
@@ -147,6 +148,7 @@ class WeightedScorer:
         self.queue_weight = queue_weight
         self.kv_weight = kv_weight
         self.prefix_weight = prefix_weight
+        self.reads_kv_state = bool(kv_weight or prefix_weight)
 
     def scores(self, call: CallView, engines: Sequence[EngineView]) -> list[float]:
         qs = [e.num_waiting for e in engines]
@@ -168,9 +170,9 @@ class WeightedScorer:
 class HexGenDispatch:
     """HexGen-Flow global dispatch: engine = argmax ``alpha * speed_ratio - (1 - alpha) * work_ratio``.
 
-    ``speeds``: relative speed of each engine (by engine index; default all 1, a homogeneous cluster);
-    work = estimated seconds of work assigned (``decode_time_per_token * output +
-    prefill_time_per_token * prompt``), normalised by the least-loaded engine's (the baseline).
+    ``speeds``: relative speed of each engine (by engine index; default all 1, a homogeneous cluster),
+    normalised by the slowest; work = estimated seconds of work assigned (``decode_time_per_token *
+    output + prefill_time_per_token * prompt``), normalised by the mean over engines.
     ``cumulative``: as in the authors' simulator, assigned work is never decremented (total assigned);
     ``False`` subtracts a call's work when it finishes (outstanding work).
     """
@@ -193,8 +195,11 @@ class HexGenDispatch:
         if len(speeds) < len(engines):
             raise ValueError(f"hexgen: {len(engines)} engines but {len(speeds)} speeds")
         w = [self.work.get(e.engine_id, 0.0) for e in engines]
-        base_w = max(min(w), 1e-9)
-        base_s = speeds[_argmin(w)]
+        # baselines: the slowest engine's speed and the mean assigned work (at least this call's),
+        # so both ratios are around 1 (normalising by the least-loaded engine's work, which starts
+        # at 0, would make the first assignment decide everything)
+        base_w = max(sum(w) / len(w), est, 1e-12)
+        base_s = min(speeds[: len(engines)])
         prio = [self.alpha * speeds[i] / base_s - (1 - self.alpha) * w[i] / base_w for i in range(len(engines))]
         i = _argmax(prio)
         eid = engines[i].engine_id

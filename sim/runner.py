@@ -106,6 +106,11 @@ class Simulation:
         self._hooks = {name: self.bundle.hooks(name) for name in (
             "on_program_start", "on_program_end", "on_call_arrive", "on_call_finish", "on_tool_start", "on_tool_end")}
         self._route = self.bundle.route.route
+        # the KV mechanisms and workload helpers the bundle's policies need (CPU tier, pins, oracle
+        # plans, router calls); None for bundles that need none
+        from agentsim.sim.tiers import attach_mechanisms
+
+        self.mechanisms = attach_mechanisms(self)
 
     # ------------------------------------------------------------------ processes
     def _agent(self, agent_id: int):

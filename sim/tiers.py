@@ -18,8 +18,9 @@ decisions out on a simulated engine, as the live scheduler adapter would on vLLM
   cached blocks referenced for a TTL; a pin ends at expiry if the program has no call waiting, when
   the program's next call is admitted, when the program ends, or under memory pressure (latest program
   arrival first, until the engine's waiting head fits: Continuum's deadlock guard).
-- **Offload** (Tokencake): at tool start the policy may move a pinned program's KV to the host; it is
-  released on the GPU once copied and loaded back at the time the policy gives.
+- **Offload** (Tokencake): when a call ends and its tool starts, the policy may move the program's
+  pinned KV to the host (released on the GPU at once, readable until reused) and have it loaded back
+  at the time it gives.
 
 Every change to the block pool happens at an engine step boundary (``pre_schedule``) or while the
 engine plans (``reclaim``), never in the middle of a step; anything due at another time (a TTL expiry,
@@ -141,7 +142,6 @@ class _Pin:
     program_arrival_at: float
     hashes: list = field(default_factory=list)
     next_call: Any = None        # the program's next call once it arrived (admission clears the pin)
-    offloading: bool = False
 
 
 @dataclass
@@ -154,7 +154,8 @@ class _Load:
     program_id: int
     call: Any = None
     protect: list = field(default_factory=list)   # GPU prefix blocks referenced while loading
-    finished: bool = False
+    finished: bool = False       # the transfer is done
+    completed: bool = False      # ... and applied at a step boundary
 
 
 class EngineTiers:
@@ -194,11 +195,14 @@ class EngineTiers:
         self.held: list = []                          # calls waiting for a plan at the next boundary
         self.bypass: set[int] = set()                 # call ids released by the tier (not intercepted again)
         self.pending_pins: list = []                  # finished calls to pin at the next boundary
-        self.pending_tools: list = []                 # tool starts to consider for offload at the boundary
+        self.pending_ends: list = []                  # programs that ended: unpin at the boundary
         self.uploads: list = []                       # heap of (upload_at, seq, pin key snapshot)
         self._seq = 0
         self._due: list = []                          # heap of (time, seq, what, info) due at a boundary
         self.prefetch_dirty = False                   # candidates may have changed for this engine
+        self.prefetch_times: list = []                # heap of times an agent enters the window
+        # what the mechanism did, for tests and studies: (event, time, program or agent, detail)
+        self.log: list[tuple] = []
         self.stats = {"loaded_blocks": 0, "prefetched_blocks": 0, "written_back_blocks": 0, "held_calls": 0,
                       "pins": 0, "pin_expired": 0, "pin_admitted": 0, "pin_pressure": 0, "offloads": 0,
                       "uploads": 0}
@@ -218,7 +222,9 @@ class EngineTiers:
     def written_back(self, h: int, now: float) -> None:
         # Write-through, like vLLM's offloading connector: the host copy was made while the block
         # was computed (overlapped with compute), so it is ready when the GPU block is reused.
-        self.cpu.store(h, now)
+        # (ready "since ever": the instant of the GPU eviction itself differs between a
+        # fast-forward window, which allocates its steps' blocks at its end, and step mode)
+        self.cpu.store(h, 0.0)
         self.link.bytes_moved["d2h"] += self.block_bytes
         self.stats["written_back_blocks"] += 1
 
@@ -249,6 +255,9 @@ class EngineTiers:
         if call.call_id in self.bypass:
             self.bypass.discard(call.call_id)
             return False
+        for et in self.owner.engines:
+            if et is not self and call.program_id in et.pin_of_program:
+                et.engine.notify()  # the program moved on: that engine drops its pin at its next boundary
         if self.cpu is None:
             return False
         call.status = "loading"
@@ -285,6 +294,7 @@ class EngineTiers:
             to_load = to_load[:free]
         blocks, done = self._load(to_load, k, now, call.program_id, call.agent_id)
         done = max(done, wait)
+        self.log.append(("hold", now, call.call_id, (len(to_load), done)))
         ld = _Load("call", blocks, to_load, done, call.agent_id, call.program_id, call, protect)
         self.loads.append(ld)
         self._finish_at(ld)
@@ -307,16 +317,18 @@ class EngineTiers:
         ev.callbacks.append(lambda _e, ld=ld: self._loaded(ld))
 
     def _loaded(self, ld: _Load) -> None:
-        """A transfer completed: its blocks become prefix-cache entries; a held call joins the queue."""
+        """A transfer completed: it takes effect at the engine's next step boundary."""
         ld.finished = True
+        self.engine.notify()
+
+    def _complete(self, ld: _Load) -> None:
+        """At a boundary: loaded blocks become prefix-cache entries; a held call joins the queue."""
         for b, h in zip(ld.blocks, ld.hashes):
             if self.inflight.get(h) == ld.done_at:
                 del self.inflight[h]
             self.pool.cache(b, h)
         if ld.kind == "call":
-            self._release_call(ld.call)
-        else:
-            self.engine.notify()
+            self._release_call(ld.call, at_boundary=True)
 
     # ------------------------------------------------------------------ pins
     def pin_later(self, call: Any) -> None:
@@ -342,6 +354,7 @@ class EngineTiers:
         pin = _Pin(call.program_id, call.agent_id, call.thread_id, blocks, now + ttl, call.program_arrival_at,
                    [b.block_hash for b in blocks])
         self.pins[key] = pin
+        self.log.append(("pin", now, call.program_id, (len(blocks), pin.expires_at)))
         self.pin_of_program.setdefault(call.program_id, set()).add(key)
         self.stats["pins"] += 1
         if math.isfinite(pin.expires_at):
@@ -352,6 +365,7 @@ class EngineTiers:
         if pin is None:
             return 0
         before = self.pool.num_used
+        self.log.append(("unpin", now, pin.program_id, why))
         if pin.blocks:
             self.pool.free(pin.blocks, now)
         keys = self.pin_of_program.get(pin.program_id)
@@ -377,42 +391,37 @@ class EngineTiers:
             self._unpin(key, now, "program-end")
 
     # ------------------------------------------------------------------ offload (Tokencake)
-    def offload(self, program_id: int, agent_id: int, tool: str, estimate: float | None, started_at: float,
-                now: float) -> None:
-        keys = [k for k in self.pin_of_program.get(program_id, ()) if self.pins[k].agent_id == agent_id]
-        if not keys or self.cpu is None or not hasattr(self.policy, "should_offload"):
+    def _maybe_offload(self, call: Any, now: float) -> None:
+        """Tokencake's decision when the call ends and its tool starts (before the engine plans)."""
+        key = (call.program_id, call.thread_id)
+        pin = self.pins.get(key)
+        tool = call.hints.tool_after
+        if pin is None or tool is None or self.cpu is None:
             return
-        for key in keys:
-            pin = self.pins[key]
-            if pin.offloading:
-                continue
-            xfer = self.link.time_for(len(pin.blocks) * self.block_bytes)
-            upload_at = self.policy.should_offload(program_id, agent_id, tool, estimate, started_at, xfer,
-                                                   self.engine.kv_usage, self.engine.num_waiting, now)
-            if upload_at is None:
-                continue
-            pin.offloading = True
-            done = self.link.transfer("d2h", len(pin.blocks) * self.block_bytes, now)
-            for h in pin.hashes:
-                self.cpu.store(h, done)
-            self.stats["offloads"] += 1
-            self._seq += 1
-            heapq.heappush(self._due, (done, self._seq, "release", key))
-            self._seq += 1
-            heapq.heappush(self._due, (max(upload_at, done), self._seq, "upload",
-                                       (key, list(pin.hashes), pin.program_id, pin.agent_id, pin.thread_id,
-                                        pin.program_arrival_at)))
-            self._at(done)
-            self._at(max(upload_at, done))
+        nbytes = len(pin.blocks) * self.block_bytes
+        upload_at = self.policy.should_offload(call.program_id, call.agent_id, tool, call.hints.tool_time_estimate,
+                                               now, self.link.time_for(nbytes), self.engine.kv_usage,
+                                               self.engine.num_waiting, now)
+        if upload_at is None:
+            return
+        # copy to host (from a staging buffer: the GPU blocks are released at once and stay
+        # readable until reused), load back at upload_at
+        done = self.link.transfer("d2h", nbytes, now)
+        for h in pin.hashes:
+            self.cpu.store(h, done)
+        self.stats["offloads"] += 1
+        self.log.append(("offload", now, call.program_id, (len(pin.blocks), done, upload_at)))
+        info = (key, list(pin.hashes), pin.program_id, pin.agent_id)
+        self._unpin(key, now, "offloaded")
+        self._seq += 1
+        heapq.heappush(self._due, (max(upload_at, done), self._seq, "upload", info))
+        self._at(max(upload_at, done))
 
     def _upload(self, info: tuple, now: float) -> None:
-        key, hashes, pid, aid, tid, parr = info
-        if pid not in self.owner.live_programs:
+        key, hashes, pid, aid = info
+        if pid not in self.owner.live_programs or key in self.pins:
             return
-        pin_now = self.pins.get(key)
-        if pin_now is not None and not pin_now.offloading:
-            return  # a new pin (the program already came back and finished another call)
-        if key in self.owner.returned and self.owner.returned[key]:
+        if self.owner.returned.get(key, True):
             return  # the tool returned early: the call's own load took care of it
         k = self.pool.num_cached_prefix(hashes, len(hashes))
         to_load = []
@@ -429,16 +438,13 @@ class EngineTiers:
         self.loads.append(ld)
         self._finish_at(ld)
         self.stats["uploads"] += 1
+        self.log.append(("upload", now, pid, (len(to_load), done)))
 
     # ------------------------------------------------------------------ prefetch (ScaleSim / KVFlow)
     def prefetch_at(self, t: float) -> None:
         """Re-examine the prefetch candidates at ``t`` (an agent enters the look-ahead window)."""
-        ev = self.env.timeout(max(0.0, t - self.env.now))
-        ev.callbacks.append(self._prefetch_timer)
-
-    def _prefetch_timer(self, _ev: Any) -> None:
-        self.prefetch_dirty = True
-        self.engine.notify()
+        heapq.heappush(self.prefetch_times, t)
+        self._at(t)
 
     def _prefetch(self, now: float) -> None:
         # Only on events that also wake this engine (its own call ends, its timers, step-graph
@@ -467,6 +473,7 @@ class EngineTiers:
             if len(to_load) > room:
                 break  # ScaleSim: stop at the first agent that does not fit
             blocks, done = self._load(to_load, k, now, -1, agent)
+            self.log.append(("prefetch", now, agent, (len(to_load), level, done)))
             take = len(to_load) - min(fresh, len(to_load))
             fresh -= len(to_load) - take
             while take > 0 and hist:   # allocation evicts from the farthest levels first
@@ -486,34 +493,46 @@ class EngineTiers:
     def pre_schedule(self, now: float) -> None:
         """At a step boundary: apply pins, due releases and uploads, start loads, release finished ones."""
         pol = self.policy
+        if self.pending_ends:
+            ends, self.pending_ends = self.pending_ends, []
+            for pid in ends:
+                self.unpin_program(pid, now)
         if self.pending_pins:
             calls, self.pending_pins = self.pending_pins, []
+            offload = hasattr(pol, "should_offload")
             for call in calls:
                 ttl = pol.retain(call, now)
                 if ttl is not None and ttl > 0:
                     self._pin(call, ttl, now)
+                    if offload:
+                        self._maybe_offload(call, now)
         if self.pins:
             for key in list(self.pins):
                 pin = self.pins.get(key)
                 if pin is None:
                     continue
                 nc = pin.next_call
-                if nc is not None and nc.status in ("running", "finished"):
+                if nc is not None and nc.engine is not None and nc.engine is not self.engine:
+                    self._unpin(key, now, "moved")     # routed to another engine: the pin is no use
+                elif nc is not None and nc.status in ("running", "finished"):
                     self._unpin(key, now, "admitted")
                 elif pin.expires_at <= now and (nc is None or nc.status == "finished"):
                     self._unpin(key, now, "expired")
         while self._due and self._due[0][0] <= now:
             _, _, what, info = heapq.heappop(self._due)
-            if what == "release":
-                pin = self.pins.get(info)
-                if pin is not None and pin.offloading:
-                    self._unpin(info, now, "offloaded")
-            else:
-                self._upload(info, now)
+            self._upload(info, now)
         if self.loads:
             keep = []
             for ld in self.loads:
-                if not ld.finished:
+                # by time, not by whether the completion event already ran: an engine step
+                # ending at the same instant may be processed before or after it
+                if ld.done_at <= now and not ld.completed:
+                    ld.completed = True
+                    self._complete(ld)
+                    if ld.kind == "call":
+                        keep.append(ld)   # its blocks stay referenced until the call is admitted
+                        continue
+                if not ld.completed:
                     keep.append(ld)
                 elif ld.kind == "call":
                     c = ld.call
@@ -524,14 +543,14 @@ class EngineTiers:
                 else:
                     self.pool.free(ld.blocks, now)
             self.loads = keep
-        if self.pending_tools:
-            starts, self.pending_tools = self.pending_tools, []
-            for args in starts:
-                self.offload(*args, now)
         if self.held:
             calls, self.held = self.held, []
             for call in calls:
                 self._start_call_load(call, now)
+        pt = self.prefetch_times
+        while pt and pt[0] <= now:
+            heapq.heappop(pt)
+            self.prefetch_dirty = True
         if self.prefetch_dirty and self.prefetch_on:
             self._prefetch(now)
 
@@ -550,7 +569,7 @@ class EngineTiers:
         if freed < num_blocks and self.loads:
             keep = []
             for ld in self.loads:
-                if freed < num_blocks and ld.finished and ld.call is not call:
+                if freed < num_blocks and ld.completed and ld.call is not call:
                     before = self.pool.num_used
                     self.pool.free(ld.blocks + ld.protect, now)
                     freed += before - self.pool.num_used
@@ -565,7 +584,7 @@ class EngineTiers:
             self.engine.inbox.append(call)
         self.held = []
         for ld in self.loads:
-            if ld.kind == "call" and not ld.finished:
+            if ld.kind == "call" and not ld.completed:
                 self.engine.inbox.append(ld.call)
 
 
@@ -592,7 +611,6 @@ class Mechanisms:
             hooks["on_call_finish"].append(self._on_call_finish)
             hooks["on_program_start"].append(self._on_program_start)
             hooks["on_program_end"].append(self._on_program_end)
-            hooks["on_tool_start"].append(self._on_tool_start)
         self._planners = [c for c in _components(bundle) if getattr(c, "needs_program_plan", False)]
         self._wrap = getattr(bundle.shape, "wrap_team_body", None)
         if self._planners or self._wrap is not None:
@@ -639,19 +657,10 @@ class Mechanisms:
         self.live_programs.discard(program_id)
         for et in self.engines:
             if program_id in et.pin_of_program:
-                et.unpin_program(program_id, now)
+                et.pending_ends.append(program_id)
                 et.engine.notify()
         for k in [k for k in self.returned if k[0] == program_id]:
             del self.returned[k]
-
-    def _on_tool_start(self, program_id: int, agent_id: int, tool: str, estimate: float | None, now: float) -> None:
-        if not hasattr(self.evict, "should_offload"):
-            return
-        for et in self.engines:
-            if program_id in et.pin_of_program or any(c.program_id == program_id for c in et.pending_pins):
-                # decided at the engine's next step boundary, on the pool as it is there
-                et.pending_tools.append((program_id, agent_id, tool, estimate, now))
-                et.engine.notify()
 
     # ------------------------------------------------------------------ workload-side helpers
     def _make(self, agent_id: int | None, arrival_at: float):
@@ -720,6 +729,14 @@ def _prefill_time(sim: Any):
 
 
 def attach_mechanisms(sim: Any) -> Mechanisms | None:
-    """Give a :class:`~agentsim.sim.runner.Simulation` the mechanisms its bundle needs (None if none)."""
+    """Give a :class:`~agentsim.sim.runner.Simulation` the mechanisms its bundle needs (None if none).
+
+    A route policy that reads engines' KV state (``reads_kv_state``: cached prefixes, KV usage) would
+    see it stale inside a fast-forward window (the window's evictions are applied at its end), so
+    its engines run step by step.
+    """
+    if getattr(sim.bundle.route, "reads_kv_state", False):
+        for e in sim.engines:
+            e.fast_forward = False
     m = Mechanisms(sim)
     return m if m.active else None
