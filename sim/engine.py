@@ -143,6 +143,8 @@ class Engine:
         self._preemptive = bool(getattr(order, "preemptive", False))
         self._front = bool(getattr(order, "preempted_to_front", False))
         self._victim = getattr(order, "victim", None)
+        # KV mechanisms of retention/eviction policies (agentsim.sim.tiers.EngineTiers), if any
+        self.tiers = None
         self.pool = BlockPool(num_blocks, free_queue)
         self.prefix_caching = limits.enable_prefix_caching
         self.running: list[SimCall] = []
@@ -201,6 +203,8 @@ class Engine:
         if not call.full_hashes:
             full = call.context.extend(Segment(call.output_seg_id, call.num_output_tokens))
             call.full_hashes = full.block_hashes(self.block_size)
+        if self.tiers is not None and self.tiers.intercept(call):
+            return  # its KV is loading from the CPU tier; the tier adds it back when loaded
         self.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
         self.inbox.append(call)
         self.notify()
@@ -244,6 +248,8 @@ class Engine:
         at_boundary = False
         while True:
             now = env.now
+            if self.tiers is not None:
+                self.tiers.pre_schedule(now)  # pins, transfers, prefetch: only at step boundaries
             self._drain_inbox(now, at_boundary)
             if not self.running and not self.waiting:
                 if self.inbox:
@@ -257,8 +263,10 @@ class Engine:
                 self._account_idle(now, env.now)
                 at_boundary = False
                 continue
-            batch, preempted, feats = self._schedule(now)
-            if not batch:
+            decodes, prefills, preempted, feats = self._schedule(now)
+            if not decodes and not prefills:
+                if preempted:
+                    continue  # a preemption emptied the batch but made room: plan again now
                 # Nothing fits although the engine is empty: impossible calls were rejected on
                 # routing, so this only happens transiently; wait for the next arrival.
                 self._wake = env.event()
@@ -270,26 +278,28 @@ class Engine:
             n_prefill, pairs, n_decode, dctx = feats
             dt = self._c.predict(n_prefill, pairs, n_decode, dctx)
             if (self.fast_forward and not preempted and n_prefill == 0 and not self.inbox
-                    and len(batch) == len(self.running) and (not self.waiting or not self._dynamic)):
-                yield from self._fast_forward(batch, now, dt)
+                    and len(decodes) == len(self.running) and (not self.waiting or not self._dynamic)):
+                yield from self._fast_forward(decodes, now, dt)
             else:
                 yield env.timeout(delay_to(now, now + dt))
-                self._apply(batch, now, env.now, dt, n_prefill, n_decode)
+                self._apply(decodes, prefills, now, env.now, dt, n_prefill, n_decode)
             at_boundary = True
 
     # ------------------------------------------------------------------ plan
     def _schedule(self, now: float) -> tuple[list, bool, tuple]:
         """vLLM v1 scheduling for one step.
 
-        Returns [(call, num_new_tokens)], whether it preempted, and the batch features
-        (prefill tokens, prefill attention pairs, decode sequences, decode context tokens).
+        Returns the decoding calls (one token each), the prefilling ones as [(call, num_new_tokens)]
+        (both in scheduling order), whether it preempted, and the batch features (prefill tokens,
+        prefill attention pairs, decode sequences, decode context tokens).
         """
         budget = self.limits.max_num_batched_tokens
         chunked = self.limits.enable_chunked_prefill
         bs = self.block_size
         pool = self.pool
         running = self.running
-        batch: list = []
+        decodes: list = []
+        prefills: list = []
         preempted = False
         free = pool.num_blocks - pool.num_used
         n_prefill = pairs = n_decode = dctx = 0
@@ -298,7 +308,8 @@ class Engine:
             call = running[i]
             nc = call.num_computed
             n = call.num_prompt_tokens + call.num_generated - nc
-            if n == 1 and call.num_generated:
+            is_decode = n == 1 and call.num_generated > 0
+            if is_decode:
                 n_decode += 1
                 dctx += nc + 1
             else:
@@ -307,16 +318,22 @@ class Engine:
                 n_prefill += n
                 pairs += n * nc + n * (n + 1) // 2
             need = (nc + n + bs - 1) // bs - len(call.blocks)
+            if need > free and self.tiers is not None and self.tiers.reclaim(call, need - free, now):
+                free = pool.num_blocks - pool.num_used  # pinned KV released before preempting
             if need > free:
                 # KV cache full: preempt by recompute until the call fits (vLLM v1)
                 self_preempted = False
                 while need > pool.num_blocks - pool.num_used:
                     victim = self._pick_victim(now)
-                    for j, (c2, n2) in enumerate(batch):
-                        if c2 is victim:
-                            budget += n2
-                            del batch[j]
-                            break
+                    if victim in decodes:
+                        decodes.remove(victim)
+                        budget += 1
+                    else:
+                        for j, (c2, n2) in enumerate(prefills):
+                            if c2 is victim:
+                                budget += n2
+                                del prefills[j]
+                                break
                     vi = running.index(victim)
                     self._preempt(victim, now)
                     preempted = True
@@ -331,18 +348,21 @@ class Engine:
             if need > 0:
                 call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(call.blocks)))
                 free -= need
-            batch.append((call, n))
+            if is_decode:
+                decodes.append(call)
+            else:
+                prefills.append((call, n))
             budget -= n
             i += 1
         if preempted:
-            return batch, True, self._features(batch)
+            return decodes, prefills, True, self._features(decodes, prefills)
         max_seqs = self.limits.max_num_seqs
         if self._dynamic and self.waiting:
             key = self.order.key
             self.waiting.sort(key=lambda c: (key(c, now), c.seq))
         while self.waiting and budget > 0:
             if len(running) >= max_seqs:
-                if self._preemptive and self._try_preempt_for_head(now):
+                if self._preemptive and self._try_preempt_for_head(now, decodes, prefills):
                     preempted = True
                 break
             call = self.waiting[0] if self._dynamic else self.waiting[0][3]
@@ -363,7 +383,10 @@ class Engine:
                     evictable += 1
             need = -(-(num_hit_tokens + n) // bs) - len(hit_blocks)
             if need + evictable > pool.num_blocks - pool.num_used:
-                if self._preemptive and self._try_preempt_for_head(now):
+                if self.tiers is not None and self.tiers.reclaim(
+                        call, need + evictable - (pool.num_blocks - pool.num_used), now):
+                    continue  # pinned KV released (Continuum's deadlock guard): look at the head again
+                if self._preemptive and self._try_preempt_for_head(now, decodes, prefills):
                     preempted = True
                 break
             if self._dynamic:
@@ -383,13 +406,13 @@ class Engine:
             call.status = "running"
             call._service_mark = self.busy_cum
             running.append(call)
-            batch.append((call, n))
+            prefills.append((call, n))
             budget -= n
             n_prefill += n
             pairs += n * num_hit_tokens + n * (n + 1) // 2
         if preempted:
-            return batch, True, self._features(batch)
-        return batch, False, (n_prefill, pairs, n_decode, dctx)
+            return decodes, prefills, True, self._features(decodes, prefills)
+        return decodes, prefills, False, (n_prefill, pairs, n_decode, dctx)
 
     def _lookup(self, call: SimCall) -> list[BlockView]:
         if not self.prefix_caching:
@@ -413,14 +436,19 @@ class Engine:
         key = self.order.key
         return max(self.running, key=lambda c: (key(c, now), c.seq))
 
-    def _try_preempt_for_head(self, now: float) -> bool:
-        """Strict priority: preempt the worst running call if the waiting head ranks better."""
+    def _try_preempt_for_head(self, now: float, decodes: list, prefills: list) -> bool:
+        """Strict priority: preempt the worst running call if the waiting head ranks better
+        (and take it out of this step's batch)."""
         if not self.running:
             return False
         head = self.waiting[0] if self._dynamic else self.waiting[0][3]
         key = self.order.key
         victim = self._pick_victim(now)
         if (key(head, now), head.seq) < (key(victim, now), victim.seq):
+            if victim in decodes:
+                decodes.remove(victim)
+            else:
+                prefills[:] = [(c, n) for c, n in prefills if c is not victim]
             self._preempt(victim, now)
             return True
         return False
@@ -439,37 +467,52 @@ class Engine:
         self._enqueue(call, now, front=True)
 
     # ------------------------------------------------------------------ execute
-    def _features(self, batch: list) -> tuple[int, int, int, int]:
+    def _features(self, decodes: list, prefills: list) -> tuple[int, int, int, int]:
         """Batch features from scratch (used after a preemption reshaped the batch)."""
         n_prefill = 0
         pairs = 0
-        n_decode = 0
         dctx = 0
-        for call, n in batch:
-            if n == 1 and call.num_generated > 0 and call.num_computed == call.num_prompt_tokens + call.num_generated - 1:
-                n_decode += 1
-                dctx += call.num_computed + 1
-            else:
-                k = call.num_computed
-                n_prefill += n
-                pairs += n * k + n * (n + 1) // 2
-        return n_prefill, pairs, n_decode, dctx
+        for call in decodes:
+            dctx += call.num_computed + 1
+        for call, n in prefills:
+            k = call.num_computed
+            n_prefill += n
+            pairs += n * k + n * (n + 1) // 2
+        return n_prefill, pairs, len(decodes), dctx
 
     # ------------------------------------------------------------------ update
-    def _apply(self, batch: list, t0: float, t1: float, dt: float, n_prefill: int, n_decode: int) -> None:
+    def _apply(self, decodes: list, prefills: list, t0: float, t1: float, dt: float,
+               n_prefill: int, n_decode: int) -> None:
         self.busy_cum += dt
         self.num_steps += 1
-        running_ids = None
-        if len(batch) != len(self.running):
-            running_ids = {id(c) for c, _ in batch}
+        if len(decodes) + len(prefills) != len(self.running):
+            # budget ran out in the running pass: the calls left out get no service this step
+            in_batch = {id(c) for c in decodes}
+            in_batch.update(id(c) for c, _ in prefills)
             for c in self.running:
-                if id(c) not in running_ids:
+                if id(c) not in in_batch:
                     c._skipped += dt
         bs = self.block_size
         caching = self.prefix_caching
         cached = self.pool.cached
         finished = []
-        for call, n in batch:
+        for call in decodes:
+            # one token: computed into KV, and one new token sampled
+            nc = call.num_computed + 1
+            call.num_computed = nc
+            ng = call.num_generated + 1
+            call.num_generated = ng
+            if caching and nc % bs == 0:
+                k = nc // bs - 1
+                if k < len(call.full_hashes):
+                    b = call.blocks[k]
+                    h = call.full_hashes[k]
+                    if b.block_hash is None and h not in cached:
+                        b.block_hash = h
+                        cached[h] = b
+            if ng >= call.num_output_tokens:
+                finished.append(call)
+        for call, n in prefills:
             before = call.num_computed
             nc = before + n
             call.num_computed = nc
@@ -516,11 +559,10 @@ class Engine:
         self.on_finish(call)
 
     # ------------------------------------------------------------------ fast-forward
-    def _fast_forward(self, batch: list, now: float, dt1: float):
+    def _fast_forward(self, calls: list, now: float, dt1: float):
         """Run decode-only steps as one event; see the module docstring."""
         env = self.env
         bs = self.block_size
-        calls = [c for c, _ in batch]
         nb = len(calls)
         k = min(c.num_output_tokens - c.num_generated for c in calls)
         k = min(k, self.max_ff_steps)
@@ -650,4 +692,6 @@ class Engine:
             m = bisect_left(times, until)
             if m:
                 self._apply_window(calls, t0, times, dts, needs, m)
+        if self.tiers is not None:
+            self.tiers.finalize(until)  # calls held while their KV loads are unfinished calls too
         self._account_idle(until, until)
