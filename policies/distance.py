@@ -138,6 +138,60 @@ class TimeDistances:
         return None if t is None else max(0.0, t - now)
 
 
+class SimulationSteps:
+    """ScaleSim's native D_i: simulation timesteps until the agent's next call.
+
+    Each program (one simulation) has a step clock that advances when a tool named ``step_tool``
+    ends (the ``society`` generator's ``world`` step); a call hinting ``next_invocation_steps = d``
+    made at step t says its agent runs again at step t + d.
+    """
+
+    def __init__(self, step_tool: str = "world") -> None:
+        self.step_tool = step_tool
+        self.clock: dict[int, int] = {}          # program -> steps completed
+        self.next_step: dict[int, int] = {}      # agent -> step of its next call
+        self.agent_program: dict[int, int] = {}
+        self.active: dict[int, int] = {}
+        self.version = 0
+
+    def on_call_arrive(self, call: CallView, now: float) -> None:
+        a = call.agent_id
+        self.active[a] = self.active.get(a, 0) + 1
+        self.agent_program[a] = call.program_id
+        self.version += 1
+
+    def on_call_finish(self, call: CallView, now: float) -> None:
+        a = call.agent_id
+        n = self.active.get(a, 0) - 1
+        if n > 0:
+            self.active[a] = n
+        else:
+            self.active.pop(a, None)
+        d = call.hints.next_invocation_steps
+        if d is None:
+            self.next_step.pop(a, None)
+        else:
+            self.next_step[a] = self.clock.get(call.program_id, 0) + int(d)
+        self.version += 1
+
+    def on_tool_end(self, program_id: int, agent_id: int, tool: str, now: float) -> None:
+        if tool == self.step_tool:
+            self.clock[program_id] = self.clock.get(program_id, 0) + 1
+            self.version += 1
+
+    def on_program_end(self, program_id: int, now: float) -> None:
+        self.clock.pop(program_id, None)
+
+    def steps_until(self, agent_id: int) -> int | None:
+        """Steps until the agent's next call (0 while it runs); None if unknown."""
+        if agent_id in self.active:
+            return 0
+        nxt = self.next_step.get(agent_id)
+        if nxt is None:
+            return None
+        return max(0, nxt - self.clock.get(self.agent_program.get(agent_id, -1), 0))
+
+
 class StepDistances:
     """Steps-to-execution over an agent step graph (KVFlow), per workflow client.
 
@@ -486,21 +540,31 @@ class _DistanceEvict(CpuTierOptions):
 
 @register("evict", "invocation-distance")
 class InvocationDistance(_DistanceEvict):
-    """ScaleSim: evict the agent whose next call is farthest first (D_i in ``unit``-second buckets).
+    """ScaleSim: evict first the agent whose next call is farthest (D_i buckets), prefetch near ones.
 
-    ``source``: oracle | ewma | none (see :class:`TimeDistances`); ``hold_levels`` (ScaleSim's
+    ``source``: ``steps`` (ScaleSim's own D in simulation timesteps from the program's
+    ``next_invocation_steps`` hints, see :class:`SimulationSteps`), or a time-based estimate: ``oracle``
+    (hinted seconds), ``ewma`` (learned gaps) or ``none`` (see :class:`TimeDistances`); ``hold_levels`` (ScaleSim's
     evict_pri_level, 4): priority ``min(hold_levels + 1, D)``, unknown agents ``hold_levels + 1``;
     ``look_ahead`` (load_ahead_step, 2): prefetch agents with ``D <= look_ahead``; ``unit``: seconds per
-    step of D (D = ceil(gap / unit) - 1, so an agent due within one unit has D = 0); ``cpu_tier``,
+    step of D for time-based sources (D = ceil(gap / unit) - 1, so an agent due within one unit has
+    D = 0; with ``steps``, D = steps until the call - 1); ``step_tool``: the tool that ends a simulation
+    step (``steps`` source); ``cpu_tier``,
     ``cpu_gib``, ``pcie_GBps``, ``prefetch``: the backend's CPU KV tier (on by default).
     """
 
     def __init__(self, source: str = "oracle", hold_levels: int = 4, look_ahead: int = 2, unit: float = 1.0,
-                 alpha: float = 0.5, noise_sigma: float = 0.0, seed: int = 0, cpu_tier: bool = True,
-                 cpu_gib: float = 100.0, pcie_GBps: float | None = None, prefetch: bool = True) -> None:
+                 alpha: float = 0.5, noise_sigma: float = 0.0, seed: int = 0, step_tool: str = "world",
+                 cpu_tier: bool = True, cpu_gib: float = 100.0, pcie_GBps: float | None = None,
+                 prefetch: bool = True) -> None:
         if hold_levels < 0 or look_ahead < 0 or unit <= 0:
             raise ValueError("hold_levels and look_ahead must be >= 0 and unit > 0")
-        self.table = TimeDistances(source, alpha, noise_sigma, seed)
+        self.source = source
+        if source == "steps":
+            self.table = SimulationSteps(step_tool)
+            self.prefetch_on_events = True   # D changes on step-clock events, not with time
+        else:
+            self.table = TimeDistances(source, alpha, noise_sigma, seed)
         self.hold_levels = hold_levels
         self.look_ahead = look_ahead
         self.unit = unit
@@ -509,11 +573,25 @@ class InvocationDistance(_DistanceEvict):
         self.pcie_GBps = pcie_GBps
         self.prefetch = prefetch and cpu_tier
 
+    prefetch_on_events = False
+
     def on_distance_update(self, distances: dict, now: float) -> None:
-        self.table.on_distance_update(distances, now)
+        if self.source != "steps":
+            self.table.on_distance_update(distances, now)
+
+    def on_tool_end(self, program_id: int, agent_id: int, tool: str, now: float) -> None:
+        if self.source == "steps":
+            self.table.on_tool_end(program_id, agent_id, tool, now)
+
+    def on_program_end(self, program_id: int, now: float) -> None:
+        if self.source == "steps":
+            self.table.on_program_end(program_id, now)
 
     def steps(self, agent_id: int, now: float) -> int | None:
         """ScaleSim's D for the agent (None if unknown)."""
+        if self.source == "steps":
+            n = self.table.steps_until(agent_id)
+            return None if n is None else max(0, n - 1)
         d = self.table.distance(agent_id, now)
         if d is None:
             return None
@@ -526,6 +604,17 @@ class InvocationDistance(_DistanceEvict):
 
     def prefetch_candidates(self, now: float) -> list[int]:
         """Agents not running whose D <= look_ahead, nearest first (ScaleSim's DispatchLoadTasks)."""
+        if self.source == "steps":
+            t = self.table
+            cands = []
+            for a in t.next_step:
+                if a in t.active:
+                    continue
+                d = self.steps(a, now)
+                if d is not None and d <= self.look_ahead:
+                    cands.append((d, a))
+            cands.sort()
+            return [a for _, a in cands]
         out = []
         horizon = now + (self.look_ahead + 1) * self.unit
         for a, t in self.table.next_at.items():
@@ -535,7 +624,9 @@ class InvocationDistance(_DistanceEvict):
         return [a for _, a in out]
 
     def prefetch_due_at(self, agent_id: int, now: float) -> float | None:
-        """When the agent enters the look-ahead window (None: unknown distance)."""
+        """When the agent enters the look-ahead window (None: unknown, or decided by events)."""
+        if self.source == "steps":
+            return None
         t = self.table.next_at.get(agent_id)
         return None if t is None else t - (self.look_ahead + 1) * self.unit
 
@@ -599,8 +690,11 @@ class StepsToExecution(_DistanceEvict):
 
 @register("evict", "lru-cpu")
 class LRUWithCpuTier(CpuTierOptions):
-    """vLLM's LRU free-block order plus a CPU KV tier (SGLang HiCache-like: evicted blocks are written
-    back to host memory and loaded back on a later prefix hit instead of recomputed)."""
+    """LRU plus a CPU KV tier (HiCache-like): evicted blocks go to host memory and load back on a hit.
+
+    vLLM's free-block order; an evicted block is written back to host memory and a later prefix hit
+    loads it over PCIe instead of recomputing it.
+    """
 
     def __init__(self, cpu_gib: float = 100.0, pcie_GBps: float | None = None) -> None:
         self.cpu_tier = True

@@ -248,8 +248,7 @@ class ContinuumOrder:
 
 @register("evict", "tokencake")
 class TokencakeOffload(CpuTierOptions):
-    """Tokencake: keep an agent's KV during its tool call; offload it to the CPU tier under pressure
-    and upload it back just before the tool is predicted to return.
+    """Tokencake: keep KV during tool calls, offload it under pressure, upload it before the tool returns.
 
     Offload at tool start iff KV usage >= ``pressure``, calls are waiting, and the predicted tool time
     exceeds the transfer time. Tool time prediction: the mean of the program's estimate and the tool's

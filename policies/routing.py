@@ -32,8 +32,10 @@ def _argmax(values: Sequence[float]) -> int:
 
 @register("route", "autellix-lb")
 class AutellixLB:
-    """Autellix Algorithm 2: short calls (<= threshold tokens) to the least-used engine; a long call to
-    its program's engine (pinned at the program's first long call) for prefix locality.
+    """Autellix Algorithm 2: short calls to the least-used engine, long ones to their program's engine.
+
+    A call of at most ``threshold_tokens`` prompt tokens goes to the least-used engine; a longer one to
+    its program's engine (pinned at the program's first long call), for prefix locality.
 
     ``metric``: ``calls`` (Autellix's Least-Used: fewest calls in the engine) or ``tokens``.
     """
@@ -68,8 +70,10 @@ class AutellixLB:
 
 @register("route", "prefix-affinity")
 class PrefixAffinity:
-    """SGLang cache-aware routing: balanced -> the engine with the longest cached prefix (if the match
-    rate exceeds ``cache_threshold``, else the least-loaded); imbalanced -> the least-loaded.
+    """SGLang cache-aware routing: the engine with the longest cached prefix, unless loads are imbalanced.
+
+    Balanced: the engine with the longest cached prefix if its match rate exceeds ``cache_threshold``,
+    else the least-loaded; imbalanced: the least-loaded.
 
     Imbalanced means both ``max_load - min_load > balance_abs_threshold`` and
     ``max_load > balance_rel_threshold * min_load`` (loads: calls in the engine). ``match``: ``cache``

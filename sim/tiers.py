@@ -303,12 +303,15 @@ class EngineTiers:
     def _load(self, hashes: list, first_position: int, now: float, program_id: int, agent_id: int) -> tuple[list, float]:
         if not hashes:
             return [], now
-        blocks = self.pool.allocate(len(hashes), now, program_id, agent_id, first_position)
+        # read (and refresh) the host copies before allocating: the allocation's own evictions are
+        # written back and could push them out of a full host tier
         ready = max(self.cpu.ready_at[h] for h in hashes)
+        for h in hashes:
+            self.cpu.touch(h)
+        blocks = self.pool.allocate(len(hashes), now, program_id, agent_id, first_position)
         done = self.link.transfer("h2d", len(hashes) * self.block_bytes, now, not_before=ready)
         for h in hashes:
             self.inflight[h] = done
-            self.cpu.touch(h)
         self.stats["loaded_blocks"] += len(hashes)
         return blocks, done
 
@@ -611,6 +614,8 @@ class Mechanisms:
             hooks["on_call_finish"].append(self._on_call_finish)
             hooks["on_program_start"].append(self._on_program_start)
             hooks["on_program_end"].append(self._on_program_end)
+            if getattr(ev, "prefetch_on_events", False):
+                hooks["on_tool_end"].append(self._on_tool_end)
         self._planners = [c for c in _components(bundle) if getattr(c, "needs_program_plan", False)]
         self._wrap = getattr(bundle.shape, "wrap_team_body", None)
         if self._planners or self._wrap is not None:
@@ -649,6 +654,13 @@ class Mechanisms:
                     if et2 is not et:
                         et2.prefetch_dirty = True
                         et2.engine.notify()
+
+    def _on_tool_end(self, program_id: int, agent_id: int, tool: str, now: float) -> None:
+        # a step clock may have advanced: distances of many agents changed at once
+        for et in self.engines:
+            if et.prefetch_on:
+                et.prefetch_dirty = True
+                et.engine.notify()
 
     def _on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
         self.live_programs.add(program_id)

@@ -695,3 +695,61 @@ def test_weighted_scorer_and_hexgen_formulas():
     assert picks == [0, 1, 2, 0, 1, 2]          # alpha = 0: pure work balance (ties: lowest index)
     fast = HexGenDispatch(alpha=0.9, speeds=[1.0, 3.0, 1.0])
     assert [fast.route(Call(), views, 0.0) for _ in range(3)] == [1, 1, 1]  # speed dominates
+
+
+def test_scalesim_steps_distance_follows_the_simulation_clock():
+    from agentsim.policies.distance import InvocationDistance
+
+    pol = InvocationDistance(source="steps", hold_levels=4, look_ahead=2, cpu_tier=False)
+
+    class C:
+        def __init__(self, cid, agent, steps):
+            self.call_id, self.agent_id, self.program_id = cid, agent, 7
+            self.hints = CallHints(next_invocation_steps=steps)
+
+    for a, d in enumerate([1, 2, 3, 6, None]):      # all called at step 0
+        c = C(a, a, d)
+        pol.on_call_arrive(c, 0.0)
+        pol.on_call_finish(c, 0.0)
+    # D = steps until the call - 1 (due at the next step: D = 0), capped at hold_levels + 1
+    assert [pol.level(a, 0.0) for a in range(5)] == [0, 1, 2, 5, 5]
+    assert pol.prefetch_candidates(0.0) == [0, 1, 2]
+    pol.on_tool_end(7, -1, "world", 5.0)             # the simulation moves one step
+    pol.on_tool_end(7, -1, "think", 5.0)             # other tools do not
+    assert [pol.level(a, 5.0) for a in range(5)] == [0, 0, 1, 4, 5]
+    assert pol.prefetch_candidates(5.0) == [0, 1, 2]
+
+
+def test_every_registered_bundle_builds_and_bad_parameters_name_their_field():
+    from agentsim.errors import ConfigError
+    from agentsim.policies.registry import bundles, make_bundle
+
+    names = [b.name for b in bundles()]
+    for required in ("autellix-plas", "autellix-atlas", "mlfq", "sjf-oracle", "kairos", "scalesim", "kvflow",
+                     "hicache", "continuum", "continuum-static", "tokencake", "prefix-affinity", "llm-d", "hexgen",
+                     "adaptorch", "topology-debate"):
+        assert required in names
+    for name in names:
+        make_bundle(name)
+    with pytest.raises(ConfigError) as e:
+        make_bundle({"name": "autellix-plas", "params": {"order": {"beta": -1}}})
+    assert e.value.where == "policy.params.order" and "beta" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        make_bundle({"name": "scalesim", "params": {"evict": {"hold_level": 3}}})
+    assert e.value.where == "policy.params.evict.hold_level"
+    with pytest.raises(ConfigError) as e:
+        make_bundle({"name": "vllm", "evict": "steps-to-execution", "params": {"evict": {"graph": "psychic"}}})
+    assert e.value.where == "policy.params.evict"
+
+
+def test_policy_config_errors_exit_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('duration = 5.0\n[policy]\nname = "continuum"\n[policy.params.evict]\nttl = "forever"\n')
+    r = subprocess.run([sys.executable, "-m", "agentsim", "simulate", "--config", str(cfg), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: policy.params.evict: continuum: ttl must be 'optimal' or 'fixed'"]
+    assert not (tmp_path / "out").exists()
