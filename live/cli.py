@@ -70,8 +70,9 @@ def live(
     num_programs: Optional[int] = typer.Option(None, help="Stop starting programs after this many."),
     duration: Optional[float] = typer.Option(None, help="Wall seconds during which programs start (live default 60)."),
     model: str = typer.Option("tiny", help="Model directory or id for vLLM; 'tiny' makes a tiny random Llama offline."),
-    load_format: str = typer.Option("dummy", help="vLLM load format: dummy (random weights) or auto."),
-    dtype: str = typer.Option("float32", help="Model dtype."),
+    load_format: Optional[str] = typer.Option(None, help="vLLM load format (default: dummy = random weights for tiny, else auto)."),
+    dtype: Optional[str] = typer.Option(None, help="Model dtype (default: float32 for tiny, else auto)."),
+    data_plane: Optional[str] = typer.Option(None, help="Generate calls over: loopback (ZMQ, local default), node (ZMQ on the node's IP) or ray (--address default)."),
     kv_cache_gib: float = typer.Option(1.0, help="CPU backend: KV cache GiB per engine."),
     block_size: Optional[int] = typer.Option(None, help="KV block size (CPU backend: a multiple of 32)."),
     max_num_seqs: Optional[int] = typer.Option(None, help="vLLM --max-num-seqs per engine."),
@@ -119,7 +120,7 @@ def live(
     opt = LiveOptions(drain=drain, drain_timeout=drain_timeout, flush_interval=flush_interval,
                       sample_interval=sample_interval, kill_engines=_parse_kills(kill_engine))
     settings = LiveSettings(local_nodes=local_nodes, address=address, endpoints=eps, model=model,
-                            load_format=load_format, dtype=dtype, kv_cache_gib=kv_cache_gib,
+                            load_format=load_format, dtype=dtype, kv_cache_gib=kv_cache_gib, data_plane=data_plane,
                             force_engine_scheduler=engine_scheduler, policy_imports=tuple(policy_import),
                             options=opt, log_to_driver=verbose)
 

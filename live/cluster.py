@@ -99,6 +99,11 @@ class RayCluster:
         return self
 
     # ------------------------------------------------------------------ engines
+    def has_gpus(self) -> bool:
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+
     def _placement(self, node_id: int, tp: int) -> dict:
         import ray
 
@@ -228,6 +233,9 @@ def _force_loopback() -> None:
     external address. Raylets and workers inherit the variable from this process.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Ray's OOM killer acts on *host* memory: on a shared machine another user's job would get our
+    # engines killed; leave out-of-memory to the kernel instead (override by setting it yourself)
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import sys

@@ -85,6 +85,7 @@ class RayEngineClient(EngineClient):
         self._waiting: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
         self._gone: str | None = None
+        self._loop: Any = None
 
     def _open(self) -> None:
         import msgspec
@@ -108,7 +109,8 @@ class RayEngineClient(EngineClient):
                 else:
                     fut.set_result(reply)
 
-        self._reader = asyncio.get_running_loop().create_task(read())
+        self._loop = asyncio.get_running_loop()
+        self._reader = self._loop.create_task(read())
 
     def fail_pending(self, why: str) -> None:
         """The engine is gone: fail every call still waiting on the data plane."""
@@ -125,6 +127,11 @@ class RayEngineClient(EngineClient):
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiting = {}
+        self._loop = None
 
     async def _call(self, ref: Any) -> Any:
         try:
@@ -136,7 +143,8 @@ class RayEngineClient(EngineClient):
         if self._gone is not None:
             raise EngineDead(self._gone)
         if self._endpoint:
-            if self._sock is None:
+            if self._sock is None or self._loop is not asyncio.get_running_loop():
+                self.close()  # a socket and its reader belong to one event loop (one driver run)
                 self._open()
             fut = asyncio.get_running_loop().create_future()
             self._waiting[request_id] = fut

@@ -55,7 +55,7 @@ class EngineSpec:
     scheduling_policy: str = "priority"
     kv_events: bool = True
     scheduler: dict | None = None       # {"policy": spec, "log": path, "force_free_queue": bool}
-    data_plane_host: str | None = "127.0.0.1"  # bind a ZMQ socket for generate calls here (None: Ray only)
+    data_plane_host: str | None = "127.0.0.1"  # ZMQ socket for generate calls: an address, "node", or None (Ray)
     seed: int = 0
     env: dict = field(default_factory=dict)
 
@@ -217,7 +217,12 @@ class EngineHost:
         import psutil
 
         if s.data_plane_host:
-            await self._start_data_plane(s.data_plane_host)
+            host = s.data_plane_host
+            if host == "node":  # the address Ray knows this node by (multi-host clusters)
+                import ray
+
+                host = ray.util.get_node_ip_address()
+            await self._start_data_plane(host)
         me = psutil.Process()
         self._gpus = _nvml_handles()
         self.sink.gpu_util = (lambda: _nvml_util(self._gpus)) if self._gpus else None
@@ -390,8 +395,8 @@ class EngineHost:
     async def replay_direct(self, programs: list[list[tuple]], concurrency: int) -> dict:
         """Benchmark baseline: run recorded programs with plain ``AsyncLLM.generate`` in this process.
 
-        ``programs``: per program, its steps in order: ``("llm", token_ids, max_tokens)`` or
-        ``("tool", seconds)``. ``concurrency`` programs run at once (closed loop, in list order).
+        ``programs``: per program, its steps in order: ``("llm", token_ids, max_tokens[, priority,
+        extra_args])`` or ``("tool", seconds)``. ``concurrency`` programs run at once (closed loop, in list order).
         Returns per-call and per-program latencies (s).
         """
         from vllm import SamplingParams
@@ -409,12 +414,15 @@ class EngineHost:
                 if step[0] == "tool":
                     await asyncio.sleep(step[1])
                     continue
-                _, ids, max_tokens = step
+                ids, max_tokens = step[1], step[2]
+                priority = step[3] if len(step) > 3 else 0
+                xa = step[4] if len(step) > 4 else None
                 n[0] += 1
-                sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
+                sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, extra_args=xa,
                                     output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False)
                 t = time.monotonic()
-                async for _ in self.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), sp, f"direct-{n[0]}"):
+                async for _ in self.llm.generate(TokensPrompt(prompt_token_ids=list(ids)), sp, f"direct-{n[0]}",
+                                                 priority=priority):
                     pass
                 call_lat.append(time.monotonic() - t)
             prog_lat.append(time.monotonic() - t0)

@@ -184,12 +184,8 @@ def run_endpoints(cfg, settings, bundle, source, opt, out_dir) -> LiveResult:
                 model, max_len = await _discover(session, url)
                 node = hosts.setdefault(urlparse(url).hostname or "", len(hosts))
                 info = {"num_blocks": 0, "block_size": cfg.cluster.engine.block_size, "max_model_len": max_len,
-                        "vocab_size": 32000 if settings.model == "tiny" else 32000, "hostname": url, "model": model}
+                        "vocab_size": _vocab_hint(settings, model), "hostname": url, "model": model}
                 clients.append(HttpEngineClient(i, node, url, session, model, info))
-            if settings.options.token_high is None:
-                vocab = _vocab_hint(settings)
-                for c in clients:
-                    c.info["vocab_size"] = vocab
             manifest = manifest_base(cfg, settings, clients[0].model)
             driver = LiveDriver(clients, bundle, block_size=cfg.cluster.engine.block_size, options=opt,
                                 out_dir=out_dir, seed=cfg.seed, manifest=manifest, kv_events=False,
@@ -199,16 +195,17 @@ def run_endpoints(cfg, settings, bundle, source, opt, out_dir) -> LiveResult:
     return asyncio.run(main())
 
 
-def _vocab_hint(settings) -> int:
-    """Token ids must exist in the served model: read its config.json if the model is a local dir."""
+def _vocab_hint(settings, served: str | None = None) -> int:
+    """Token ids must exist in the served model: read config.json of ``--model`` or of the served
+    model id when either is a local directory; otherwise assume 32000 (every common LLM has more)."""
     from pathlib import Path
 
-    p = Path(settings.model) / "config.json" if settings.model not in ("tiny", "") else None
-    if p is not None and p.exists():
-        try:
-            return int(json.loads(p.read_text()).get("vocab_size", 32000))
-        except (ValueError, TypeError):
-            pass
-    if settings.model == "tiny":
-        return 260
+    for cand in (settings.model, served):
+        if cand and cand != "tiny":
+            p = Path(cand) / "config.json"
+            if p.exists():
+                try:
+                    return int(json.loads(p.read_text()).get("vocab_size", 32000))
+                except (ValueError, TypeError):
+                    pass
     return 32000

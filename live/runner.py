@@ -36,8 +36,9 @@ class LiveSettings:
     endpoints: tuple[str, ...] = ()       # or drive these OpenAI-compatible vLLM servers (no Ray)
     model: str = TINY                     # model dir / HF id, or "tiny" (made offline)
     model_cache: str | None = None        # where the tiny model is made (default ~/.cache/agentsim)
-    load_format: str = "dummy"            # "dummy" = random weights; "auto" to load real weights
-    dtype: str = "float32"
+    load_format: str | None = None        # default: "dummy" (random weights) for tiny, else "auto"
+    dtype: str | None = None              # default: float32 for tiny (CPU), else vLLM's "auto"
+    data_plane: str | None = None         # loopback | node | ray (default: loopback locally, ray on --address)
     kv_cache_gib: float = 1.0             # CPU backend: KV cache per engine
     object_store_mb: int = 80             # local cluster: object store per node
     max_model_len: int | None = None      # default: cluster.engine.max_model_len or 8192
@@ -56,6 +57,21 @@ class LiveSettings:
             raise ConfigError("--local-nodes", f"must be >= 1, got {self.local_nodes}")
         if self.kv_cache_gib <= 0:
             raise ConfigError("--kv-cache-gib", "must be > 0")
+        if self.data_plane not in (None, "loopback", "node", "ray"):
+            raise ConfigError("--data-plane", f"must be loopback, node or ray, got {self.data_plane!r}")
+
+    @property
+    def resolved_load_format(self) -> str:
+        return self.load_format or ("dummy" if self.model == TINY else "auto")
+
+    @property
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("float32" if self.model == TINY else "auto")
+
+    @property
+    def data_plane_host(self) -> str | None:
+        mode = self.data_plane or ("ray" if self.address else "loopback")
+        return {"loopback": "127.0.0.1", "node": "node", "ray": None}[mode]
 
 
 def default_model_cache() -> Path:
@@ -80,7 +96,8 @@ def needs_engine_scheduler(bundle: Any) -> bool:
                 or not isinstance(bundle.evict, LRU))
 
 
-def engine_specs(cfg: RunConfig, settings: LiveSettings, model: str, run_tag: str, scheduler: dict | None) -> list[dict]:
+def engine_specs(cfg: RunConfig, settings: LiveSettings, model: str, run_tag: str, scheduler: dict | None,
+                 gpu: bool = False) -> list[dict]:
     from agentsim.live.engine import EngineSpec
 
     c = cfg.cluster
@@ -100,8 +117,9 @@ def engine_specs(cfg: RunConfig, settings: LiveSettings, model: str, run_tag: st
                 if settings.scheduler_log_dir:
                     sched["log"] = str(Path(settings.scheduler_log_dir) / f"engine{eid}.jsonl")
             specs.append(EngineSpec(
-                engine_id=eid, node_id=node, model=model, run_tag=run_tag, load_format=settings.load_format,
-                dtype=settings.dtype, block_size=e.block_size, max_model_len=max_len, max_num_seqs=e.max_num_seqs,
+                engine_id=eid, node_id=node, model=model, run_tag=run_tag, load_format=settings.resolved_load_format,
+                dtype=settings.resolved_dtype, block_size=e.block_size, enforce_eager=not gpu,
+                data_plane_host=settings.data_plane_host, max_model_len=max_len, max_num_seqs=e.max_num_seqs,
                 max_num_batched_tokens=max(e.max_num_batched_tokens, max_len) if not e.enable_chunked_prefill
                 else e.max_num_batched_tokens,
                 enable_chunked_prefill=e.enable_chunked_prefill, enable_prefix_caching=e.enable_prefix_caching,
@@ -113,7 +131,9 @@ def engine_specs(cfg: RunConfig, settings: LiveSettings, model: str, run_tag: st
 
 
 def check_cpu_limits(cfg: RunConfig) -> None:
-    """vLLM's CPU backend needs block sizes that are multiples of 32."""
+    """vLLM's CPU backend needs block sizes that are multiples of 32 (skipped where GPUs are visible)."""
+    if _local_gpus():
+        return
     bs = cfg.cluster.engine.block_size
     if bs % 32:
         raise ConfigError("cluster.engine.block_size",
@@ -163,14 +183,15 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
 
         return run_endpoints(cfg, settings, bundle, source, opt, out_dir)
     check_vllm()
-    check_cpu_limits_if_cpu(cfg)
+    if not settings.address:
+        check_cpu_limits(cfg)  # the embedded cluster runs vLLM's CPU backend unless this host has GPUs
     model = resolve_model(settings)
     run_tag = uuid.uuid4().hex[:8]
     scheduler = None
     if settings.force_engine_scheduler or needs_engine_scheduler(bundle):
         scheduler = {"policy": cfg.policy, "force_free_queue": settings.force_engine_scheduler,
                      "imports": list(settings.policy_imports)}
-    specs = engine_specs(cfg, settings, model, run_tag, scheduler)
+    engine_specs(cfg, settings, model, run_tag, scheduler)  # validate before starting anything
     from agentsim.live.cluster import RayCluster
 
     if settings.address:
@@ -179,6 +200,7 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
         cluster = RayCluster.local(settings.local_nodes or cfg.cluster.num_nodes, settings.object_store_mb,
                                    log_to_driver=settings.log_to_driver)
     with cluster:
+        specs = engine_specs(cfg, settings, model, run_tag, scheduler, gpu=cluster.has_gpus())
         handles = cluster.start_engines(specs)
         by_id = {h.engine_id: h for h in handles}
         clients = [RayEngineClient(h) for h in handles]
@@ -208,15 +230,17 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
     return result
 
 
-def check_cpu_limits_if_cpu(cfg: RunConfig) -> None:
+def _local_gpus() -> bool:
+    """GPUs visible on this host (NVML), without importing torch."""
     try:
-        import torch
-
-        on_gpu = bool(torch.cuda.is_available())
+        import pynvml
     except ImportError:
-        on_gpu = False
-    if not on_gpu:
-        check_cpu_limits(cfg)
+        return False
+    try:
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:  # noqa: BLE001 - no driver: no GPU
+        return False
 
 
 def _gpu_summary(handles: list) -> Any:
