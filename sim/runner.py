@@ -280,7 +280,7 @@ class Simulation:
         try:
             if cfg.sim.drain:
                 env.run()
-                until = max(env.now, cfg.duration)
+                until = env.now  # drained: the run ends when the last program does
             else:
                 chunks = 50
                 for i in range(1, chunks + 1):

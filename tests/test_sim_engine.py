@@ -130,3 +130,13 @@ def test_same_seed_identical_parquet_and_different_seeds_differ(tmp_path):
     a, b, c = go(1, "a"), go(1, "b"), go(2, "c")
     assert a == b
     assert a[0] != c[0]
+
+
+def test_drained_run_ends_with_its_last_program():
+    """With drain, a huge duration only bounds arrivals: the run (and its time series) ends when work does."""
+    cfg = _one_engine(**{"workload.generator": "test-prefix", "workload.num_programs": 3, "duration": 1e9})
+    r = run(cfg)
+    assert (r.programs["status"] == "finished").all()
+    end = r.programs["end_at"].max()
+    assert r.summary["duration_s"] == end
+    assert len(r.engines) <= int(end / cfg.sim.sample_interval) + 1
