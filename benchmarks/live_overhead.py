@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tool", type=float, default=0.05, help="constant tool time (s)")
+    ap.add_argument("--poll-interval", type=float, default=LiveOptions.poll_interval,
+                    help="driver's KV-event/stats poll period (s)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -138,7 +140,8 @@ def main() -> None:
                 steps: dict = {}
                 client = RecordingClient(RayEngineClient(h), steps)
                 driver = LiveDriver([client], make_bundle("vllm"), block_size=32,
-                                    options=LiveOptions(duration=cfg.duration, flush_interval=0), seed=cfg.seed,
+                                    options=LiveOptions(duration=cfg.duration, flush_interval=0,
+                                                        poll_interval=args.poll_interval), seed=cfg.seed,
                                     max_num_seqs=16)
 
                 def run_direct() -> dict:
@@ -152,7 +155,8 @@ def main() -> None:
                 else:
                     # the programs are deterministic: record them with a throwaway driver run first
                     rec_driver = LiveDriver([client], make_bundle("vllm"), block_size=32,
-                                            options=LiveOptions(duration=cfg.duration, flush_interval=0),
+                                            options=LiveOptions(duration=cfg.duration, flush_interval=0,
+                                                                poll_interval=args.poll_interval),
                                             seed=cfg.seed, max_num_seqs=16)
                     rec_driver.run(RecordingSource(cfg.workload, cfg.seed, steps))
                     out = run_direct()

@@ -46,7 +46,6 @@ def agentsim(*args: str, timeout: float = 600, cwd: Path | None = None) -> subpr
 
 def test_live_defaults_on_a_local_two_node_cluster(tmp_path):
     out = tmp_path / "run"
-    t0 = time.monotonic()
     p = agentsim("live", "--local-nodes", "2", "--out", str(out), cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "complete" in p.stdout and "TTFT" in p.stdout
@@ -60,7 +59,6 @@ def test_live_defaults_on_a_local_two_node_cluster(tmp_path):
     assert len(r["programs"]) == 8 and (r["programs"]["status"] == "finished").all()
     assert (r["calls"]["status"] == "finished").all()
     assert r["engines"]["gpu_util"].isna().all()
-    assert time.monotonic() - t0 < 300
 
 
 def test_input_errors_are_one_line_and_exit_2(tmp_path):
