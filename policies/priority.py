@@ -151,25 +151,34 @@ class PLAS:
 
         A pure function of the call's service and wait and the program's record, however often it
         is evaluated (the simulator ranks waiting calls every step, the live scheduler every call),
-        so both backends reach the same order at the same instants.
+        so both backends reach the same order at the same instants. (Hot path: the simulator calls
+        it for every waiting call at every step.)
         """
-        st = self._entry(call, now)
+        st = self.calls.get(call.call_id)
+        if st is None:
+            st = self._entry(call, now)
         served = call.service_time
-        last = self.num_queues - 1
-        while st.level < last and served - st.quantum_mark >= st.quantum:
-            st.quantum_mark += st.quantum
-            st.level += 1
-            st.quantum = self.quanta[st.level]
-            self.num_demotions += 1
-        if self.beta is not None and st.level > 0:
+        if served - st.quantum_mark >= st.quantum and st.level < self.num_queues - 1:
+            last = self.num_queues - 1
+            quanta = self.quanta
+            while st.level < last and served - st.quantum_mark >= st.quantum:
+                st.quantum_mark += st.quantum
+                st.level += 1
+                st.quantum = quanta[st.level]
+                self.num_demotions += 1
+        if st.level > 0 and self.beta is not None:
             pt = self.programs[call.program_id]
-            wait = current_wait(call, now) - st.wait_mark
-            model = served - st.model_mark
-            if pt.wait + wait >= self.beta * max(pt.service + model, self.starvation_floor):
+            w = now - call.arrival_at - served
+            if call.wait_time > w:
+                w = call.wait_time
+            model = pt.service + served - st.model_mark
+            if model < self.starvation_floor:
+                model = self.starvation_floor
+            if pt.wait + w - st.wait_mark >= self.beta * model:
                 st.level = 0
                 st.quantum = self.quanta[0]
                 st.quantum_mark = served
-                st.wait_mark = current_wait(call, now)
+                st.wait_mark = w
                 st.model_mark = served
                 self.num_promotions += 1
         return (st.level, call.arrival_at, call.call_id)

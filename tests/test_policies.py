@@ -753,3 +753,24 @@ def test_policy_config_errors_exit_2_with_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: policy.params.evict: continuum: ttl must be 'optimal' or 'fixed'"]
     assert not (tmp_path / "out").exists()
+
+
+def test_policy_report_sustainable_rate_and_success_table(tmp_path):
+    import numpy as np
+
+    from agentsim.errors import ConfigError
+    from agentsim.experiments.policy_report import load_success, sustainable_rate
+
+    rates = np.array([1.0, 2.0, 3.0])
+    # crosses 0.2 between 2 (0.1) and 3 (0.4): log-linear -> 2 + ln(2)/ln(4) = 2.5
+    assert sustainable_rate(rates, np.array([0.05, 0.1, 0.4]), 0.2) == (pytest.approx(2.5), False)
+    assert sustainable_rate(rates, np.array([0.05, 0.1, 0.15]), 0.2) == (3.0, True)   # a lower bound
+    assert math.isnan(sustainable_rate(rates, np.array([0.3, 0.4, 0.5]), 0.2)[0])
+    good = tmp_path / "ok.toml"
+    good.write_text("[success_rate]\nadaptorch = 0.5\n")
+    assert load_success(str(good)) == {"adaptorch": 0.5}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[success_rate]\nadaptorch = 1.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_success(str(bad))
+    assert e.value.where.endswith("success_rate.adaptorch")
