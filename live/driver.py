@@ -66,10 +66,11 @@ class EngineClient:
 class RayEngineClient(EngineClient):
     """An :class:`~agentsim.live.engine.EngineHost` actor; actor death becomes :class:`EngineDead`.
 
-    ``generate`` goes over the engine's ZMQ data plane when it has one (``info["data_plane"]``; a
-    Ray actor call costs ~1 ms idle and ~3 ms next to a busy engine on a small machine), else
-    over Ray. Polls, clock and control always use Ray, so an actor's death is noticed by the next
-    poll, which then fails the calls still waiting on the data plane with :class:`EngineDead`.
+    ``generate`` and ``poll`` go over the engine's ZMQ data plane when it has one
+    (``info["data_plane"]``): a Ray actor call costs ~1 ms idle and ~3 ms next to a busy engine on
+    a small machine, and handling it in the engine's process slows the engine. Clock and control
+    use Ray. A poll the data plane does not answer within 1 s is retried over Ray, which notices
+    an actor's death; the driver then fails the calls still waiting with :class:`EngineDead`.
     """
 
     def __init__(self, handle: Any, use_data_plane: bool = True) -> None:
@@ -86,6 +87,7 @@ class RayEngineClient(EngineClient):
         self._reader: asyncio.Task | None = None
         self._gone: str | None = None
         self._loop: Any = None
+        self._npoll = 0
 
     def _open(self) -> None:
         import msgspec
@@ -158,6 +160,23 @@ class RayEngineClient(EngineClient):
         return await self._call(ref)
 
     async def poll(self) -> dict:
+        """Stats + KV events: over the data plane; over Ray if that does not answer within 1 s
+        (which raises :class:`EngineDead` when the actor is gone)."""
+        if self._gone is not None:
+            raise EngineDead(self._gone)
+        if self._endpoint:
+            if self._sock is None or self._loop is not asyncio.get_running_loop():
+                self.close()
+                self._open()
+            self._npoll += 1
+            rid = f"poll-{self._npoll}"
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting[rid] = fut
+            await self._sock.send(self._enc.encode([rid, "poll"]))
+            try:
+                return await asyncio.wait_for(fut, timeout=1.0)
+            except asyncio.TimeoutError:
+                self._waiting.pop(rid, None)
         return await self._call(self.handle.actor.poll.remote())
 
     async def clock(self) -> float:

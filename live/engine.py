@@ -274,8 +274,10 @@ class EngineHost:
     async def _start_data_plane(self, host: str) -> None:
         """A ROUTER socket taking msgpack ``generate`` requests (cheaper per call than a Ray RPC).
 
-        Frame: ``[identity, msgpack([request_id, token_ids, max_tokens, priority, extra_args, run_epoch])]``;
-        the reply is ``[identity, msgpack([request_id, reply_or_None, error_or_None])]``.
+        Frame: ``[identity, msgpack([request_id, token_ids, max_tokens, priority, extra_args, run_epoch])]``
+        (or ``[request_id, "poll"]`` for :meth:`poll`); the reply is
+        ``[identity, msgpack([request_id, reply_or_None, error_or_None])]``. Ray actor calls handled
+        in this process slow the engine next to them on a small machine; these do not.
         """
         import msgspec
         import zmq
@@ -294,7 +296,8 @@ class EngineHost:
         async def handle(ident: bytes, args: list) -> None:
             rid = args[0]
             try:
-                reply = await self.generate(*args)
+                # [rid, "poll"] asks for stats + KV events; anything else is a generate call
+                reply = await self.poll() if len(args) == 2 and args[1] == "poll" else await self.generate(*args)
                 out = [rid, reply, None]
             except Exception as e:  # noqa: BLE001 - the driver turns it into the call's failure
                 out = [rid, None, f"{type(e).__name__}: {e}"]
