@@ -140,7 +140,7 @@ def _print(result, cfg, out: Path) -> None:
     m = result.manifest
     cl = cfg.cluster
     title = (f"live: {m.get('cluster')}, {len(m.get('engines', []))} engine(s), model {Path(str(m.get('live_model'))).name} "
-             f"| policy {m['policy']} | seed {cfg.seed} | {result.summary['duration_s']:.1f} s wall")
+             f"| policy {m['policy']} | seed {cfg.seed} | {m.get('wall_time_s', 0.0):.1f} s wall")
     try:
         from agentsim.commands import print_summary
 

@@ -337,6 +337,8 @@ class LiveDriver:
         self._complete = False
         self._ended_at: float | None = None
         self._write_lock = threading.Lock()
+        self._flush_job: asyncio.Future | None = None
+        self._final_written = False
 
     # ------------------------------------------------------------------ clock
     def now(self) -> float:
@@ -406,6 +408,9 @@ class LiveDriver:
                 await asyncio.gather(*bg, *self._tasks, return_exceptions=True)
             except asyncio.CancelledError:
                 status = "interrupted"
+            if self._flush_job is not None and not self._flush_job.done():
+                # a partial flush still writing in its thread must land before the final write
+                await asyncio.wait([self._flush_job])
             self._ended_at = self.now()
             for c in self.clients:
                 if hasattr(c, "close"):
@@ -706,7 +711,10 @@ class LiveDriver:
             try:
                 # tables are copied on the loop thread (appends happen there); parquet is written off it
                 job = self._prepare(final=False, status="running")
-                await asyncio.get_running_loop().run_in_executor(None, self._store, job)
+                self._flush_job = asyncio.get_running_loop().run_in_executor(None, self._store, job)
+                await asyncio.shield(self._flush_job)
+            except asyncio.CancelledError:
+                raise
             except Exception as e:  # noqa: BLE001 - a failed partial flush must not stop the run
                 self.errors.append(f"flush: {e}")
 
@@ -732,12 +740,18 @@ class LiveDriver:
     def _store(self, res: LiveResult) -> LiveResult:
         if self.out_dir is not None:
             with self._write_lock:  # a partial flush may still be running in its thread
+                if self._final_written and not res.manifest.get("final"):
+                    return res  # never replace the final result with an older snapshot
+                self._final_written = self._final_written or bool(res.manifest.get("final"))
                 res.out_dir = M.write_results(self.out_dir, res.calls, res.programs, res.engines, res.summary, res.manifest)
         return res
 
     def _prepare(self, final: bool, status: str) -> LiveResult:
         calls, programs, engines = self._frames()
         duration = self._ended_at if final and self._ended_at is not None else self.now()
+        if final and self._complete:
+            # the simulator's convention: a run lasts at least `duration` (programs may all end sooner)
+            duration = max(duration, self.opt.duration)
         summary = M.summarize(calls, programs, engines, max(duration, 1e-9), self.opt.slo_ttft, self.opt.slo_tpot)
         summary["num_retries"] = float(self.num_retries)
         summary["num_engine_failures"] = float(len(self.engine_failures))
@@ -746,14 +760,14 @@ class LiveDriver:
         complete = final and self._complete
         manifest = dict(self.base_manifest)
         manifest.update({
-            "backend": "live", "complete": complete, "status": status if final else "running",
+            "backend": "live", "complete": complete, "status": status if final else "running", "final": final,
             "schema_version": M.SCHEMA_VERSION, "policy": self.bundle.name, "seed": self.seed,
             "engines": [dict(engine_id=c.engine_id, node_id=c.node_id,
                              **{k: c.info.get(k) for k in ("num_blocks", "block_size", "vllm_version",
                                                            "scheduler_cls", "max_model_len", "hostname")})
                         for c in self.clients],
             "engine_failures": list(self.engine_failures), "engine_kills": list(self.engine_kills),
-            "prefix_cache_reset": list(self.cache_reset),
+            "prefix_cache_reset": list(self.cache_reset), "wall_time_s": self.now(),
             "num_retries": self.num_retries,
             "errors": list(self.errors[:20]), "clock_offsets": {str(k): v for k, v in self._offsets.items()},
             "gpu": self.base_manifest.get("gpu", "no GPU"),

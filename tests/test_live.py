@@ -143,6 +143,9 @@ def test_react_under_vllm_bundle(live, tmp_path):
     sim = simulate(cfg)
     assert _calls_per_program(calls) == _calls_per_program(sim.calls)
     assert res.summary["num_programs"] == sim.summary["num_programs"] == 8
+    # same throughput denominator convention as the simulator (a run lasts at least `duration`)
+    assert r["summary"]["duration_s"] == pytest.approx(sim.summary["duration_s"]) == cfg.duration
+    assert r["manifest"]["wall_time_s"] < cfg.duration
 
 
 def test_react_under_least_loaded_sees_kv_events(live, tmp_path):
