@@ -60,6 +60,8 @@ class RayCluster:
         import ray
         from ray.cluster_utils import Cluster
 
+        if ray.is_initialized():  # a stale connection in this process would make ray.init fail
+            ray.shutdown()
         store = int(object_store_mb) * 2**20
         common = dict(num_cpus=cpus_per_node, object_store_memory=store, node_ip_address="127.0.0.1")
         c = Cluster(initialize_head=True, connect=False,
