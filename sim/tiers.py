@@ -27,7 +27,7 @@ engine plans (``reclaim``), never in the middle of a step; anything due at anoth
 a finished transfer, an agent entering the prefetch window) calls ``engine.notify()``, so
 fast-forward windows end exactly where step-by-step mode would see the change.
 
-Simplifications (documented in docs/policies.md): a write-back does not delay the GPU block's reuse
+Simplifications (documented in the README's Policies section): a write-back does not delay the GPU block's reuse
 (a staging buffer is assumed); loaded blocks count as computed prefix; preempted calls recompute as
 in vLLM v1 (no swap).
 """
