@@ -22,12 +22,11 @@ Options:
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Iterator
 
 from agentsim.traces.canonical import ProgramRecord, llm_step, tool_step
-from agentsim.traces.importers import Importer, open_text, register_importer
+from agentsim.traces.importers import Importer, register_importer
 
 
 @register_importer
@@ -46,33 +45,24 @@ class MooncakeImporter(Importer):
             from agentsim.errors import ConfigError
 
             raise ConfigError("block_size", f"must be >= 1, got {bs}")
-        with open_text(self.path) as f:
-            for ln, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                w = self.where(ln)
-                try:
-                    r = json.loads(line)
-                except ValueError as e:
-                    self.bad(w, f"malformed JSON ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(r, dict):
-                    self.bad(w, "expected a JSON object")
-                    continue
-                ts, n_in, n_out, hids = (r.get(k) for k in ("timestamp", "input_length", "output_length", "hash_ids"))
-                if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
-                    self.bad(w, f"timestamp: must be a number of ms >= 0, got {ts!r}")
-                elif isinstance(n_in, bool) or not isinstance(n_in, int) or n_in < 1:
-                    self.bad(w, f"input_length: must be an integer >= 1, got {n_in!r}")
-                elif isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
-                    self.bad(w, f"output_length: must be an integer >= 1, got {n_out!r}")
-                elif not isinstance(hids, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in hids):
-                    self.bad(w, "hash_ids: must be a list of integers >= 0")
-                elif len(hids) != -(-n_in // bs):
-                    self.bad(w, f"hash_ids: has {len(hids)} ids but input_length {n_in} needs "
-                                f"ceil({n_in}/{bs}) = {-(-n_in // bs)}")
-                else:
-                    yield ln, ts, n_in, n_out, hids
+        for ln, w, r in self.json_lines():
+            if not isinstance(r, dict):
+                self.bad(w, "expected a JSON object")
+                continue
+            ts, n_in, n_out, hids = (r.get(k) for k in ("timestamp", "input_length", "output_length", "hash_ids"))
+            if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
+                self.bad(w, f"timestamp: must be a number of ms >= 0, got {ts!r}")
+            elif isinstance(n_in, bool) or not isinstance(n_in, int) or n_in < 1:
+                self.bad(w, f"input_length: must be an integer >= 1, got {n_in!r}")
+            elif isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
+                self.bad(w, f"output_length: must be an integer >= 1, got {n_out!r}")
+            elif not isinstance(hids, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in hids):
+                self.bad(w, "hash_ids: must be a list of integers >= 0")
+            elif len(hids) != -(-n_in // bs):
+                self.bad(w, f"hash_ids: has {len(hids)} ids but input_length {n_in} needs "
+                            f"ceil({n_in}/{bs}) = {-(-n_in // bs)}")
+            else:
+                yield ln, ts, n_in, n_out, hids
 
     def _spread(self, reqs: Iterator[tuple]) -> Iterator[tuple]:
         bucket: list[tuple] = []

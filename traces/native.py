@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from agentsim.errors import TraceError
 from agentsim.traces.canonical import (FORMAT_NAME, SCHEMA_VERSION, ProgramRecord, Step, iter_programs,
                                        read_meta)
-from agentsim.traces.importers import Importer, open_text, register_importer
+from agentsim.traces.importers import Importer, register_importer
 
 _STEP_KEYS = {"step_id", "kind", "agent_id", "thread_id", "parents", "segments", "output_tokens", "output_seg_id",
               "tool_name", "tool_time", "recorded_at", "recorded_time", "hints"}
@@ -52,44 +52,35 @@ class NativeImporter(Importer):
     def _jsonl(self) -> Iterator[ProgramRecord]:
         seen: set[int] = set()
         n = 0
-        with open_text(self.path) as f:
-            for ln, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                w = self.where(ln)
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    self.bad(w, f"malformed JSON ({e.msg} at column {e.colno})")
-                    continue
-                if isinstance(obj, dict) and "agentsim_trace" in obj:
-                    if n:
-                        raise TraceError(w, "the metadata line must come first")
-                    if obj["agentsim_trace"] != SCHEMA_VERSION:
-                        raise TraceError(w, f"agentsim_trace version {obj['agentsim_trace']!r} is not supported")
-                    meta = obj.get("meta")
-                    if not isinstance(meta, dict):
-                        raise TraceError(w, "meta: must be an object")
-                    self.meta = dict(meta, format=FORMAT_NAME, schema_version=SCHEMA_VERSION)
-                    continue
-                try:
-                    prog = _program(obj, n, ln)
-                except (ValueError, TypeError) as e:
-                    self.bad(w, str(e))
-                    continue
-                if prog.program_id in seen:
-                    self.bad(w, f"program_id {prog.program_id} appears twice")
-                    continue
-                try:
-                    from agentsim.traces.canonical import check_program
+        for ln, w, obj in self.json_lines():
+            if isinstance(obj, dict) and "agentsim_trace" in obj:
+                if n:
+                    raise TraceError(w, "the metadata line must come first")
+                if obj["agentsim_trace"] != SCHEMA_VERSION:
+                    raise TraceError(w, f"agentsim_trace version {obj['agentsim_trace']!r} is not supported")
+                meta = obj.get("meta")
+                if not isinstance(meta, dict):
+                    raise TraceError(w, "meta: must be an object")
+                self.meta = dict(meta, format=FORMAT_NAME, schema_version=SCHEMA_VERSION)
+                continue
+            try:
+                prog = _program(obj, n, ln)
+            except (ValueError, TypeError) as e:
+                self.bad(w, str(e))
+                continue
+            if prog.program_id in seen:
+                self.bad(w, f"program_id {prog.program_id} appears twice")
+                continue
+            try:
+                from agentsim.traces.canonical import check_program
 
-                    check_program(prog, w)
-                except TraceError as e:
-                    self.bad(w, e.message)
-                    continue
-                seen.add(prog.program_id)
-                n += 1
-                yield prog
+                check_program(prog, w)
+            except TraceError as e:
+                self.bad(w, e.message)
+                continue
+            seen.add(prog.program_id)
+            n += 1
+            yield prog
 
 
 def _num(v: Any, name: str, integer: bool = False, nullable: bool = False) -> Any:

@@ -25,7 +25,6 @@ Sessions are gathered in memory (rounds of one session may be interleaved with o
 from __future__ import annotations
 
 import csv
-import json
 from datetime import datetime
 from typing import Any, Iterator
 
@@ -93,23 +92,14 @@ class TraceLabImporter(Importer):
     # ------------------------------------------------------------------ round JSONL
     def _rounds(self) -> Iterator[ProgramRecord]:
         sessions: dict[str, list[dict]] = {}
-        with open_text(self.path) as f:
-            for ln, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                w = self.where(ln)
-                try:
-                    r = json.loads(line)
-                except ValueError as e:
-                    self.bad(w, f"malformed JSON ({e.msg} at column {e.colno})")
-                    continue
-                try:
-                    rec = self._round(r)
-                except ValueError as e:
-                    self.bad(w, str(e))
-                    continue
-                rec["line"] = ln
-                sessions.setdefault(rec["session"], []).append(rec)
+        for ln, w, r in self.json_lines():
+            try:
+                rec = self._round(r)
+            except ValueError as e:
+                self.bad(w, str(e))
+                continue
+            rec["line"] = ln
+            sessions.setdefault(rec["session"], []).append(rec)
         starts = {s: min(x["t_start"] for x in rs if x["t_start"] is not None) if any(
             x["t_start"] is not None for x in rs) else None for s, rs in sessions.items()}
         known = [t for t in starts.values() if t is not None]
