@@ -394,3 +394,14 @@ class Trace:
     @staticmethod
     def read(path: str | Path) -> Trace:
         return Trace(read_meta(path), list(iter_programs(path)))
+
+
+def truncate_pieces(pieces: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The first ``n`` tokens of a prompt given as (content id, tokens) pieces."""
+    out = []
+    for sid, k in pieces:
+        if n <= 0:
+            break
+        out.append((sid, min(k, n)))
+        n -= k
+    return out

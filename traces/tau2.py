@@ -30,7 +30,7 @@ from datetime import datetime
 from typing import Any, Iterator
 
 from agentsim.errors import TraceError
-from agentsim.traces.canonical import ProgramRecord, Step, llm_step, tool_step
+from agentsim.traces.canonical import ProgramRecord, Step, llm_step, tool_step, truncate_pieces
 from agentsim.traces.importers import Importer, open_text, register_importer
 
 CHARS_PER_TOKEN = 4.0
@@ -180,7 +180,7 @@ class Tau2Importer(Importer):
                     pieces = [(sid, size), (fresh(), pt - size)]
                 else:
                     have = sum(x for _, x in prev)
-                    pieces = list(prev) + [(fresh(), pt - have)] if pt >= have else _truncate(prev, pt)
+                    pieces = list(prev) + [(fresh(), pt - have)] if pt >= have else truncate_pieces(prev, pt)
                 out_id = fresh()
                 steps.append(llm_step(len(steps), agent_of[role], pieces, ct, parents, output_seg_id=out_id,
                                       recorded_at=at, recorded_time=max(0.0, m["t"] - t_prev)))
@@ -192,16 +192,6 @@ class Tau2Importer(Importer):
         if not steps:
             raise TraceError(self.where(1), f"simulations[{i}] has no LLM calls or tool calls")
         return ProgramRecord(n, p["start"] - t_first, "tau2", p["id"], steps)
-
-
-def _truncate(pieces: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    out = []
-    for sid, k in pieces:
-        if n <= 0:
-            break
-        out.append((sid, min(k, n)))
-        n -= k
-    return out
 
 
 # --------------------------------------------------------------------------- error location

@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any, Iterator
 
 from agentsim.errors import ConfigError, TraceError
-from agentsim.traces.canonical import ProgramRecord, Step, llm_step, tool_step
+from agentsim.traces.canonical import ProgramRecord, Step, llm_step, tool_step, truncate_pieces
 from agentsim.traces.importers import Importer, open_text, register_importer
 
 
@@ -43,16 +43,6 @@ def _int(v: Any, name: str, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name}: must be an integer >= {lo}, got {v!r}")
     return v
-
-
-def _truncate(pieces: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    out = []
-    for sid, k in pieces:
-        if n <= 0:
-            break
-        out.append((sid, min(k, n)))
-        n -= k
-    return out
 
 
 class _Ids:
@@ -183,7 +173,7 @@ class TraceLabImporter(Importer):
             else:
                 have = sum(k for _, k in hist)
                 keep = min(r["total"] if append else r["prefix"], have)
-                pieces = _truncate(hist, keep) + [(ids.fresh(), r["total"] - keep)]
+                pieces = truncate_pieces(hist, keep) + [(ids.fresh(), r["total"] - keep)]
             out_id = ids.fresh()
             at = r["t_start"] - t0 if r["t_start"] is not None else None
             took = (r["t_llm_end"] - r["t_start"]) if r["t_start"] is not None and r["t_llm_end"] is not None else None
@@ -255,7 +245,7 @@ class TraceLabImporter(Importer):
                     pieces = [(ids.shared("base:csv"), prefix), (ids.fresh(), new)]
                 else:
                     keep = min(prefix, sum(k for _, k in hist))
-                    pieces = _truncate(hist, keep) + [(ids.fresh(), new + prefix - keep)]
+                    pieces = truncate_pieces(hist, keep) + [(ids.fresh(), new + prefix - keep)]
                 out_id = ids.fresh()
                 steps.append(llm_step(len(steps), n, pieces, out, wait_for, output_seg_id=out_id))
                 hist = [p for p in pieces if p[1] > 0] + [(out_id, out)]
