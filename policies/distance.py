@@ -65,8 +65,24 @@ class CpuTierOptions:
     prefetch: bool = False
 
 
+class _InFlight:
+    """Counts each agent's LLM calls in flight (``self.active``: agent -> calls)."""
+
+    active: dict[int, int]
+
+    def _started(self, agent_id: int) -> None:
+        self.active[agent_id] = self.active.get(agent_id, 0) + 1
+
+    def _ended(self, agent_id: int) -> None:
+        n = self.active.get(agent_id, 0) - 1
+        if n > 0:
+            self.active[agent_id] = n
+        else:
+            self.active.pop(agent_id, None)
+
+
 # --------------------------------------------------------------------------- distance estimators
-class TimeDistances:
+class TimeDistances(_InFlight):
     """Per-agent expected time of the next LLM call (ScaleSim's D_i in seconds).
 
     ``source``: ``oracle`` (the program's hint when a call ends), ``ewma`` (online, ``alpha``-weighted
@@ -92,7 +108,7 @@ class TimeDistances:
 
     def on_call_arrive(self, call: CallView, now: float) -> None:
         a = call.agent_id
-        self.active[a] = self.active.get(a, 0) + 1
+        self._started(a)
         last = self.last_finish.pop(a, None)
         if last is not None:
             g = max(0.0, now - last)
@@ -103,11 +119,7 @@ class TimeDistances:
 
     def on_call_finish(self, call: CallView, now: float) -> None:
         a = call.agent_id
-        n = self.active.get(a, 0) - 1
-        if n > 0:
-            self.active[a] = n
-        else:
-            self.active.pop(a, None)
+        self._ended(a)
         self.last_finish[a] = now
         d = None
         if self.source == "oracle":
@@ -138,7 +150,7 @@ class TimeDistances:
         return None if t is None else max(0.0, t - now)
 
 
-class SimulationSteps:
+class SimulationSteps(_InFlight):
     """ScaleSim's native D_i: simulation timesteps until the agent's next call.
 
     Each program (one simulation) has a step clock that advances when a tool named ``step_tool``
@@ -156,17 +168,13 @@ class SimulationSteps:
 
     def on_call_arrive(self, call: CallView, now: float) -> None:
         a = call.agent_id
-        self.active[a] = self.active.get(a, 0) + 1
+        self._started(a)
         self.agent_program[a] = call.program_id
         self.version += 1
 
     def on_call_finish(self, call: CallView, now: float) -> None:
         a = call.agent_id
-        n = self.active.get(a, 0) - 1
-        if n > 0:
-            self.active[a] = n
-        else:
-            self.active.pop(a, None)
+        self._ended(a)
         d = call.hints.next_invocation_steps
         if d is None:
             self.next_step.pop(a, None)
@@ -192,7 +200,7 @@ class SimulationSteps:
         return max(0, nxt - self.clock.get(self.agent_program.get(agent_id, -1), 0))
 
 
-class StepDistances:
+class StepDistances(_InFlight):
     """Steps-to-execution over an agent step graph (KVFlow), per workflow client.
 
     A *client* is the closed-loop agent slot that runs a workflow (the program's ``agent_id``); a step
@@ -249,7 +257,7 @@ class StepDistances:
         self.client_stage[c] = stage
         self.agent_client[a] = c
         self.agent_stage[a] = stage
-        self.active[a] = self.active.get(a, 0) + 1
+        self._started(a)
         if self.mode == "hints":
             steps = call.hints.next_invocation_steps
             pos = self.client_steps.get(c, 0)
@@ -261,11 +269,7 @@ class StepDistances:
 
     def on_call_finish(self, call: CallView, now: float) -> None:
         a = call.agent_id
-        n = self.active.get(a, 0) - 1
-        if n > 0:
-            self.active[a] = n
-        else:
-            self.active.pop(a, None)
+        self._ended(a)
         c = self._client(call)
         self.client_steps[c] = self.client_steps.get(c, 0) + 1
         self.version += 1
