@@ -31,6 +31,9 @@ class EngineLimits:
     enable_prefix_caching: bool = True        # --enable-prefix-caching
     max_model_len: int | None = None          # --max-model-len (default: the profile's model)
     num_gpu_blocks_override: int | None = None  # --num-gpu-blocks-override (force a small KV cache)
+    scheduler: str = "v1"                     # v1 (mixed batches, vLLM >= 0.8 default) | v0 (prefill-first)
+    num_scheduler_steps: int = 1              # --num-scheduler-steps (V0 multi-step: K decode steps per schedule)
+    api_server_count: int = 1                 # --api-server-count (frontend workers; their costs come from the profile)
 
     def __post_init__(self) -> None:
         w = "cluster.engine"
@@ -40,6 +43,11 @@ class EngineLimits:
         _check(self.max_model_len is None or self.max_model_len >= 2, f"{w}.max_model_len", "must be >= 2")
         _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
                f"{w}.num_gpu_blocks_override", f"must be >= 1 (a cluster with no KV cache cannot serve)")
+        _check(self.scheduler in ("v1", "v0"), f"{w}.scheduler", f"must be v1 or v0, got {self.scheduler!r}")
+        _check(self.num_scheduler_steps >= 1, f"{w}.num_scheduler_steps", "must be >= 1")
+        _check(self.num_scheduler_steps == 1 or self.scheduler == "v0", f"{w}.num_scheduler_steps",
+               "multi-step scheduling exists only in vLLM's V0 engine (set scheduler = \"v0\")")
+        _check(self.api_server_count >= 1, f"{w}.api_server_count", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def build_profile(model: ModelDims, tp: int, source: ModelDims, created_at: str,
         provenance["note"] = (f"DERIVED, not measured: each operator's {source.name} time is scaled by the ratio of "
                               f"its weight/activation size in {model.name}.")
     return Profile(
-        name=name, gpu=gpu, model=model, tp=tp, dtype_bytes=2, step_time=coeffs,
+        name=name, gpu=gpu, model=model, tp=tp, dtype_bytes=2, coefficients=coeffs,
         kv_bytes_per_token=model.kv_bytes_per_token(2), kv_capacity_tokens=capacity,
         gpu_memory_utilization=GPU_MEMORY_UTILIZATION, links=links, provenance=provenance,
         fit_error=fit_err, kv_block_size=KV_BLOCK_SIZE,
@@ -134,9 +134,20 @@ def build_all(created_at: str, assumptions: Assumptions = Assumptions()) -> list
 
 
 def _comparable(d: dict) -> dict:
+    """The profile without its date, floats to 12 significant digits: a rebuild with another
+    NumPy/BLAS build differs in the last bits of a least-squares fit (seen: numpy 2.3 vs 2.2),
+    which is not a different profile."""
+    def norm(x):
+        if isinstance(x, float):
+            return float(f"{x:.12g}")
+        if isinstance(x, dict):
+            return {k: norm(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [norm(v) for v in x]
+        return x
     d = json.loads(json.dumps(d))
     d.get("provenance", {}).pop("created_at", None)
-    return d
+    return norm(d)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,7 +127,7 @@ def fit(
     write_raw_points(job, raw)
     prof.provenance["raw_points"] = raw.name
     prof.save(out)
-    st = prof.step_time
+    st = prof.coefficients
     print(f"wrote {out} ({prof.name}, fitted to {prof.provenance['clock']} time)")
     print(f"coefficients: const {st.const * 1e3:.4f} ms, per prefill token {st.per_prefill_token * 1e6:.4f} us, "
           f"per attn pair {st.per_prefill_attn_pair * 1e9:.5f} ns, per decode seq {st.per_decode_seq * 1e6:.4f} us, "

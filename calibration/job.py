@@ -387,7 +387,7 @@ def fit_job(job: Job, model_name: str | None = None, clock: str | None = None) -
     }
     prof = Profile(
         name=f"{gpu.name}_{name}_tp{meta['engine']['tp']}", gpu=gpu, model=dims, tp=int(meta["engine"]["tp"]),
-        dtype_bytes=int(info["dtype_bytes"]), step_time=coeffs,
+        dtype_bytes=int(info["dtype_bytes"]), coefficients=coeffs,
         kv_bytes_per_token=dims.kv_bytes_per_token(int(info["dtype_bytes"])),
         kv_capacity_tokens=int(info["kv_capacity_tokens"]),
         gpu_memory_utilization=min(1.0, float(info["gpu_memory_utilization"])), links=links,
@@ -414,7 +414,7 @@ def write_raw_points(job: Job, path: Path) -> None:
 def check_profile(profile: Profile, job: Job, clock: str | None = None) -> dict[str, ErrorStats]:
     """Errors of ``profile`` on the job's held-out points, per kind, and on the fitted ones."""
     t = job.table(clock)
-    pred = predict_many(profile.step_time, t["features"])
+    pred = predict_many(profile.coefficients, t["features"])
     y, ho, kinds = t["step_time_s"], t["holdout"], t["kind"]
     out = {"held_out": error_stats(pred[ho], y[ho])}
     for k in ("decode", "prefill", "mixed"):

@@ -84,6 +84,26 @@ class StepTimeCoefficients:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchShape:
+    """What one engine step computes: the input of :meth:`Profile.step_time`.
+
+    ``num_prefill_tokens``: prompt tokens computed this step (all prefill chunks);
+    ``prefill_attn_pairs``: sum over chunks of ``c*k + c*(c+1)/2`` (chunk ``c`` over ``k`` computed tokens);
+    ``num_decode_seqs``: sequences decoding one token; ``decode_ctx_tokens``: sum of their context lengths;
+    ``num_prefill_seqs``: sequences with a prefill chunk this step;
+    ``num_sampled``: sequences that sample a token at the end of this step (decodes + prefills that
+    finish their prompt); ``-1`` means "every scheduled sequence".
+    """
+
+    num_prefill_tokens: int = 0
+    prefill_attn_pairs: int = 0
+    num_decode_seqs: int = 0
+    decode_ctx_tokens: int = 0
+    num_prefill_seqs: int = 0
+    num_sampled: int = -1
+
+
+@dataclass(frozen=True, slots=True)
 class Links:
     nvlink_GBps: float
     pcie_GBps: float
@@ -97,7 +117,7 @@ class Profile:
     model: ModelDims
     tp: int
     dtype_bytes: int
-    step_time: StepTimeCoefficients
+    coefficients: StepTimeCoefficients  # serialised as "step_time"
     kv_bytes_per_token: int
     kv_capacity_tokens: int
     gpu_memory_utilization: float
@@ -106,6 +126,18 @@ class Profile:
     fit_error: dict | None = None
     kv_block_size: int = 16  # block size the stated capacity in blocks refers to (vLLM's GPU default)
     source: str = ""  # where it was loaded from (not serialised)
+
+    def step_time(self, batch: BatchShape) -> float:
+        """Seconds for one engine step of shape ``batch`` (the one rule the engine model and
+        calibration both use)."""
+        return self.step_seconds(batch.num_prefill_tokens, batch.prefill_attn_pairs, batch.num_decode_seqs,
+                                 batch.decode_ctx_tokens, batch.num_prefill_seqs, batch.num_sampled)
+
+    def step_seconds(self, num_prefill_tokens: int, prefill_attn_pairs: float, num_decode_seqs: int,
+                     decode_ctx_tokens: int, num_prefill_seqs: int = 0, num_sampled: int = -1) -> float:
+        """:meth:`step_time` with the batch features as positional numbers (the simulator's hot path)."""
+        return self.coefficients.predict(num_prefill_tokens, prefill_attn_pairs, num_decode_seqs,
+                                                   decode_ctx_tokens)
 
     @property
     def kv_capacity_blocks(self) -> int:
@@ -130,7 +162,7 @@ class Profile:
             "model": asdict(self.model),
             "tp": self.tp,
             "dtype_bytes": self.dtype_bytes,
-            "step_time": asdict(self.step_time),
+            "step_time": asdict(self.coefficients),
             "kv": {
                 "bytes_per_token": self.kv_bytes_per_token,
                 "capacity_tokens": self.kv_capacity_tokens,
@@ -224,7 +256,7 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> Profile:
     prov = _need(d, "provenance", source, dict)
     return Profile(
         name=name, gpu=gpu, model=model, tp=tp, dtype_bytes=int(d.get("dtype_bytes", 2)),
-        step_time=StepTimeCoefficients(**coeffs), kv_bytes_per_token=bpt, kv_capacity_tokens=cap,
+        coefficients=StepTimeCoefficients(**coeffs), kv_bytes_per_token=bpt, kv_capacity_tokens=cap,
         gpu_memory_utilization=util, links=links, provenance=prov, fit_error=fit_error,
         kv_block_size=block_size, source=source,
     )

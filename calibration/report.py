@@ -93,7 +93,7 @@ def report_rows(profile: Profile) -> list[ReportRow]:
     for label, shape in SHOW_SHAPES:
         kv = shape.decode_ctx_tokens + sum(c + k for c, k in shape.prefills)
         rows.append(ReportRow(
-            label=label, shape=shape, predicted=profile.step_time.predict(*shape.features()),
+            label=label, shape=shape, predicted=profile.coefficients.predict(*shape.features()),
             hbm_roofline=hbm_roofline(profile, shape), flop_roofline=flop_roofline(profile, shape),
             kv_tokens=kv, fits_kv=kv <= profile.kv_capacity_tokens,
         ))
@@ -114,7 +114,7 @@ def render_show(profile: Profile, console) -> None:
     console.print(f"KV cache: {profile.kv_capacity_tokens:,} tokens ({profile.kv_capacity_blocks:,} blocks of "
                   f"{profile.kv_block_size}) at gpu_memory_utilization {profile.gpu_memory_utilization}, "
                   f"{profile.kv_bytes_per_token:,} bytes/token")
-    st = profile.step_time
+    st = profile.coefficients
     console.print(f"step time = {st.const * 1e3:.3f} ms + {st.per_prefill_token * 1e6:.3f} us/prefill token + "
                   f"{st.per_prefill_attn_pair * 1e9:.4f} ns/attn pair + {st.per_decode_seq * 1e6:.3f} us/decode seq + "
                   f"{st.per_decode_ctx_token * 1e9:.3f} ns/decode ctx token")

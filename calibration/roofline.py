@@ -49,7 +49,7 @@ def roofline_profile(
     capacity = int(free / (kv_bpt / tp))
     return Profile(
         name=f"{gpu.name}_{model.name}_tp{tp}_roofline",
-        gpu=gpu, model=model, tp=tp, dtype_bytes=dtype_bytes, step_time=coeffs,
+        gpu=gpu, model=model, tp=tp, dtype_bytes=dtype_bytes, coefficients=coeffs,
         kv_bytes_per_token=kv_bpt, kv_capacity_tokens=capacity,
         gpu_memory_utilization=gpu_memory_utilization, links=A100_LINKS,
         provenance={

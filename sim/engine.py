@@ -158,7 +158,7 @@ class Engine:
         self._ff_active = False
         self._pending = None
         self._wake: simpy.Event | None = None
-        self._c = profile.step_time
+        self._c = profile.coefficients
         self.num_outstanding_tokens = 0
         # accounting
         self.busy_cum = 0.0

@@ -726,7 +726,7 @@ def _components(bundle: Any) -> list:
 
 def _prefill_time(sim: Any):
     """PrefillReload(L): seconds to recompute L context tokens in budget-sized chunks (the profile)."""
-    st = sim.profile.step_time
+    st = sim.profile.coefficients
     budget = sim.cfg.cluster.engine.max_num_batched_tokens
 
     def prefill(num_tokens: int) -> float:

@@ -22,5 +22,5 @@ def constant_profile(step_time: float, capacity_tokens: int = 1_000_000):
     p = roofline_profile()
     return dataclasses.replace(
         p, name="constant", kv_capacity_tokens=capacity_tokens,
-        step_time=StepTimeCoefficients(const=step_time, per_prefill_token=0.0, per_prefill_attn_pair=0.0,
+        coefficients=StepTimeCoefficients(const=step_time, per_prefill_token=0.0, per_prefill_attn_pair=0.0,
                                        per_decode_seq=0.0, per_decode_ctx_token=0.0))

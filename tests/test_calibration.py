@@ -78,7 +78,7 @@ def test_no_shipped_profile_beats_the_roofline(name):
         assert r.predicted >= r.roofline, (r.label, r.predicted, r.roofline)
     limits = GridLimits(8192, 256, p.model.max_model_len, p.kv_capacity_tokens)
     for s in random_batches(limits, 200, seed=1):
-        pred = p.step_time.predict(*s.features())
+        pred = p.coefficients.predict(*s.features())
         assert pred >= max(hbm_roofline(p, s), flop_roofline(p, s))
 
 
@@ -99,7 +99,7 @@ def test_default_8b_profile_within_stated_bounds_of_rooflines():
     for b in (1, 32, 128):
         for ctx in (1024, 8192):
             kv = b * ctx * p.kv_bytes_per_token
-            assert p.step_time.predict(0, 0, b, b * ctx) >= (weights + kv) / 2.0e12
+            assert p.coefficients.predict(0, 0, b, b * ctx) >= (weights + kv) / 2.0e12
 
 
 def test_measured_profiles_are_faster_with_more_gpus():
@@ -107,7 +107,7 @@ def test_measured_profiles_are_faster_with_more_gpus():
     for name in ("a100-80gb_llama-3-8b_tp1", "a100-80gb_llama-3-8b_tp2", "a100-80gb_llama-3-8b_tp4",
                  "a100-80gb_llama-3-70b_tp4", "a100-80gb_llama-3-70b_tp8"):
         p = load_profile(shipped_profiles()[name])
-        times[name] = p.step_time.predict(2048, attn_pairs(2048, 0), 0, 0)
+        times[name] = p.coefficients.predict(2048, attn_pairs(2048, 0), 0, 0)
     assert times["a100-80gb_llama-3-8b_tp1"] > times["a100-80gb_llama-3-8b_tp2"] > times["a100-80gb_llama-3-8b_tp4"]
     assert times["a100-80gb_llama-3-70b_tp4"] > times["a100-80gb_llama-3-70b_tp8"]
     assert times["a100-80gb_llama-3-70b_tp4"] > times["a100-80gb_llama-3-8b_tp4"]
