@@ -1,19 +1,22 @@
 """Engine profiles: model dims, GPU, TP degree, step-time coefficients, KV capacity, provenance.
 
-A profile is a small JSON file (format ``agentsim-profile``, version 1). The simulator predicts the
-duration of one vLLM engine step from five batch features, each with a non-negative coefficient::
+A profile is a small JSON file (format ``agentsim-profile``, version 2; version-1 files still load).
+The simulator predicts the duration of one vLLM engine step from its batch shape
+(:class:`BatchShape`) with non-negative coefficients (:class:`StepTimeCoefficients`)::
 
-    step_time = const
-              + per_prefill_token    * (prompt tokens computed in this step)
-              + per_prefill_attn_pair* (sum over prefill chunks of query x key pairs, causal)
-              + per_decode_seq       * (decode sequences in this step)
-              + per_decode_ctx_token * (sum of the decode sequences' context lengths)
+    step_time = const                                           # per-step host + launch work
+              + per_scheduled_seq     * (prefill seqs + decode seqs)       # host, per sequence
+              + per_sampled_token     * (sequences that sample a token)    # host, per output token
+              + per_batched_token     * max(batched tokens, knee_tokens)   # linear layers
+              + per_prefill_token     * (prompt tokens computed in this step)
+              + per_decode_seq        * (decode sequences in this step)
+              + per_prefill_attn_pair * (sum over prefill chunks of query x key pairs, causal)
+              + per_decode_ctx_token  * (sum of the decode sequences' context lengths)
 
-A prefill chunk of ``c`` tokens on top of ``k`` cached/computed tokens has
-``c*k + c*(c+1)/2`` attention pairs. The features are physically meaningful (weights streamed
-once per step; linear-layer FLOPs per token; attention FLOPs per pair; KV bytes read per decode
-context token), so coefficients can be fitted from measurements (``agentsim calibrate fit``) or
-derived from a roofline (the shipped default until measured profiles exist).
+``batched tokens`` is vLLM's ``num_batched_tokens`` (prefill tokens + one per decode sequence). A
+prefill chunk of ``c`` tokens on top of ``k`` cached/computed tokens has ``c*k + c*(c+1)/2``
+attention pairs. Version-1 profiles are the special case ``per_scheduled_seq = per_sampled_token =
+per_batched_token = knee_tokens = 0``. See :class:`StepTimeCoefficients` for the sources of each term.
 """
 
 from __future__ import annotations
@@ -27,14 +30,22 @@ from typing import Any
 from agentsim.errors import ConfigError
 
 FORMAT = "agentsim-profile"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+# The linear coefficients, in the column order of :func:`agentsim.calibration.fit.design_matrix`.
 COEFFICIENTS = (
     "const",
     "per_prefill_token",
     "per_prefill_attn_pair",
     "per_decode_seq",
     "per_decode_ctx_token",
+    "per_scheduled_seq",
+    "per_sampled_token",
+    "per_batched_token",
 )
+# Version 1 had only these; a version-1 file loads with the others (and ``knee_tokens``) at 0.
+COEFFICIENTS_V1 = COEFFICIENTS[:5]
+STEP_TIME_FIELDS = (*COEFFICIENTS, "knee_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,23 +75,78 @@ class GPUSpec:
 
 @dataclass(frozen=True, slots=True)
 class StepTimeCoefficients:
+    """Seconds of one engine step as a function of its batch shape (all fields >= 0).
+
+    Terms (seconds; counts are per step)::
+
+        const                                        per-step host work (schedule, launch) + weight-free fixed cost
+        per_scheduled_seq     x (prefill + decode seqs)   host cost per scheduled sequence
+        per_sampled_token     x sampled sequences        host cost per output token (sampling,
+                                                         detokenization, output processing)
+        per_batched_token     x max(T, knee_tokens)      linear layers, T = prefill tokens + decode seqs
+        per_prefill_token     x prefill tokens           slope below the knee / prefill-only per-token work
+        per_decode_seq        x decode seqs              per-decode-sequence device work (KV write, LM head)
+        per_prefill_attn_pair x causal attention pairs   prefill attention FLOPs
+        per_decode_ctx_token  x decode context tokens    decode attention KV reads
+
+    Sources: the knee is the linear layers' memory->compute transition (a GEMM with ``T`` rows reads
+    all its weights whatever ``T`` is, so its time is flat until ``T`` reaches the ridge point of the
+    roofline, then grows with FLOPs); it is visible in Vidur's A100 ``mlp.csv`` and in the H200
+    ``mlp_llama-3-8b.csv`` measurements (flat ~0.19 ms/layer up to ~128 tokens, 0.61 us/token/layer
+    beyond ~512). The host terms are the CPU work vLLM does per step and per sequence
+    (``vllm/v1/core/sched/scheduler.py`` ``schedule``/``update_from_output``,
+    ``vllm/v1/sample/sampler.py``, ``vllm/v1/engine/output_processor.py`` detokenization), tens of
+    microseconds per sequence per step on real engines (issue 14). Attention terms: FLOPs per
+    (query, key) pair for prefill, KV bytes per context token for decode (Vidur's attention
+    fits, research/simulators.md 2.3).
+    """
+
     const: float
     per_prefill_token: float
     per_prefill_attn_pair: float
     per_decode_seq: float
     per_decode_ctx_token: float
+    per_scheduled_seq: float = 0.0
+    per_sampled_token: float = 0.0
+    per_batched_token: float = 0.0
+    knee_tokens: float = 0.0
 
-    def predict(
-        self, num_prefill_tokens: int, prefill_attn_pairs: float, num_decode_seqs: int, decode_ctx_tokens: int
-    ) -> float:
-        """Seconds for one engine step with the given batch features."""
+    def predict(self, num_prefill_tokens: int, prefill_attn_pairs: float, num_decode_seqs: int,
+                decode_ctx_tokens: int, num_prefill_seqs: int = 0, num_sampled: int = -1) -> float:
+        """Seconds for one engine step with the given batch features (see the class docstring);
+        ``num_sampled = -1`` means every scheduled sequence samples. Plain float arithmetic: this is
+        the simulator's hot path."""
+        num_seqs = num_prefill_seqs + num_decode_seqs
+        if num_sampled < 0:
+            num_sampled = num_seqs
+        num_tokens = num_prefill_tokens + num_decode_seqs
+        knee = self.knee_tokens
         return (
             self.const
             + self.per_prefill_token * num_prefill_tokens
             + self.per_prefill_attn_pair * prefill_attn_pairs
             + self.per_decode_seq * num_decode_seqs
             + self.per_decode_ctx_token * decode_ctx_tokens
+            + self.per_scheduled_seq * num_seqs
+            + self.per_sampled_token * num_sampled
+            + self.per_batched_token * (num_tokens if num_tokens > knee else knee)
         )
+
+    def terms(self, batch: BatchShape) -> dict[str, float]:
+        """Each term's seconds for ``batch`` (keys: the coefficient names; they sum to :meth:`predict`)."""
+        num_seqs = batch.num_prefill_seqs + batch.num_decode_seqs
+        sampled = num_seqs if batch.num_sampled < 0 else batch.num_sampled
+        num_tokens = batch.num_prefill_tokens + batch.num_decode_seqs
+        return {
+            "const": self.const,
+            "per_prefill_token": self.per_prefill_token * batch.num_prefill_tokens,
+            "per_prefill_attn_pair": self.per_prefill_attn_pair * batch.prefill_attn_pairs,
+            "per_decode_seq": self.per_decode_seq * batch.num_decode_seqs,
+            "per_decode_ctx_token": self.per_decode_ctx_token * batch.decode_ctx_tokens,
+            "per_scheduled_seq": self.per_scheduled_seq * num_seqs,
+            "per_sampled_token": self.per_sampled_token * sampled,
+            "per_batched_token": self.per_batched_token * max(num_tokens, self.knee_tokens),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +176,39 @@ class Links:
     internode_GBps: float
 
 
+FRONTEND_FIELDS = ("per_request_s", "per_prompt_token_s", "per_output_token_s")
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendCosts:
+    """Per-request CPU costs of vLLM's API server (the ``frontend`` section of a profile; seconds, >= 0).
+
+    ``per_request_s``: HTTP handling and request setup (``OpenAIServingCompletion.create_completion``,
+    ``AsyncLLM.add_request`` -> input processing), once per request;
+    ``per_prompt_token_s``: tokenization / input processing per prompt token;
+    ``per_output_token_s``: detokenization and streaming per output token
+    (``vllm/v1/engine/output_processor.py`` ``OutputProcessor.process_outputs`` -> incremental
+    detokenizer, then the SSE chunk written by ``serving_completion.py``).
+
+    vLLM runs all of these on the API server's single asyncio event loop, one per API server process
+    (``--api-server-count``), so they are modelled as first-come-first-served work on
+    ``cluster.engine.api_server_count`` frontend workers (:mod:`agentsim.sim.frontend`). All zero (the
+    default) turns the frontend model off and leaves runs bit-identical to a profile without it.
+    """
+
+    per_request_s: float = 0.0
+    per_prompt_token_s: float = 0.0
+    per_output_token_s: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_request_s > 0 or self.per_prompt_token_s > 0 or self.per_output_token_s > 0
+
+    def intake_seconds(self, num_prompt_tokens: int) -> float:
+        """Frontend work before a request reaches the engine (setup + tokenization), seconds."""
+        return self.per_request_s + self.per_prompt_token_s * num_prompt_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     name: str
@@ -125,6 +224,7 @@ class Profile:
     provenance: dict = field(default_factory=dict)
     fit_error: dict | None = None
     kv_block_size: int = 16  # block size the stated capacity in blocks refers to (vLLM's GPU default)
+    frontend: FrontendCosts = field(default_factory=FrontendCosts)  # API server costs (all 0: off)
     source: str = ""  # where it was loaded from (not serialised)
 
     def step_time(self, batch: BatchShape) -> float:
@@ -135,9 +235,10 @@ class Profile:
 
     def step_seconds(self, num_prefill_tokens: int, prefill_attn_pairs: float, num_decode_seqs: int,
                      decode_ctx_tokens: int, num_prefill_seqs: int = 0, num_sampled: int = -1) -> float:
-        """:meth:`step_time` with the batch features as positional numbers (the simulator's hot path)."""
+        """:meth:`step_time` with the batch features as positional numbers (the simulator's hot path;
+        the formula is :meth:`StepTimeCoefficients.predict`)."""
         return self.coefficients.predict(num_prefill_tokens, prefill_attn_pairs, num_decode_seqs,
-                                                   decode_ctx_tokens)
+                                         decode_ctx_tokens, num_prefill_seqs, num_sampled)
 
     @property
     def kv_capacity_blocks(self) -> int:
@@ -175,6 +276,8 @@ class Profile:
         }
         if self.fit_error is not None:
             d["fit_error"] = self.fit_error
+        if self.frontend.enabled:  # written only when on: profiles without it stay byte-identical
+            d["frontend"] = asdict(self.frontend)
         return d
 
     def save(self, path: str | Path) -> None:
@@ -202,8 +305,9 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> Profile:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ConfigError(source, f"not an agentsim profile (expected \"format\": \"{FORMAT}\")")
     version = d.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ConfigError(f"{source}: format_version", f"unsupported version {version!r} (this agentsim reads {FORMAT_VERSION})")
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise ConfigError(f"{source}: format_version",
+                          f"unsupported version {version!r} (this agentsim reads {', '.join(map(str, READ_VERSIONS))})")
     name = _need(d, "name", source, str)
     g = _need(d, "gpu", source, dict)
     gpu = GPUSpec(
@@ -223,11 +327,16 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> Profile:
     )
     st = _need(d, "step_time", source, dict)
     coeffs = {}
-    for k in COEFFICIENTS:
+    # Version 1 had five coefficients; its files load with the host and knee terms at 0.
+    for k in (STEP_TIME_FIELDS if version >= 2 else COEFFICIENTS_V1):
         v = float(_need(st, k, f"{source}: step_time"))
-        if not v >= 0:
-            raise ConfigError(f"{source}: step_time.{k}", f"coefficient must be >= 0, got {v}")
+        if not 0 <= v < float("inf"):
+            raise ConfigError(f"{source}: step_time.{k}", f"must be a finite number >= 0, got {v}")
         coeffs[k] = v
+    unknown = sorted(set(st) - set(STEP_TIME_FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: step_time.{unknown[0]}",
+                          f"unknown term (known: {', '.join(STEP_TIME_FIELDS)})")
     kv = _need(d, "kv", source, dict)
     kvw = f"{source}: kv"
     cap = int(_need(kv, "capacity_tokens", kvw))
@@ -254,12 +363,32 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> Profile:
     if tp < 1:
         raise ConfigError(f"{source}: tp", f"must be >= 1, got {tp}")
     prov = _need(d, "provenance", source, dict)
+    frontend = _frontend_from_dict(d.get("frontend"), source)
     return Profile(
         name=name, gpu=gpu, model=model, tp=tp, dtype_bytes=int(d.get("dtype_bytes", 2)),
         coefficients=StepTimeCoefficients(**coeffs), kv_bytes_per_token=bpt, kv_capacity_tokens=cap,
         gpu_memory_utilization=util, links=links, provenance=prov, fit_error=fit_error,
-        kv_block_size=block_size, source=source,
+        kv_block_size=block_size, frontend=frontend, source=source,
     )
+
+
+def _frontend_from_dict(fe: Any, source: str) -> FrontendCosts:
+    """The optional ``frontend`` section (absent: all costs 0); unknown keys and negative costs are errors."""
+    if fe is None:
+        return FrontendCosts()
+    if not isinstance(fe, dict):
+        raise ConfigError(f"{source}: frontend", f"must be an object, got {fe!r}")
+    for k in fe:
+        if k not in FRONTEND_FIELDS:
+            raise ConfigError(f"{source}: frontend.{k}", f"unknown field (known: {', '.join(FRONTEND_FIELDS)})")
+    vals = {}
+    for k in FRONTEND_FIELDS:
+        if k in fe:
+            v = float(_need(fe, k, f"{source}: frontend"))
+            if not v >= 0:
+                raise ConfigError(f"{source}: frontend.{k}", f"must be >= 0, got {v}")
+            vals[k] = v
+    return FrontendCosts(**vals)
 
 
 def load_profile(path: str | Path) -> Profile:
