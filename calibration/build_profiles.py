@@ -5,9 +5,13 @@
 For each (model, TP) below, the layer-by-layer model of :mod:`agentsim.calibration.layerwise`
 predicts the step time of every batch shape in :func:`~agentsim.calibration.grid.serving_grid`
 (decode, prefill and mixed chunked-prefill steps within vLLM's default limits and the KV capacity);
-the five profile coefficients are then fitted to those times (non-negative, relative error), and
-the fit's error on the grid and on random heterogeneous batches it never saw is written into the
-profile's ``fit_error``. Llama-3-8B and Llama-3-70B come straight from their measured rows; the
+the profile's step-time model (:class:`~agentsim.calibration.profile.StepTimeCoefficients`: per-step
+constant, per-sequence terms, linear layers with a knee, attention terms) is then fitted to those times
+with :func:`~agentsim.calibration.fit.fit_step_time` (non-negative, relative error, knee by search),
+and the fit's error on the grid and on random heterogeneous batches it never saw is written into the
+profile's ``fit_error``. The host per-sequence cost is not fitted here: it is the layer model's stated
+assumption (``cpu_overhead_per_seq_s``), and per-sampled-token host cost is 0 (not in the layer
+data); ``agentsim calibrate bench`` fits both to measured runs. Llama-3-8B and Llama-3-70B come straight from their measured rows; the
 Qwen2.5 profiles are derived from the Llama-3-8B rows by model dimensions and say so.
 
 ``--check`` rebuilds into memory and exits 1 if a shipped profile differs (ignoring its date).
@@ -24,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agentsim.calibration.fit import error_stats, fit_coefficients, predict_many
+from agentsim.calibration.fit import error_stats, fit_step_time, predict_many
 from agentsim.calibration.grid import GridLimits, random_batches, serving_grid
 from agentsim.calibration.hardware import GPUS
 from agentsim.calibration.layerwise import DATA_DIR, Assumptions, LayerwiseStepModel
 from agentsim.calibration.models import LLAMA3_8B, LLAMA3_70B, QWEN25_7B, QWEN25_14B
-from agentsim.calibration.profile import GPUSpec, ModelDims, Profile, shipped_profiles
+from agentsim.calibration.profile import COEFFICIENTS, GPUSpec, ModelDims, Profile, StepTimeCoefficients, shipped_profiles
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -78,21 +82,22 @@ def build_profile(model: ModelDims, tp: int, source: ModelDims, created_at: str,
     limits = GridLimits(MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, model.max_model_len, capacity)
     grid = serving_grid(limits)
     shapes = [p.shape() for p in grid]
-    feats = np.array([s.features() for s in shapes], dtype=float)
     times = np.array([lw.step_time(s) for s in shapes])
-    coeffs = fit_coefficients(feats, times)
+    # Host terms come from the layer model's stated assumption, not the fit (see the module docstring).
+    host = StepTimeCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, per_scheduled_seq=assumptions.cpu_overhead_per_seq_s)
+    coeffs = fit_step_time(shapes, times, base=host,
+                           terms=[t for t in COEFFICIENTS if t not in ("per_scheduled_seq", "per_sampled_token")])
 
-    fit_err = {"what": "relative error of the five-coefficient model against the layer-by-layer model "
+    fit_err = {"what": "relative error of the step-time model against the layer-by-layer model "
                        "it was fitted to (the layer model itself is what Vidur's measurements support)"}
-    pred = predict_many(coeffs, feats)
+    pred = predict_many(coeffs, shapes)
     fit_err["grid"] = error_stats(pred, times).to_dict()
     kinds = np.array([p.kind for p in grid])
     fit_err["grid_by_kind"] = {k: error_stats(pred[kinds == k], times[kinds == k]).to_dict()
                                for k in ("decode", "prefill", "mixed")}
     rnd = random_batches(limits, RANDOM_BATCHES, SEED)
-    rf = np.array([s.features() for s in rnd], dtype=float)
     rt = np.array([lw.step_time(s) for s in rnd])
-    fit_err["held_out_random_batches"] = error_stats(predict_many(coeffs, rf), rt).to_dict()
+    fit_err["held_out_random_batches"] = error_stats(predict_many(coeffs, rnd), rt).to_dict()
     fit_err["held_out_random_batches"]["seed"] = SEED
 
     name = f"{gpu.name}_{model.name}_tp{tp}"
