@@ -1,4 +1,23 @@
-"""The ``agentsim`` command line (typer)."""
+"""The ``agentsim`` command line (typer).
+
+:func:`main` is the console entry point; it keeps every command's outcome as the process's exit
+status (the convention of click-based CLIs and of ``vllm``):
+
+====  =====================================================================================
+0     success
+1     the command ran and failed: ``calibrate check --max-median-error`` exceeded, an
+      incomplete or interrupted live run (``typer.Exit(1)`` raised by the command)
+2     bad input: a usage error (unknown command or option, a value of the wrong type: the usage
+      line and the error, no traceback) or an :class:`~agentsim.errors.AgentsimError` (one line
+      naming the field, FILE:LINE or output path)
+130   interrupted (Ctrl-C / SIGINT: 128 + signal 2, as shells report it)
+====  =====================================================================================
+
+typer >= 0.26 vendors its own click (``typer._click``) and no longer installs click, so the
+exceptions are taken from typer's public API (``typer.TyperException``, ``typer.Abort``,
+``typer.Exit``); on older typer, which re-exports click's classes, the usage-error base class
+is found from ``typer.BadParameter``'s ancestry. click itself is never imported.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +33,36 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+#: exit status of an interrupted command (SIGINT)
+EXIT_INTERRUPTED = 130
+#: exit status of bad input (usage errors, config/trace/output-path errors)
+EXIT_USAGE = 2
+
+
+def _usage_error_base() -> type[BaseException]:
+    """typer's base class of usage errors (``TyperException`` >= 0.26; click's ``ClickException`` before)."""
+    base = getattr(typer, "TyperException", None)
+    if base is not None:
+        return base
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")  # pragma: no cover
+
+
+def _version(value: bool) -> None:
+    if value:
+        from agentsim import __version__
+
+        typer.echo(f"agentsim {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print agentsim's version and exit."),
+) -> None:
+    """agentsim: simulate and drive LLM agent programs on multi-GPU, multi-node vLLM clusters."""
+
 
 # Sub-command groups owned by their subpackages; each module defines a typer ``app``.
 SUBAPPS = (
@@ -34,29 +83,54 @@ def _register_subapps() -> None:
         app.command("compare")(compare_command)
 
 
-def main() -> None:
-    from agentsim.commands import register_commands
+def _show_usage_error(e: BaseException) -> None:
+    show = getattr(e, "show", None)
+    if callable(show):
+        show()  # the usage line, a hint and "Error: ..." on stderr (click's format)
+    else:
+        typer.echo(f"Error: {getattr(e, 'message', e)}", err=True)
 
-    register_commands(app)
-    _register_subapps()
+
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return the exit status (table above)."""
     from agentsim.errors import AgentsimError
 
+    usage_error = _usage_error_base()
     try:
-        app(standalone_mode=False)
+        from agentsim.commands import register_commands
+
+        register_commands(app)
+        _register_subapps()
+        rv = app(args=args, prog_name="agentsim", standalone_mode=False)
     except AgentsimError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except (typer.Exit,) as e:
-        sys.exit(e.exit_code)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
+        return EXIT_USAGE
+    except typer.Exit as e:  # raised outside typer's own handling (e.g. from an eager callback)
+        return int(e.exit_code or 0)
+    except usage_error as e:
+        _show_usage_error(e)
+        code = getattr(e, "exit_code", EXIT_USAGE)
+        # a usage error is bad input: exit 2 even where a typer version reports 1
+        return EXIT_USAGE if code in (1, 2) and _is_usage(e) else int(code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C outside a command (imports, registration)
+        typer.echo("interrupted", err=True)
+        return EXIT_INTERRUPTED
+    # In non-standalone mode typer returns a command's typer.Exit code (KeyboardInterrupt inside a
+    # command becomes Exit(130)); a command that returns normally gives None.
+    if isinstance(rv, int) and not isinstance(rv, bool):
+        if rv == EXIT_INTERRUPTED:
+            typer.echo("interrupted", err=True)
+        return rv
+    return 0
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            typer.echo("aborted", err=True)
-            sys.exit(130)
-        raise
+
+def _is_usage(e: BaseException) -> bool:
+    return any(c.__name__ == "UsageError" for c in type(e).__mro__)
+
+
+def main() -> None:
+    """Console entry point: ``sys.exit`` with :func:`run_cli`'s status."""
+    sys.exit(run_cli())

@@ -146,12 +146,25 @@ RESULT_FILES = ("calls.parquet", "programs.parquet", "engines.parquet", "summary
 
 def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFrame, engines: pd.DataFrame,
                   summary: dict, manifest: dict) -> Path:
-    """Write a run atomically: everything goes to ``out_dir.tmp-<pid>`` which is then renamed.
+    """Write a run's result directory atomically; never touch a path holding anything else.
 
-    A run that fails part-way leaves no directory that looks like a result.
+    ``out_dir`` must be new, empty, or a previous agentsim result (see :mod:`agentsim.outputs`);
+    otherwise :class:`agentsim.outputs.OutputError` is raised *before* anything is written. The files
+    go to a hidden sibling ``.NAME.tmp-PID`` first; a new or empty path is then renamed into place,
+    a previous result is swapped out by two renames and deleted. An empty directory that is the
+    current directory cannot be renamed: the files are moved into it one by one, ``manifest.json``
+    last, so it is recognised as a result only once complete. A run that fails part-way leaves no
+    directory that looks like a result.
     """
+    from agentsim.outputs import EMPTY, REPLACE, check_result_dir
+
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    state = check_result_dir(out_dir, "")
+    in_place = state == EMPTY and _is_cwd(out_dir)
+    if in_place:
+        tmp = out_dir / f".agentsim.tmp-{os.getpid()}"
+    else:
+        tmp = _sibling(out_dir, "tmp")
     if tmp.exists():
         _rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -161,17 +174,36 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
         engines.to_parquet(tmp / "engines.parquet", index=False)
         (tmp / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(_jsonable(manifest), indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        state = check_result_dir(out_dir, "")  # again: the path may have changed while the run ran
+        if in_place:
+            for name in RESULT_FILES:  # manifest.json is last
+                os.replace(tmp / name, out_dir / name)
+            tmp.rmdir()
+        elif state == REPLACE:
+            old = _sibling(out_dir, "old")
             out_dir.rename(old)
             tmp.rename(out_dir)
             _rmtree(old)
-        else:
+        else:  # new, or an empty directory (rename(2) replaces an empty directory)
             tmp.rename(out_dir)
     except BaseException:
         _rmtree(tmp)
         raise
     return out_dir
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A hidden name beside ``path`` (``-o .`` and ``-o ..`` have no usable name: use the resolved one)."""
+    name = path.name if path.name not in ("", ".", "..") else path.resolve().name
+    parent = path.parent if path.name not in ("", ".", "..") else path.resolve().parent
+    return parent / f".{name}.{tag}-{os.getpid()}"
+
+
+def _is_cwd(path: Path) -> bool:
+    try:
+        return path.resolve() == Path.cwd().resolve()
+    except OSError:
+        return False
 
 
 def read_results(run_dir: str | Path) -> dict[str, Any]:

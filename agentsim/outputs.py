@@ -1,0 +1,202 @@
+"""Output paths: what agentsim may write to, checked before any work runs.
+
+The rule (the kind of fault it closes: "an output path is trusted blindly"): agentsim never deletes
+or overwrites anything it did not write itself.
+
+- A **result directory** (``simulate -o``, ``live -o``, a sweep cell) may be a new path, an empty
+  directory, or a previous agentsim result -- a directory holding ``manifest.json`` (a JSON object
+  with ``schema_version``) and nothing but the files agentsim writes there (:data:`RESULT_FILES`).
+  A previous result is replaced atomically (written beside it, then swapped by two renames) and the
+  CLI says so on stderr; no ``--force`` is needed because re-running into the same directory
+  (the default ``runs/latest``) is the everyday workflow and loses nothing the user made.
+- Anything else is refused with :class:`OutputError` (one line naming the path, exit code 2):
+  an ordinary file, a symbolic link, a directory holding other files, and the current directory
+  (or an ancestor of it) unless it is empty -- a directory a shell sits in cannot be swapped.
+- A **sweep directory** holds ``sweep.json``, ``results.parquet`` and ``cells/``; anything else
+  in it is refused the same way.
+- An **output file** (``trace import/export/generate -o``) may be new or a previous agentsim trace
+  (canonical Parquet or agentsim JSONL), replaced by ``os.replace``; an existing directory or any
+  other file is refused.
+
+The checks here are pure (they read, never write); writers call them again at write time, so a
+path that changed while the work ran is still never clobbered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from agentsim.errors import AgentsimError
+
+#: Files a result directory holds (``agentsim.metrics.write_results`` writes exactly these).
+RESULT_FILES = ("calls.parquet", "programs.parquet", "engines.parquet", "summary.json", "manifest.json")
+#: Entries a sweep directory holds (``agentsim.experiments.sweep``).
+SWEEP_ENTRIES = ("sweep.json", "results.parquet", "cells")
+
+NEW, EMPTY, REPLACE = "new", "empty", "replace"
+
+
+class OutputError(AgentsimError):
+    """An output path that agentsim refuses to write (it holds something agentsim did not write)."""
+
+
+def _where(path: Path, option: str) -> str:
+    return f"{option} {path}" if option else str(path)
+
+
+def _is_cwd_or_ancestor(path: Path) -> bool:
+    try:
+        p = path.resolve()
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    return p == cwd or p in cwd.parents
+
+
+def is_result_dir(path: str | Path) -> bool:
+    """True if ``path`` is a directory that agentsim wrote as a run result (and holds nothing else).
+
+    Leftover hidden temporaries of an interrupted write (``.NAME.tmp-PID``) are not inside a
+    result directory (they sit beside it), so none are allowed here.
+    """
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return False
+    try:
+        names = {e.name for e in os.scandir(p)}
+    except OSError:
+        return False
+    if "manifest.json" not in names or not names <= set(RESULT_FILES):
+        return False
+    try:
+        manifest = json.loads((p / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "schema_version" in manifest
+
+
+def check_result_dir(path: str | Path, option: str = "--out") -> str:
+    """Classify a result-directory path: ``"new"``, ``"empty"`` or ``"replace"`` (a previous result).
+
+    Raises :class:`OutputError` naming ``option`` and the path when writing there could lose
+    something agentsim did not write: an existing file or symlink, a parent that is a file, a
+    non-empty directory that is not a previous result, or the (non-empty) current directory.
+    """
+    p = Path(path)
+    where = _where(p, option)
+    if p.is_symlink():
+        raise OutputError(where, "is a symbolic link; give the directory itself")
+    if not p.exists():
+        for parent in p.absolute().parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise OutputError(where, f"{parent} is a file, not a directory")
+                break
+        return NEW
+    if not p.is_dir():
+        raise OutputError(where, "is an existing file, not a result directory; choose another path")
+    try:
+        entries = sorted(e.name for e in os.scandir(p))
+    except OSError as e:
+        raise OutputError(where, f"cannot read the directory ({e.strerror})") from None
+    if not entries:
+        return EMPTY
+    if _is_cwd_or_ancestor(p):
+        raise OutputError(where, "is the current directory (or holds it) and is not empty; "
+                                 "name a new or empty directory, e.g. -o runs/NAME")
+    if is_result_dir(p):
+        return REPLACE
+    other = [e for e in entries if e not in RESULT_FILES] or entries
+    raise OutputError(where, f"holds files agentsim did not write (e.g. {other[0]!r}); refusing to touch it "
+                             "-- choose a new or empty directory")
+
+
+def describe(path: str | Path, state: str) -> str | None:
+    """The stderr note for a result path about to be written (None when nothing is replaced)."""
+    if state == REPLACE:
+        return f"note: replacing the previous agentsim result in {path} (atomically, when this run is written)"
+    return None
+
+
+def check_sweep_dir(path: str | Path, option: str = "--out") -> str:
+    """Classify a sweep output directory: ``"new"``, ``"empty"`` or ``"replace"`` (a previous sweep).
+
+    A previous sweep holds only :data:`SWEEP_ENTRIES` (and hidden temporaries of its own writes).
+    Raises :class:`OutputError` like :func:`check_result_dir`.
+    """
+    p = Path(path)
+    where = _where(p, option)
+    if p.is_symlink():
+        raise OutputError(where, "is a symbolic link; give the directory itself")
+    if not p.exists():
+        for parent in p.absolute().parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise OutputError(where, f"{parent} is a file, not a directory")
+                break
+        return NEW
+    if not p.is_dir():
+        raise OutputError(where, "is an existing file, not a sweep directory; choose another path")
+    entries = sorted(e.name for e in os.scandir(p))
+    if not entries:
+        return EMPTY
+    other = [e for e in entries if e not in SWEEP_ENTRIES and not e.startswith(".results.parquet.tmp")
+             and not e.startswith(".sweep.json.tmp")]
+    if other:
+        raise OutputError(where, f"holds files agentsim did not write (e.g. {other[0]!r}); refusing to touch it "
+                                 "-- choose a new or empty directory")
+    cells = p / "cells"
+    if cells.exists() and (cells.is_symlink() or not cells.is_dir()):
+        raise OutputError(f"{where}", "'cells' is not a directory agentsim wrote; refusing to touch it")
+    return REPLACE
+
+
+def check_output_file(path: str | Path, option: str = "--out", is_ours=None) -> str:
+    """Classify an output file path: ``"new"`` or ``"replace"`` (a previous agentsim output).
+
+    ``is_ours(path) -> bool`` recognises a file agentsim wrote (default: never). Raises
+    :class:`OutputError` for a directory, a symlink, a parent that is a file, or an existing file
+    agentsim did not write.
+    """
+    p = Path(path)
+    where = _where(p, option)
+    if p.is_symlink():
+        raise OutputError(where, "is a symbolic link; give a file path")
+    if p.is_dir():
+        raise OutputError(where, "is an existing directory; give a file path")
+    if p.exists():
+        if is_ours is not None and is_ours(p):
+            return REPLACE
+        raise OutputError(where, "exists and was not written by agentsim; refusing to overwrite it "
+                                 "-- choose a new path or remove it yourself")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(where, f"{parent} is a file, not a directory")
+            break
+    return NEW
+
+
+def is_agentsim_trace(path: str | Path) -> bool:
+    """True for a canonical agentsim trace (Parquet with agentsim metadata) or agentsim JSONL."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+            if head == b"PAR1":
+                from agentsim.traces.canonical import read_meta
+
+                read_meta(p)
+                return True
+            f.seek(0)
+            first = f.readline(1 << 20)
+        obj = json.loads(first)
+        return isinstance(obj, dict) and "agentsim_trace" in obj
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not ours
+        return False
+
+
+__all__ = ["OutputError", "RESULT_FILES", "SWEEP_ENTRIES", "NEW", "EMPTY", "REPLACE", "is_result_dir",
+           "check_result_dir", "check_sweep_dir", "check_output_file", "is_agentsim_trace", "describe"]
