@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from agentsim.policies.base import BlockView, CallView, EngineView
-from agentsim.policies.registry import register, register_bundle
+from agentsim.policies.registry import check_choice, register, register_bundle
 
 
 @register("route", "round-robin")
@@ -37,9 +37,10 @@ class LeastLoaded:
     ``metric``: ``calls`` (Autellix's Least-Used) or ``tokens`` (outstanding prompt+output tokens).
     """
 
+    METRICS = ("calls", "tokens")
+
     def __init__(self, metric: str = "calls") -> None:
-        if metric not in ("calls", "tokens"):
-            raise ValueError(f"metric must be 'calls' or 'tokens', got {metric!r}")
+        check_choice("metric", metric, self.METRICS)
         self.metric = metric
 
     def route(self, call: CallView, engines: Sequence[EngineView], now: float) -> int:

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from typing import Any
 
 from agentsim.policies.base import BlockView, CallView
-from agentsim.policies.registry import register, register_bundle
+from agentsim.policies.registry import check_choice, register, register_bundle
 from agentsim.workload import stable_id
 
 INF = math.inf
@@ -91,9 +91,10 @@ class TimeDistances(_InFlight):
     with a deterministic z per call (prediction error of a given size; ``seed`` names the draws).
     """
 
+    SOURCES = ("oracle", "ewma", "none")
+
     def __init__(self, source: str = "oracle", alpha: float = 0.5, noise_sigma: float = 0.0, seed: int = 0) -> None:
-        if source not in ("oracle", "ewma", "none"):
-            raise ValueError("source must be oracle, ewma or none")
+        check_choice("source", source, self.SOURCES)
         if not 0 < alpha <= 1:
             raise ValueError("alpha must be in (0, 1]")
         self.source = source
@@ -212,10 +213,13 @@ class StepDistances(_InFlight):
     Stages are ``hints.stage`` (``agent<i>`` for the kvflow generator).
     """
 
+    GRAPHS = ("hints", "learned")
+
     def __init__(self, graph: Any = "hints") -> None:
         self.mode = graph if isinstance(graph, str) else "graph"
-        if self.mode not in ("hints", "learned", "graph"):
-            raise ValueError("graph must be 'hints', 'learned' or a table {stage: [predecessors]}")
+        if isinstance(graph, str) and graph not in self.GRAPHS or not isinstance(graph, (str, dict)):
+            raise ValueError(f"graph must be one of {', '.join(self.GRAPHS)} or a table {{stage: [predecessors]}}, "
+                             f"got {graph!r}")
         self.preds: dict[str, list[str]] = {}
         self.and_join: set[str] = set()
         if self.mode == "graph":
@@ -561,6 +565,8 @@ class InvocationDistance(_DistanceEvict):
                  alpha: float = 0.5, noise_sigma: float = 0.0, seed: int = 0, step_tool: str = "world",
                  cpu_tier: bool = True, cpu_gib: float = 100.0, pcie_GBps: float | None = None,
                  prefetch: bool = True) -> None:
+        # every source this policy accepts: its own step clock, or a time-based TimeDistances source
+        check_choice("source", source, ("steps",) + TimeDistances.SOURCES)
         if hold_levels < 0 or look_ahead < 0 or unit <= 0:
             raise ValueError("hold_levels and look_ahead must be >= 0 and unit > 0")
         self.source = source

@@ -42,6 +42,13 @@ class BundleEntry:
     params: dict[str, dict] = field(default_factory=dict)
 
 
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``; the text lists exactly ``choices``
+    (the tuple the component's code accepts), so the message can never fall behind the code."""
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
 _COMPONENTS: dict[tuple[str, str], Entry] = {}
 _BUNDLES: dict[str, BundleEntry] = {}
 

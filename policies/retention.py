@@ -32,7 +32,7 @@ import numpy as np
 
 from agentsim.policies.base import CallView
 from agentsim.policies.distance import CpuTierOptions
-from agentsim.policies.registry import register, register_bundle
+from agentsim.policies.registry import check_choice, register, register_bundle
 
 INF = math.inf
 
@@ -96,8 +96,7 @@ class ContinuumTTL(CpuTierOptions):
                  delay_window: int = 100, eta: float | None = None, prefill_time_per_token: float = 6.2e-5,
                  prefill_time_per_token2: float = 2.4e-9, cpu_tier: bool = False, cpu_gib: float = 100.0,
                  pcie_GBps: float | None = None) -> None:
-        if ttl not in ("optimal", "fixed"):
-            raise ValueError("ttl must be 'optimal' or 'fixed'")
+        check_choice("ttl", ttl, ("optimal", "fixed"))
         if k < 0 or t_default < 0 or window < 1 or delay_window < 1:
             raise ValueError("k, t_default must be >= 0 and window, delay_window >= 1")
         self.ttl = ttl

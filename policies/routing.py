@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from agentsim.policies.base import CallView, EngineView
-from agentsim.policies.registry import register, register_bundle
+from agentsim.policies.registry import check_choice, register, register_bundle
 
 
 def _load(e: EngineView) -> int:
@@ -40,9 +40,10 @@ class AutellixLB:
     ``metric``: ``calls`` (Autellix's Least-Used: fewest calls in the engine) or ``tokens``.
     """
 
+    METRICS = ("calls", "tokens")
+
     def __init__(self, threshold_tokens: int = 2048, metric: str = "calls") -> None:
-        if metric not in ("calls", "tokens"):
-            raise ValueError("metric must be 'calls' or 'tokens'")
+        check_choice("metric", metric, self.METRICS)
         self.threshold_tokens = threshold_tokens
         self.metric = metric
         self.table: dict[int, int] = {}   # program -> engine_id (the process table's engine field)
@@ -82,10 +83,11 @@ class PrefixAffinity:
     Defaults: sglang_router 0.5.
     """
 
+    MATCHES = ("cache", "routed")
+
     def __init__(self, cache_threshold: float = 0.3, balance_abs_threshold: int = 64,
                  balance_rel_threshold: float = 1.5, match: str = "cache", max_tree_blocks: int = 1 << 20) -> None:
-        if match not in ("cache", "routed"):
-            raise ValueError("match must be 'cache' or 'routed'")
+        check_choice("match", match, self.MATCHES)
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold

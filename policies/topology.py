@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generator
 
-from agentsim.policies.registry import register, register_bundle
+from agentsim.policies.registry import check_choice, register, register_bundle
 from agentsim.workload import CallHints, Context, ProgramContext, stable_id
 
 TOPOLOGIES = ("sequential", "parallel", "hierarchical", "hybrid", "debate")
@@ -84,8 +84,7 @@ class AdaptOrch:
     def __init__(self, theta_width: float = 0.5, theta_coupling: float = 0.6, theta_depth: int = 5,
                  depth_test: str = "nodes", charge_router: bool = True, decomposer_prompt_tokens: int = 768,
                  decomposer_output_tokens_per_node: int = 48) -> None:
-        if depth_test not in ("nodes", "depth"):
-            raise ValueError("depth_test must be 'nodes' or 'depth'")
+        check_choice("depth_test", depth_test, ("nodes", "depth"))
         self.theta_width = theta_width
         self.theta_coupling = theta_coupling
         self.theta_depth = theta_depth

@@ -751,7 +751,7 @@ def test_policy_config_errors_exit_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "agentsim", "simulate", "--config", str(cfg), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: policy.params.evict: continuum: ttl must be 'optimal' or 'fixed'"]
+    assert r.stderr.strip().splitlines() == ["error: policy.params.evict: continuum: ttl must be one of optimal, fixed, got 'forever'"]
     assert not (tmp_path / "out").exists()
 
 

@@ -18,10 +18,17 @@ from typing import Any, ClassVar, Generator
 
 import numpy as np
 
+from agentsim.config import check_params, describe_params, param
 from agentsim.errors import ConfigError
 from agentsim.workload import CallHints, Context, LLMCall, Parallel, ProgramContext, ToolCall
 
 _GENERATORS: dict[str, type] = {}
+
+# help texts shared by several generators' parameters (each field declares its type and range with
+# :func:`agentsim.config.param`; ``__post_init__`` checks them before any other rule)
+PROMPT_HELP = "name of the shared prompt (programs with the same name share it)"
+TOOLS_HELP = "tool tables {name, weight, dist, median, sigma, scale, alpha, max_time}"
+SHARE_HELP = "share of the first prompt that is the shared system prompt"
 
 
 def register_generator(name: str):
@@ -53,8 +60,18 @@ def make_generator(name: str, params: dict | None = None, where: str = "workload
             raise ConfigError(f"{where}.params.{k}", f"unknown parameter for generator {name!r} (known: {', '.join(sorted(names))})")
     try:
         return cls(**params)
+    except ConfigError as e:  # a declared parameter out of its range: name it in full
+        raise ConfigError(f"{where}.params.{e.where}", e.message) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}.params", f"{name}: {e}") from None
+
+
+def generator_params(name: str) -> dict[str, str]:
+    """``{parameter: "help; range (unit)"}`` of generator ``name`` (what ``--param`` accepts)."""
+    _load_extra()
+    if name not in _GENERATORS:
+        raise ConfigError("generator", f"unknown generator {name!r} (known: {', '.join(sorted(_GENERATORS))})")
+    return describe_params(_GENERATORS[name])
 
 
 def _load_extra() -> None:
@@ -87,17 +104,18 @@ class ToolSpec:
     """Per-tool duration distribution: ``lognormal`` (median, sigma) or ``pareto`` (scale, alpha)."""
 
     name: str
-    weight: float = 1.0
-    dist: str = "lognormal"
-    median: float = 1.0
-    sigma: float = 1.0
-    scale: float = 0.5
-    alpha: float = 1.5
-    max_time: float = 120.0
+    weight: float = param(1.0, 'relative probability of this tool', gt=0)
+    dist: str = param("lognormal", "duration distribution", choices=("lognormal", "pareto", "constant"))
+    median: float = param(1.0, 'median duration (lognormal; constant: the duration)', ge=0, unit='s')
+    sigma: float = param(1.0, 'log-space sigma of the duration', ge=0)
+    scale: float = param(0.5, 'Pareto scale (minimum duration)', gt=0, unit='s')
+    alpha: float = param(1.5, 'Pareto shape (> 1 for a finite mean)', gt=0)
+    max_time: float = param(120.0, 'cap on one duration', gt=0, unit='s')
 
     def __post_init__(self) -> None:
-        if self.dist not in ("lognormal", "pareto", "constant"):
-            raise ValueError(f"tool {self.name}: dist must be lognormal, pareto or constant")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("tools", f"a tool needs a non-empty name, got {self.name!r}")
+        check_params(self, f"tools[{self.name}]")
         if self.dist == "pareto" and self.alpha <= 1:
             raise ValueError(f"tool {self.name}: pareto alpha must be > 1 (finite mean)")
 
@@ -163,24 +181,23 @@ class ReAct:
     ``prompt_tokens_mean`` given the growth of ``output + observation`` tokens per turn.
     """
 
-    calls_mean: float = 10.75
-    max_calls: int = 70
-    prompt_tokens_mean: float = 735.0
-    output_tokens_mean: float = 34.0
-    observation_tokens_mean: float = 20.0
-    system_share: float = 0.7
-    length_sigma: float = 0.3
-    system_prompt: str = "bfcl-tools"
-    tools: tuple = BFCL_TOOLS
-    oracle_hints: bool = True
+    calls_mean: float = param(10.75, 'mean LLM calls per program', ge=1, unit='calls')
+    max_calls: int = param(70, 'max calls', ge=1)
+    prompt_tokens_mean: float = param(735.0, 'mean prompt tokens', gt=0, unit='tokens')
+    output_tokens_mean: float = param(34.0, 'mean output tokens', gt=0, unit='tokens')
+    observation_tokens_mean: float = param(20.0, 'mean observation tokens', gt=0, unit='tokens')
+    system_share: float = param(0.7, SHARE_HELP, ge=0, lt=1)
+    length_sigma: float = param(0.3, 'log-space sigma of lengths', ge=0)
+    system_prompt: str = param("bfcl-tools", PROMPT_HELP, nonempty=True)
+    tools: tuple = param(BFCL_TOOLS, TOOLS_HELP, type=tuple)
+    oracle_hints: bool = param(True, "hint each call's exact next-invocation distance (an oracle)")
 
     def __post_init__(self) -> None:
+        check_params(self)
         object.__setattr__(self, "tools", _tools(self.tools))
         growth = (self.calls_mean - 1) * (self.output_tokens_mean + self.observation_tokens_mean)
         if self.prompt_tokens_mean - growth < 2:
             raise ValueError("prompt_tokens_mean too small for the per-turn growth of output + observation tokens")
-        if not 0 <= self.system_share < 1:
-            raise ValueError("system_share must be in [0, 1)")
 
     @property
     def initial_prompt_tokens(self) -> float:
@@ -221,13 +238,17 @@ class SingleCall:
     ``max_output_tokens`` like the trace (7,930 / 1,000), which trims the mean by about 1%.
     """
 
-    prompt_tokens_mean: float = 1147.0
-    prompt_sigma: float = 0.93
-    output_tokens_mean: float = 260.0
-    output_sigma: float = 0.92
-    max_prompt_tokens: int = 7930
-    max_output_tokens: int = 1000
-    max_total_tokens: int = 8192  # the model's context (Llama-3-8B)
+    prompt_tokens_mean: float = param(1147.0, 'mean prompt tokens', gt=0, unit='tokens')
+    prompt_sigma: float = param(0.93, 'log-space sigma of prompt', ge=0)
+    output_tokens_mean: float = param(260.0, 'mean output tokens', gt=0, unit='tokens')
+    output_sigma: float = param(0.92, 'log-space sigma of output', ge=0)
+    max_prompt_tokens: int = param(7930, 'max prompt tokens', ge=1, unit='tokens')
+    max_output_tokens: int = param(1000, 'max output tokens', ge=1, unit='tokens')
+    max_total_tokens: int = param(8192, "prompt + output cap (the model's context, Llama-3-8B)", ge=2,
+                                 unit="tokens")
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
     def body(self, pc: ProgramContext) -> Generator:
         rng = pc.rng
@@ -247,15 +268,18 @@ class Chat:
     Think time: lognormal, median ``think_time_median`` seconds.
     """
 
-    calls_mean: float = 6.66
-    max_calls: int = 80
-    user_tokens_mean: float = 256.0
-    output_tokens_mean: float = 277.0
-    system_tokens: int = 64
-    length_sigma: float = 0.6
-    think_time_median: float = 20.0
-    think_time_sigma: float = 1.0
-    system_prompt: str = "chat-system"
+    calls_mean: float = param(6.66, 'mean LLM calls per program', ge=1, unit='calls')
+    max_calls: int = param(80, 'max calls', ge=1)
+    user_tokens_mean: float = param(256.0, 'mean user tokens', gt=0, unit='tokens')
+    output_tokens_mean: float = param(277.0, 'mean output tokens', gt=0, unit='tokens')
+    system_tokens: int = param(64, 'system tokens', ge=1, unit='tokens')
+    length_sigma: float = param(0.6, 'log-space sigma of lengths', ge=0)
+    think_time_median: float = param(20.0, 'median human think time between turns', ge=0, unit='s')
+    think_time_sigma: float = param(1.0, 'log-space sigma of think time', ge=0)
+    system_prompt: str = param("chat-system", PROMPT_HELP, nonempty=True)
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
     def body(self, pc: ProgramContext) -> Generator:
         rng = pc.rng
@@ -282,22 +306,22 @@ class FanOut:
     ``worker_tool`` between two LLM calls. The reducer sees every worker's output.
     """
 
-    width: int = 4
-    prompt_tokens: int = 1024
-    shared_tokens: int = 512
-    plan_output_tokens: int = 128
-    worker_prompt_tokens: int = 256
-    worker_output_tokens: int = 256
-    worker_calls: int = 1
-    reduce_output_tokens: int = 256
-    length_sigma: float = 0.3
-    tools: tuple = (ToolSpec("retrieve", dist="lognormal", median=0.5, sigma=1.0),)
-    system_prompt: str = "fanout-system"
+    width: int = param(4, 'width', ge=1)
+    prompt_tokens: int = param(1024, 'prompt tokens', ge=1, unit='tokens')
+    shared_tokens: int = param(512, 'shared tokens', ge=0, unit='tokens')
+    plan_output_tokens: int = param(128, 'plan output tokens', ge=1, unit='tokens')
+    worker_prompt_tokens: int = param(256, 'worker prompt tokens', ge=1, unit='tokens')
+    worker_output_tokens: int = param(256, 'worker output tokens', ge=1, unit='tokens')
+    worker_calls: int = param(1, 'worker calls', ge=1)
+    reduce_output_tokens: int = param(256, 'reduce output tokens', ge=1, unit='tokens')
+    length_sigma: float = param(0.3, 'log-space sigma of lengths', ge=0)
+    tools: tuple = param((ToolSpec("retrieve", dist="lognormal", median=0.5, sigma=1.0),), TOOLS_HELP,
+                         type=tuple)
+    system_prompt: str = param("fanout-system", PROMPT_HELP, nonempty=True)
 
     def __post_init__(self) -> None:
+        check_params(self)
         object.__setattr__(self, "tools", _tools(self.tools))
-        if self.width < 1 or self.worker_calls < 1:
-            raise ValueError("width and worker_calls must be >= 1")
         if self.shared_tokens >= self.prompt_tokens:
             raise ValueError("shared_tokens must be < prompt_tokens")
 

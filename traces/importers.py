@@ -16,10 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
+from agentsim.config import Param
 from agentsim.errors import ConfigError, TraceError
 from agentsim.traces.canonical import ProgramRecord, Trace, TraceWriter, check_program
 
 FORMATS = ("mooncake", "azure", "tau2", "tracelab", "native")
+# other names get_importer accepts: "auto" (or None) guesses; canonical Parquet is read by "native"
+FORMAT_ALIASES = {"auto": None, "parquet": "native", "canonical": "native"}
+
+
+def accepted_formats() -> tuple[str, ...]:
+    """Every format name :func:`get_importer` accepts (what error texts and config checks list)."""
+    return (*FORMATS, *FORMAT_ALIASES)
 
 
 def open_text(path: str | Path) -> io.TextIOBase:
@@ -40,20 +48,21 @@ def open_text(path: str | Path) -> io.TextIOBase:
 class Importer:
     """Base class: options, bad-record accounting and program numbering.
 
-    Subclasses set ``name``, ``OPTIONS`` (option name -> (type, default, help)) and implement
+    Subclasses set ``name``, ``OPTIONS`` (option name -> (default, :class:`~agentsim.config.Param`):
+    its declared type, range and help, checked before anything is read) and implement
     :meth:`_programs`; ``meta`` may be completed while reading (it is written with the first
     row group, so anything needed for export must be known by then).
     """
 
     name: ClassVar[str] = ""
-    OPTIONS: ClassVar[dict[str, tuple[type, Any, str]]] = {}
+    OPTIONS: ClassVar[dict[str, tuple[Any, Param]]] = {}
     MAX_REPORTED = 5
 
     def __init__(self, path: str | Path, skip_bad: bool = False, **options: Any) -> None:
         self.path = Path(path)
         self.skip_bad = skip_bad
         self.options: dict[str, Any] = {}
-        for k, (typ, default, _) in self.OPTIONS.items():
+        for k, (default, _) in self.OPTIONS.items():
             self.options[k] = default
         for k, v in options.items():
             if v is None:
@@ -61,13 +70,7 @@ class Importer:
             if k not in self.OPTIONS:
                 known = ", ".join(self.OPTIONS) or "none"
                 raise ConfigError(k, f"not an option of the {self.name} importer (its options: {known})")
-            typ = self.OPTIONS[k][0]
-            if typ is bool and not isinstance(v, bool) or typ is not bool and not isinstance(v, typ):
-                if typ is float and isinstance(v, int) and not isinstance(v, bool):
-                    v = float(v)
-                else:
-                    raise ConfigError(k, f"must be {typ.__name__}, got {v!r}")
-            self.options[k] = v
+            self.options[k] = self.OPTIONS[k][1].check(v, k)
         self.num_skipped = 0
         self.skipped: list[str] = []
         from agentsim.traces.canonical import make_meta
@@ -186,13 +189,12 @@ def _one_json_line(line: str) -> bool:
 def get_importer(path: str | Path, fmt: str | None = None, skip_bad: bool = False, **options: Any) -> Importer:
     """An importer for ``path`` (format guessed when ``fmt`` is None or ``"auto"``)."""
     _load()
-    if fmt in (None, "auto"):
+    if fmt is not None and fmt not in _REGISTRY and fmt not in FORMAT_ALIASES:
+        raise ConfigError("format", f"unknown trace format {fmt!r} (known: {', '.join(accepted_formats())})")
+    fmt = FORMAT_ALIASES.get(fmt, fmt) if fmt is not None else None
+    if fmt is None:
         fmt = sniff_format(path)
-    if fmt in ("parquet", "canonical"):
-        fmt = "native"
-    cls = _REGISTRY.get(fmt)
-    if cls is None:
-        raise ConfigError("format", f"unknown trace format {fmt!r} (known: {', '.join(FORMATS)})")
+    cls = _REGISTRY[fmt]
     return cls(path, skip_bad=skip_bad, **options)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+from agentsim.config import Param
 from agentsim.traces.canonical import ProgramRecord, llm_step, tool_step
 from agentsim.traces.importers import Importer, register_importer
 
@@ -33,18 +34,14 @@ from agentsim.traces.importers import Importer, register_importer
 class MooncakeImporter(Importer):
     name = "mooncake"
     OPTIONS = {
-        "spread": (bool, False, "spread requests evenly within their ~3 s timestamp bucket"),
-        "sessions": (bool, False, "rebuild sessions from prefix chains (one program per chain tree)"),
-        "block_size": (int, 512, "tokens per hash_ids block"),
+        "spread": (False, Param(bool, help="spread requests evenly within their ~3 s timestamp bucket")),
+        "sessions": (False, Param(bool, help="rebuild sessions from prefix chains (one program per chain tree)")),
+        "block_size": (512, Param(int, ge=1, unit="tokens", help="tokens per hash_ids block")),
     }
 
     def _requests(self) -> Iterator[tuple[int, float, int, int, list[int]]]:
         """(line, timestamp ms, input, output, hash_ids) for every valid line, in file order."""
         bs = self.options["block_size"]
-        if bs < 1:
-            from agentsim.errors import ConfigError
-
-            raise ConfigError("block_size", f"must be >= 1, got {bs}")
         for ln, w, r in self.json_lines():
             if not isinstance(r, dict):
                 self.bad(w, "expected a JSON object")

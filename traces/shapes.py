@@ -27,7 +27,11 @@ from typing import Any, Generator
 
 import numpy as np
 
+from agentsim.config import check_params, param
 from agentsim.traces.generators import (
+    PROMPT_HELP,
+    SHARE_HELP,
+    TOOLS_HELP,
     TaskDAG,
     TeamGenerator,
     ToolSpec,
@@ -107,31 +111,28 @@ class LATS:
     ``prompt_tokens_mean`` (Autellix: 159.7 calls, 467 in / 73 out per call).
     """
 
-    calls_mean: float = 159.7
-    width: int = 5
-    max_depth: int = 4
-    max_iterations: int = 100
-    prompt_tokens_mean: float = 467.0
-    output_tokens_mean: float = 73.0
-    observation_tokens_mean: float = 40.0
-    value_instruction_tokens: int = 16
-    system_share: float = 0.6
-    length_sigma: float = 0.3
-    system_prompt: str = "lats-hotpotqa"
-    tools: tuple = LATS_TOOLS
-    oracle_hints: bool = True
+    calls_mean: float = param(159.7, 'mean LLM calls per program', ge=1, unit='calls')
+    width: int = param(5, 'width', ge=1)
+    max_depth: int = param(4, 'max depth', ge=1)
+    max_iterations: int = param(100, 'max iterations', ge=1)
+    prompt_tokens_mean: float = param(467.0, 'mean prompt tokens', gt=0, unit='tokens')
+    output_tokens_mean: float = param(73.0, 'mean output tokens', gt=0, unit='tokens')
+    observation_tokens_mean: float = param(40.0, 'mean observation tokens', gt=0, unit='tokens')
+    value_instruction_tokens: int = param(16, 'value instruction tokens', ge=1, unit='tokens')
+    system_share: float = param(0.6, SHARE_HELP, ge=0, lt=1)
+    length_sigma: float = param(0.3, 'log-space sigma of lengths', ge=0)
+    system_prompt: str = param("lats-hotpotqa", PROMPT_HELP, nonempty=True)
+    tools: tuple = param(LATS_TOOLS, TOOLS_HELP, type=tuple)
+    oracle_hints: bool = param(True, "hint each call's exact next-invocation distance (an oracle)")
 
     def __post_init__(self) -> None:
+        check_params(self)
         object.__setattr__(self, "tools", _tools(self.tools))
-        if self.width < 1 or self.max_depth < 1 or self.max_iterations < 1:
-            raise ValueError("width, max_depth and max_iterations must be >= 1")
         per_iter = 2 * self.width
         target = self.calls_mean / per_iter
         if not 1 <= target <= self.max_iterations:
             raise ValueError(f"calls_mean must be between {per_iter} and {per_iter * self.max_iterations} "
                              f"(2 x width calls per iteration)")
-        if not 0 <= self.system_share < 1:
-            raise ValueError("system_share must be in [0, 1)")
         if self.base_prompt_tokens < 2:
             raise ValueError("prompt_tokens_mean is too small for the path growth (raise it or lower max_depth)")
 
@@ -197,20 +198,20 @@ class MapReduce:
     ``num_chunks`` + the number of reduce calls (1 for ``fan_in = 0``).
     """
 
-    num_chunks: int = 8
-    chunk_tokens_mean: float = 1024.0
-    map_instruction_tokens: int = 128
-    map_output_tokens_mean: float = 128.0
-    fan_in: int = 0
-    reduce_instruction_tokens: int = 64
-    reduce_output_tokens_mean: float = 256.0
-    length_sigma: float = 0.3
-    system_prompt: str = "mapreduce"
+    num_chunks: int = param(8, 'num chunks', ge=1)
+    chunk_tokens_mean: float = param(1024.0, 'mean chunk tokens', gt=0, unit='tokens')
+    map_instruction_tokens: int = param(128, 'map instruction tokens', ge=1, unit='tokens')
+    map_output_tokens_mean: float = param(128.0, 'mean map output tokens', gt=0, unit='tokens')
+    fan_in: int = param(0, "reduce group size (0: one reduce over all, else >= 2)", ge=0,
+                         unit="outputs")
+    reduce_instruction_tokens: int = param(64, 'reduce instruction tokens', ge=1, unit='tokens')
+    reduce_output_tokens_mean: float = param(256.0, 'mean reduce output tokens', gt=0, unit='tokens')
+    length_sigma: float = param(0.3, 'log-space sigma of lengths', ge=0)
+    system_prompt: str = param("mapreduce", PROMPT_HELP, nonempty=True)
 
     def __post_init__(self) -> None:
-        if self.num_chunks < 1:
-            raise ValueError("num_chunks must be >= 1")
-        if self.fan_in == 1 or self.fan_in < 0:
+        check_params(self)
+        if self.fan_in == 1:
             raise ValueError("fan_in must be 0 (one reduce) or >= 2")
 
     def reduce_calls(self) -> int:
@@ -261,24 +262,20 @@ class KVFlowWorkflow:
     and ``next_invocation_steps`` = ``num_agents`` (the agent runs again one workflow pass later).
     """
 
-    num_agents: int = 10
-    fixed_tokens: int = 8192
-    dynamic_tokens: int = 32
-    output_tokens: int = 32
-    cycles: int = 1
-    length_sigma: float = 0.0
-    fixed_scope: str = "client"
-    system_prompt: str = "kvflow-agent"
+    num_agents: int = param(10, 'num agents', ge=1)
+    fixed_tokens: int = param(8192, 'fixed tokens', ge=0, unit='tokens')
+    dynamic_tokens: int = param(32, 'dynamic tokens', ge=0, unit='tokens')
+    output_tokens: int = param(32, 'output tokens', ge=1, unit='tokens')
+    cycles: int = param(1, 'cycles', ge=1)
+    length_sigma: float = param(0.0, 'log-space sigma of lengths', ge=0)
+    fixed_scope: str = param("client", "who shares an agent's fixed prompt",
+                              choices=("client", "global", "program"))
+    system_prompt: str = param("kvflow-agent", PROMPT_HELP, nonempty=True)
 
     def __post_init__(self) -> None:
-        if self.num_agents < 1 or self.cycles < 1:
-            raise ValueError("num_agents and cycles must be >= 1")
-        if self.fixed_tokens < 0 or self.dynamic_tokens < 0 or self.fixed_tokens + self.dynamic_tokens < 1:
-            raise ValueError("fixed_tokens and dynamic_tokens must be >= 0 with a positive sum")
-        if self.output_tokens < 1:
-            raise ValueError("output_tokens must be >= 1")
-        if self.fixed_scope not in ("client", "global", "program"):
-            raise ValueError("fixed_scope must be client, global or program")
+        check_params(self)
+        if self.fixed_tokens + self.dynamic_tokens < 1:
+            raise ValueError("fixed_tokens + dynamic_tokens must be >= 1")
 
     def body(self, pc: ProgramContext) -> Generator:
         rng = pc.rng
@@ -317,25 +314,20 @@ class AgentSociety:
     ``num_agents x num_steps x active_rate``.
     """
 
-    num_agents: int = 100
-    num_steps: int = 30
-    active_rate: float = 0.2
-    world_tokens: int = 1024
-    persona_tokens: int = 512
-    observation_tokens_mean: float = 128.0
-    output_tokens_mean: float = 64.0
-    max_history_tokens: int = 4096
-    step_time: float = 1.0
-    length_sigma: float = 0.3
-    world_prompt: str = "society-world"
+    num_agents: int = param(100, 'num agents', ge=1)
+    num_steps: int = param(30, 'num steps', ge=1)
+    active_rate: float = param(0.2, 'probability an agent is active in a step', gt=0, le=1)
+    world_tokens: int = param(1024, 'world tokens', ge=1, unit='tokens')
+    persona_tokens: int = param(512, 'persona tokens', ge=1, unit='tokens')
+    observation_tokens_mean: float = param(128.0, 'mean observation tokens', gt=0, unit='tokens')
+    output_tokens_mean: float = param(64.0, 'mean output tokens', gt=0, unit='tokens')
+    max_history_tokens: int = param(4096, 'max history tokens', ge=1, unit='tokens')
+    step_time: float = param(1.0, 'world time per simulation step', ge=0, unit='s')
+    length_sigma: float = param(0.3, 'log-space sigma of lengths', ge=0)
+    world_prompt: str = param("society-world", PROMPT_HELP, nonempty=True)
 
     def __post_init__(self) -> None:
-        if self.num_agents < 1 or self.num_steps < 1:
-            raise ValueError("num_agents and num_steps must be >= 1")
-        if not 0 < self.active_rate <= 1:
-            raise ValueError("active_rate must be in (0, 1]")
-        if self.step_time < 0:
-            raise ValueError("step_time must be >= 0")
+        check_params(self)
 
     def schedule(self, rng: np.random.Generator) -> np.ndarray:
         """Boolean (steps x agents) activation matrix."""
@@ -398,24 +390,23 @@ class SWEAgent:
     250 output tokens, observations of 700 tokens on average.
     """
 
-    calls_mean: float = 30.0
-    max_calls: int = 100
-    system_tokens: int = 4000
-    issue_tokens_mean: float = 1000.0
-    output_tokens_mean: float = 250.0
-    observation_tokens_mean: float = 700.0
-    observation_sigma: float = 1.0
-    max_observation_tokens: int = 16000
-    max_context_tokens: int = 128000
-    length_sigma: float = 0.3
-    system_prompt: str = "swe-agent"
-    tools: tuple = SWE_TOOLS
-    oracle_hints: bool = True
+    calls_mean: float = param(30.0, 'mean LLM calls per program', ge=1, unit='calls')
+    max_calls: int = param(100, 'max calls', ge=1)
+    system_tokens: int = param(4000, 'system tokens', ge=1, unit='tokens')
+    issue_tokens_mean: float = param(1000.0, 'mean issue tokens', gt=0, unit='tokens')
+    output_tokens_mean: float = param(250.0, 'mean output tokens', gt=0, unit='tokens')
+    observation_tokens_mean: float = param(700.0, 'mean observation tokens', gt=0, unit='tokens')
+    observation_sigma: float = param(1.0, 'log-space sigma of observation', ge=0)
+    max_observation_tokens: int = param(16000, 'max observation tokens', ge=1, unit='tokens')
+    max_context_tokens: int = param(128000, 'max context tokens', ge=1, unit='tokens')
+    length_sigma: float = param(0.3, 'log-space sigma of lengths', ge=0)
+    system_prompt: str = param("swe-agent", PROMPT_HELP, nonempty=True)
+    tools: tuple = param(SWE_TOOLS, TOOLS_HELP, type=tuple)
+    oracle_hints: bool = param(True, "hint each call's exact next-invocation distance (an oracle)")
 
     def __post_init__(self) -> None:
+        check_params(self)
         object.__setattr__(self, "tools", _tools(self.tools))
-        if self.max_calls < 1 or self.max_observation_tokens < 1:
-            raise ValueError("max_calls and max_observation_tokens must be >= 1")
         if not 1 <= self.calls_mean <= self.max_calls:
             raise ValueError("calls_mean must be between 1 and max_calls")
 
@@ -469,34 +460,33 @@ class Team(TeamGenerator):
       rounds in which each sees everyone's previous answers; a judge decides.
     """
 
-    nodes_min: int = 3
-    nodes_max: int = 8
-    edge_prob: float = 0.3
-    coupling_levels: tuple = (0.0, 0.3, 0.7, 1.0)
-    system_tokens: int = 256
-    task_tokens_mean: float = 512.0
-    node_prompt_tokens_mean: float = 256.0
-    node_output_tokens_mean: float = 256.0
-    synth_output_tokens_mean: float = 256.0
-    instruction_tokens: int = 32
-    debate_agents: int = 3
-    debate_rounds: int = 2
-    default_topology: str = "sequential"
-    length_sigma: float = 0.3
-    system_prompt: str = "team"
+    nodes_min: int = param(3, 'nodes min', ge=1)
+    nodes_max: int = param(8, 'nodes max', ge=1)
+    edge_prob: float = param(0.3, 'probability of each extra DAG edge', ge=0, le=1)
+    coupling_levels: tuple = param((0.0, 0.3, 0.7, 1.0), "edge coupling labels, each in [0, 1]",
+                                    type=tuple)
+    system_tokens: int = param(256, 'system tokens', ge=1, unit='tokens')
+    task_tokens_mean: float = param(512.0, 'mean task tokens', gt=0, unit='tokens')
+    node_prompt_tokens_mean: float = param(256.0, 'mean node prompt tokens', gt=0, unit='tokens')
+    node_output_tokens_mean: float = param(256.0, 'mean node output tokens', gt=0, unit='tokens')
+    synth_output_tokens_mean: float = param(256.0, 'mean synth output tokens', gt=0, unit='tokens')
+    instruction_tokens: int = param(32, 'instruction tokens', ge=1, unit='tokens')
+    debate_agents: int = param(3, 'debate agents', ge=1)
+    debate_rounds: int = param(2, 'debate rounds after the first answers', ge=0, unit='rounds')
+    default_topology: str = param("sequential", "topology a fixed-topology policy runs",
+                                  choices=TEAM_TOPOLOGIES)
+    length_sigma: float = param(0.3, 'log-space sigma of lengths', ge=0)
+    system_prompt: str = param("team", PROMPT_HELP, nonempty=True)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "coupling_levels", tuple(float(c) for c in self.coupling_levels))
-        if not 1 <= self.nodes_min <= self.nodes_max:
-            raise ValueError("need 1 <= nodes_min <= nodes_max")
-        if not 0 <= self.edge_prob <= 1:
-            raise ValueError("edge_prob must be in [0, 1]")
-        if not self.coupling_levels or any(not 0 <= c <= 1 for c in self.coupling_levels):
-            raise ValueError("coupling_levels must be values in [0, 1]")
-        if self.debate_agents < 1 or self.debate_rounds < 0:
-            raise ValueError("debate_agents must be >= 1 and debate_rounds >= 0")
-        if self.default_topology not in TEAM_TOPOLOGIES:
-            raise ValueError(f"default_topology must be one of {', '.join(TEAM_TOPOLOGIES)}")
+        check_params(self)
+        levels = self.coupling_levels
+        if not levels or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1
+                             for c in levels):
+            raise ValueError(f"coupling_levels must be numbers in [0, 1], got {list(levels)!r}")
+        object.__setattr__(self, "coupling_levels", tuple(float(c) for c in levels))
+        if self.nodes_min > self.nodes_max:
+            raise ValueError("need nodes_min <= nodes_max")
 
     # ------------------------------------------------------------------ the task
     def task(self, rng: np.random.Generator) -> TaskDAG:

@@ -28,7 +28,8 @@ import csv
 from datetime import datetime
 from typing import Any, Iterator
 
-from agentsim.errors import ConfigError, TraceError
+from agentsim.config import Param
+from agentsim.errors import TraceError
 from agentsim.traces.canonical import ProgramRecord, Step, llm_step, tool_step, truncate_pieces
 from agentsim.traces.importers import Importer, open_text, register_importer
 
@@ -64,12 +65,11 @@ class _Ids:
 class TraceLabImporter(Importer):
     name = "tracelab"
     OPTIONS = {
-        "prefix": (str, "cached", "round JSONL prompt model: 'cached' (the trace's prefix_tokens) or 'append'"),
+        "prefix": ("cached", Param(str, choices=("cached", "append"),
+                                   help="round JSONL prompt model: the trace's prefix_tokens, or append-only")),
     }
 
     def _programs(self) -> Iterator[ProgramRecord]:
-        if self.options["prefix"] not in ("cached", "append"):
-            raise ConfigError("prefix", f"must be 'cached' or 'append', got {self.options['prefix']!r}")
         with open_text(self.path) as f:
             first = f.readline()
         if first.lstrip().startswith("{"):
