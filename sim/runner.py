@@ -29,6 +29,7 @@ from agentsim.metrics import (
 )
 from agentsim.policies.registry import make_bundle
 from agentsim.sim.engine import Engine, SimCall
+from agentsim.sim.frontend import Frontend, FrontendCall
 from agentsim.traces.source import ProgramSource, program_rng
 from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall
 
@@ -67,8 +68,17 @@ class Simulation:
     """One simulated run; ``run()`` returns a :class:`RunResult`."""
 
     def __init__(self, cfg: RunConfig, profile: Profile | None = None,
-                 on_step: Callable[[Engine], None] | None = None) -> None:
-        """``on_step(engine)`` runs after every applied step or window (tests check invariants)."""
+                 on_step: Callable[[Engine], None] | None = None,
+                 programs: list[Program] | None = None, max_concurrency: int | None = None) -> None:
+        """``on_step(engine)`` runs after every applied step or window (tests check invariants).
+
+        ``programs``: run exactly these programs at their ``arrival_at`` instead of the workload's
+        arrivals (``agentsim validate`` replays a benchmark's requests this way); ``max_concurrency``:
+        at most this many of them in flight, the others wait in arrival order, like the client
+        semaphore of ``vllm bench serve --max-concurrency`` (``vllm/benchmarks/serve.py``).
+        """
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ConfigError("max_concurrency", f"must be >= 1, got {max_concurrency}")
         self.cfg = cfg
         cl = cfg.cluster
         self.profile = profile or resolve_profile(cl.profile, cl.gpu, cl.model, cl.tp)
@@ -87,6 +97,12 @@ class Simulation:
         self.bundle = make_bundle(cfg.policy)
         self.source = ProgramSource(cfg.workload, cfg.seed)
         self.env = simpy.Environment()
+        self._programs = programs
+        self._max_concurrency = max_concurrency
+        # vLLM's API server per engine (agentsim.sim.frontend); None when the profile has no
+        # frontend costs, so runs without them take exactly the old path
+        self.frontends: list[Frontend] | None = None
+        self._fe_calls: dict[int, FrontendCall] = {}
         self.calls = ColumnStore(CALL_COLUMNS)
         self.programs = ColumnStore(PROGRAM_COLUMNS)
         self.samples = ColumnStore(ENGINE_COLUMNS)
@@ -101,6 +117,9 @@ class Simulation:
                     max_ff_steps=cfg.sim.max_ff_steps, record_sample=self.samples.append, on_step=on_step,
                 ))
                 eid += 1
+        if self.profile.frontend.enabled:
+            self.frontends = [Frontend(self.env, self.profile.frontend, lim.api_server_count)
+                              for _ in self.engines]
         self._next_call_id = 0
         self._active: dict[int, _ProgramStats] = {}
         self._hooks = {name: self.bundle.hooks(name) for name in (
@@ -121,12 +140,18 @@ class Simulation:
             prog = self.source.make(agent_id, env.now)
             yield from self._program(prog)
 
-    def _arrivals(self, programs):
+    def _arrivals(self, programs, slots: simpy.Resource | None = None):
         env = self.env
         for prog in programs:
             if prog.arrival_at > env.now:
                 yield env.timeout(prog.arrival_at - env.now)
-            env.process(self._program(prog))
+            env.process(self._program(prog) if slots is None else self._limited(prog, slots))
+
+    def _limited(self, prog: Program, slots: simpy.Resource):
+        """A program that first waits for one of the client's ``slots`` (FIFO) and holds it to the end."""
+        with slots.request() as req:
+            yield req
+            yield from self._program(prog)
 
     def _program(self, prog: Program):
         env = self.env
@@ -176,6 +201,11 @@ class Simulation:
                 for fn in self._hooks["on_call_arrive"]:
                     fn(call, env.now)
                 engine = self.engines[self._route(call, self.engines, env.now)]
+                if self.frontends is not None:
+                    # the engine's API server sets the request up and tokenizes it first
+                    fe = self.frontends[engine.engine_id]
+                    call.frontend = fe
+                    yield from fe.intake(call.num_prompt_tokens)
                 engine.add_call(call)
                 yield call.done
                 call.done = None  # no call <-> event cycle for the collector to find
@@ -229,16 +259,33 @@ class Simulation:
         seg = req.output_seg_id
         if seg is None:
             seg = (prog.program_id << 20) | (0x80000 + cid % 0x7FFFF)
-        return SimCall(
+        cls = SimCall if self.frontends is None else FrontendCall
+        call = cls(
             cid, prog.program_id, prog.agent_id if req.agent_id is None else req.agent_id,
             req.thread_id or thread_id, prog.kind, self.env.now, prog.arrival_at, req.context,
             req.num_output_tokens, seg, req.hints, req.parent_call_ids, self.env.event(),
         )
+        if self.frontends is not None:
+            self._fe_calls[cid] = call
+        return call
 
     def _on_finish(self, call: SimCall) -> None:
+        if self.frontends is not None:
+            # the engine is done; the client has the output once the API server has streamed it
+            for fn in self._hooks["on_call_finish"]:
+                fn(call, call.finish_at)
+            call.frontend.finish(call, lambda: self._deliver(call))
+            return
         self._record_call(call, "finished")
         for fn in self._hooks["on_call_finish"]:
             fn(call, call.finish_at)
+        call.done.succeed()
+
+    def _deliver(self, call: FrontendCall) -> None:
+        """The client has the last token: record the call with the times the client saw."""
+        del self._fe_calls[call.call_id]
+        call.set_client_times()
+        self._record_call(call, "finished")
         call.done.succeed()
 
     def _record_call(self, call: SimCall, status: str) -> None:
@@ -264,21 +311,30 @@ class Simulation:
         env = self.env
         wall0 = time.perf_counter()
         wl = cfg.workload
-        if wl.arrival == "closed":
+        if self._programs is not None:
+            slots = None if self._max_concurrency is None else simpy.Resource(env, self._max_concurrency)
+            env.process(self._arrivals(sorted(self._programs, key=lambda p: (p.arrival_at, p.program_id)), slots))
+        elif wl.arrival == "closed":
             for a in range(wl.agents):
                 env.process(self._agent(a))
         elif wl.arrival == "poisson":
             env.process(self._arrivals(self.source.poisson_arrivals(cfg.duration)))
         else:
-            env.process(self._arrivals(self.source.trace_arrivals(cfg.duration)))
+            # a trace replays whole unless the user bounded it with an explicit duration (the
+            # programs left out are counted: stats["num_programs_cut"])
+            bound = cfg.duration if cfg.duration_given else None
+            if bound is not None:
+                self.source.bound_trace(bound)
+            env.process(self._arrivals(self.source.trace_arrivals()))
         until = cfg.duration
+        drain = cfg.sim.drain or (self._programs is None and wl.arrival == "trace" and not cfg.duration_given)
         # The run creates millions of long-lived objects (KV blocks, call records); Python's
         # cyclic GC would rescan them over and over. Reference counting frees almost all garbage
         # here, so the cyclic collector runs only on young objects, once per chunk of sim time.
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
-            if cfg.sim.drain:
+            if drain:
                 env.run()
                 until = env.now  # drained: the run ends when the last program does
             else:
@@ -294,9 +350,15 @@ class Simulation:
         for e in self.engines:
             e.finalize(until)
         # calls and programs still in flight when the run ends
-        for e in self.engines:
-            for c in list(e.running) + [w if isinstance(w, SimCall) else w[3] for w in e.waiting] + list(e.inbox):
+        if self.frontends is not None:
+            # with a frontend, every call not yet delivered to its client (in intake, in an
+            # engine, or being streamed) is unfinished
+            for c in self._fe_calls.values():
                 self._record_call(c, "unfinished")
+        else:
+            for e in self.engines:
+                for c in list(e.running) + [w if isinstance(w, SimCall) else w[3] for w in e.waiting] + list(e.inbox):
+                    self._record_call(c, "unfinished")
         for st in sorted(self._active.values(), key=lambda s: s.prog.program_id):
             p = st.prog
             self.programs.append((
@@ -318,6 +380,8 @@ class Simulation:
             "calls_per_wall_s": self._next_call_id / wall if wall > 0 else math.nan,
             "kv_blocks_per_engine": self.num_blocks,
             "num_engines": len(self.engines),
+            "num_trace_programs": self.source.num_in_trace,
+            "num_programs_cut": self.source.num_cut,
         }
         manifest = {
             "schema_version": SCHEMA_VERSION,
