@@ -168,6 +168,23 @@ def register_commands(app: typer.Typer) -> None:
         console.print(t)
 
     @app.command()
+    def validate(
+        bench: list[Path] = typer.Argument(..., help="Result files of `vllm bench serve --save-result --save-detailed`."),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config: the engine settings of the measured server."),
+        profile: Optional[str] = typer.Option(None, "--profile", help="Profile name or JSON path (overrides the config's)."),
+        out: Path = typer.Option(Path("runs/validate"), "--out", "-o", help="Directory for validation.json and validation.png."),
+        seed: int = typer.Option(0, help="Seed for arrival times drawn from a file's rate (files without start_times)."),
+    ) -> None:
+        """Replay `vllm bench serve` runs in the simulator; compare duration, throughput, TTFT, TPOT, ITL, E2EL."""
+        from agentsim.validate import check_out_dir, render, validate as run_validate, write_out_dir
+
+        check_out_dir(out)
+        report = run_validate(bench, config, profile, seed)
+        render(report, console)
+        write_out_dir(out, report, report["runs"])
+        console.print(f"wrote {out}/validation.json and {out}/validation.png")
+
+    @app.command()
     def policies() -> None:
         """List every registered policy component and bundle with its parameters and defaults."""
         from agentsim.policies.registry import bundles, components

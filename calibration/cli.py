@@ -166,3 +166,50 @@ def check(
     if max_median_error is not None and not ho.median <= max_median_error:
         print(f"FAIL: median {ho.median:.1%} > {max_median_error:.1%}", file=sys.stderr)
         raise typer.Exit(1)
+
+
+@app.command("bench")
+def bench_cmd(
+    bench: list[Path] = typer.Argument(..., help="`vllm bench serve --save-result --save-detailed` result files to fit to"),
+    out: Path = typer.Option(..., "--out", "-o", help="profile JSON to write (refused if it exists, unless --force)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config: the measured server's engine settings and starting profile"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="starting profile name or path (overrides the config's)"),
+    holdout: Optional[list[Path]] = typer.Option(None, "--holdout", help="files to report the error on instead of leave-one-file-out (repeatable)"),
+    all_terms: bool = typer.Option(False, "--all-terms", help="fit every step-time coefficient, not only the host ones"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
+    max_evaluations: int = typer.Option(300, "--max-evaluations", help="replays of the training set per fit (optimiser budget)"),
+) -> None:
+    """Fit the host (per step, per sequence, per sampled token) and frontend terms of a profile to measured bench runs; report cross-validated error."""
+    from agentsim.bench import load_bench
+    from agentsim.calibration.bench import OBJECTIVE, calibrate_bench, summarize_errors, with_provenance
+    from agentsim.calibration.profile import resolve_profile
+    from agentsim.validate import bench_config
+
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out}", "exists; pass --force to overwrite it")
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"--out {out}", "is a directory, not a profile file")
+    if max_evaluations < 1:
+        raise ConfigError("--max-evaluations", f"must be >= 1, got {max_evaluations}")
+    runs = [load_bench(p) for p in bench]
+    held = [load_bench(p) for p in (holdout or [])]
+    cfg = bench_config(config, profile)
+    cl = cfg.cluster
+    start = resolve_profile(cl.profile, cl.gpu, cl.model, cl.tp)
+    fit = calibrate_bench(start, runs, cfg, held, all_terms=all_terms, max_evaluations=max_evaluations)
+    prof = with_provenance(fit, [str(p) for p in bench], [str(p) for p in (holdout or [])],
+                           str(config) if config else None, cfg, start)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prof.save(out)
+    print(f"wrote {out} ({prof.name}; {fit.num_evaluations} replays of the training set)")
+    for t, v in fit.terms.items():
+        print(f"  {t:<22} {fit.start_terms[t] * 1e6:12.3f} us -> {v * 1e6:12.3f} us")
+    for label, errs, files in (("train", fit.train_errors, [str(p) for p in bench]),
+                               ("cross-validated", fit.cv_errors, fit.cv_files)):
+        if not errs:
+            continue
+        s = summarize_errors(errs)
+        print(f"{label} error (mean |rel. error|): " + ", ".join(
+            f"{m} {s[f'mean_abs_{m}']:.1%}" for m in OBJECTIVE if f"mean_abs_{m}" in s) + f"; max {s['max_abs']:.1%}")
+        for f, e in zip(files, errs):
+            print(f"  {f}: " + ", ".join(f"{m} {v:+.1%}" for m, v in e.items()))
