@@ -1,4 +1,4 @@
-"""``agentsim calibrate show | list | profile | fit | check``."""
+"""``agentsim calibrate show | list | profile | fit | check | predict``."""
 
 from __future__ import annotations
 
@@ -53,10 +53,27 @@ def list_cmd() -> None:
 
 @app.command()
 def show(profile: str = typer.Argument(..., help="shipped profile name or path to a profile JSON")) -> None:
-    """Predicted step times (decode batch 1/32/128 at 1k/8k context, prefill 512/2k/8k) beside the HBM-bandwidth and FLOP rooflines, and the KV capacity."""
+    """Predicted step times (decode batch 1/32/128 at 1k/8k context, prefill 512/2k/8k) beside the HBM-bandwidth and FLOP rooflines, each step-time term's share for a few batches, and the KV capacity."""
     from agentsim.calibration.report import render_show
 
     render_show(load_named_profile(profile), _console())
+
+
+@app.command()
+def predict(
+    profile: str = typer.Argument(..., help="shipped profile name or path to a profile JSON"),
+    steps: Path = typer.Argument(..., help="CSV with columns prefill_chunks ('512@0;16@4096': chunk@cached, "
+                                           "';'-separated, empty for none) and decode_ctx (context length per "
+                                           "decoding sequence, ';'-separated, empty for none); optional num_sampled"),
+    out: Path = typer.Option(..., "-o", "--out", help="CSV to write: the input columns plus predicted_ms"),
+    force: bool = typer.Option(False, "--force", help="overwrite OUT if it exists"),
+) -> None:
+    """Predicted step time (ms) of each row of STEPS.csv under PROFILE, for comparing with steps you measured."""
+    from agentsim.calibration.predict import predict_csv
+
+    prof = load_named_profile(profile)
+    n = predict_csv(prof, steps, out, force)
+    print(f"wrote {out} ({n} steps predicted with {prof.name})")
 
 
 @app.command("profile")
@@ -127,11 +144,10 @@ def fit(
     write_raw_points(job, raw)
     prof.provenance["raw_points"] = raw.name
     prof.save(out)
-    st = prof.coefficients
+    from agentsim.calibration.report import describe_coefficients
+
     print(f"wrote {out} ({prof.name}, fitted to {prof.provenance['clock']} time)")
-    print(f"coefficients: const {st.const * 1e3:.4f} ms, per prefill token {st.per_prefill_token * 1e6:.4f} us, "
-          f"per attn pair {st.per_prefill_attn_pair * 1e9:.5f} ns, per decode seq {st.per_decode_seq * 1e6:.4f} us, "
-          f"per decode ctx token {st.per_decode_ctx_token * 1e9:.4f} ns")
+    print(f"coefficients: step time = {describe_coefficients(prof.coefficients)}")
     for label, e in (("fitted", res.train), ("held-out", res.held_out)):
         print(f"{label} points: {e.num_points}, median relative error {e.median:.1%}, p90 {e.p90:.1%}")
 

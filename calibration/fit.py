@@ -10,7 +10,8 @@ measurements):
 - the squared *relative* error is minimised (each row and its target divided by the target), so a
   10 ms decode step counts as much as a 1 s prefill;
 - the knee ``knee_tokens`` (where ``per_batched_token * max(T, knee)`` stops being flat) is found by
-  search: NNLS at each candidate knee, the smallest loss wins (ties: the smaller knee).
+  search: NNLS at each candidate knee (about 5 % apart), then at whole tokens around the best one;
+  the smallest loss wins (ties: the smaller knee).
 
 :func:`fit_coefficients` keeps the five-term (format version 1) fit for callers with only the four
 classic features.
@@ -143,8 +144,8 @@ def fit_step_time(batches, seconds, *, terms: Iterable[str] | None = None,
     :data:`~agentsim.calibration.profile.COEFFICIENTS`, plus the knee when ``per_batched_token`` is
     fitted); the others keep their value in ``base`` (default 0), e.g. ``terms=HOST_TERMS`` fits
     only the host costs on top of a device-side profile. ``knees``: candidate knees (default
-    :func:`knee_candidates` up to the data's largest batched-token count; ``base.knee_tokens`` when
-    ``per_batched_token`` is not fitted). ``weights``: optional per-row weights (> 0) of the squared
+    :func:`knee_candidates` up to the data's largest batched-token count, then whole tokens between
+    the best one's neighbours; ``base.knee_tokens`` when ``per_batched_token`` is not fitted). ``weights``: optional per-row weights (> 0) of the squared
     relative error.
 
     Raises :class:`ConfigError` (field ``points``) if there are fewer points than fitted terms or a
@@ -164,6 +165,8 @@ def fit_step_time(batches, seconds, *, terms: Iterable[str] | None = None,
         raise ConfigError("points", "every measured step time must be finite and > 0")
     base = base or StepTimeCoefficients(0.0, 0.0, 0.0, 0.0, 0.0)
     w = np.ones_like(y) if weights is None else np.sqrt(np.asarray(weights, dtype=float).reshape(-1))
+    if w.shape != y.shape or not np.all(np.isfinite(w) & (w > 0)):
+        raise ConfigError("weights", f"need {len(y)} finite weights > 0")
     idx = [COEFFICIENTS.index(t) for t in fit_terms]
     fixed_idx = [i for i in range(len(COEFFICIENTS)) if i not in idx]
     fixed_c = np.array([getattr(base, COEFFICIENTS[i]) for i in fixed_idx])
@@ -172,19 +175,33 @@ def fit_step_time(batches, seconds, *, terms: Iterable[str] | None = None,
         cand = knee_candidates(float(tokens.max())) if knees is None else np.asarray(knees, dtype=float)
     else:
         cand = np.array([base.knee_tokens if knees is None else float(np.asarray(knees).reshape(-1)[0])])
-    best: tuple[float, float, np.ndarray] | None = None
-    for knee in cand:
+    if not (len(cand) and np.all(np.isfinite(cand) & (cand >= 0))):
+        raise ConfigError("knees", "candidate knees must be finite and >= 0")
+
+    def solve(knee: float) -> tuple[float, np.ndarray]:
         a = design_matrix(x, knee)
         rest = y - (a[:, fixed_idx] @ fixed_c if fixed_idx else 0.0)
-        # Solve for the free terms on what the fixed ones leave, still relative to the measured time.
-        sol = _nnls_free(a[:, idx], rest, y, w)
+        # The free terms fit what the fixed ones leave, still relative to the measured time.
         c = np.zeros(len(COEFFICIENTS))
-        c[idx] = sol
+        c[idx] = _nnls_free(a[:, idx], rest, y, w)
         if fixed_idx:
             c[fixed_idx] = fixed_c
-        loss = float(np.sum((w * ((a @ c) - y) / y) ** 2))
-        if best is None or loss < best[0] * (1 - 1e-12):
-            best = (loss, float(knee), c)
+        return float(np.sum((w * ((a @ c) - y) / y) ** 2)), c
+
+    def search(knees_: np.ndarray, best=None):
+        for knee in knees_:
+            loss, c = solve(float(knee))
+            if best is None or loss < best[0] * (1 - 1e-12):
+                best = (loss, float(knee), c)
+        return best
+
+    best = search(cand)
+    if knees is None and len(cand) > 1:
+        # Refine between the best candidate's neighbours: whole tokens (at most 64 of them).
+        i = int(np.searchsorted(cand, best[1]))
+        lo, hi = cand[max(i - 1, 0)], cand[min(i + 1, len(cand) - 1)]
+        fine = np.unique(np.round(np.linspace(lo, hi, min(64, int(hi - lo) + 1))))
+        best = search(np.sort(np.r_[best[1], fine[fine != best[1]]]))
     _, knee, c = best
     return StepTimeCoefficients(**{k: float(v) for k, v in zip(COEFFICIENTS, c)}, knee_tokens=knee)
 

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from agentsim.calibration.fit import ErrorStats, error_stats, fit_coefficients, predict_many
+from agentsim.calibration.fit import STEP_FEATURES, ErrorStats, error_stats, fit_step_time, predict_many
 from agentsim.calibration.grid import GridLimits, GridPoint, build_grid, holdout_mask
 from agentsim.calibration.hardware import GPUS, gpu_kind_from_name, slug
 from agentsim.calibration.models import model_dims_from_hf_config
@@ -194,17 +194,27 @@ class Job:
         return clock
 
     def table(self, clock: str | None = None) -> dict[str, np.ndarray]:
-        """One row per measured point: mean features, median step time (on ``clock``, default
-        :func:`default_clock`), kind, held-out flag."""
+        """One row per measured point: mean features (``(n, 6)``, :data:`~agentsim.calibration.fit.STEP_FEATURES`),
+        median step time (on ``clock``, default :func:`default_clock`), kind, held-out flag.
+
+        A measured step's prefill chunk is a whole prompt (``vllm_engine.ShapeDriver.measure``), so
+        it is one scheduled sequence that samples; every decode samples (``num_sampled`` = all).
+        Samples without ``num_prefill_chunks`` (older jobs) count one prefill sequence if any prefill
+        token ran."""
         key = CLOCKS[self.clock(clock)]
         rows = [r for r in self.points if r["samples"]]
-        feats = np.array([[np.mean([s[k] for s in r["samples"]]) for k in FEATURE_KEYS] for r in rows], dtype=float)
+
+        def sample_features(s: dict) -> list[float]:
+            n_pre = s.get("num_prefill_chunks", 1 if s["num_prefill_tokens"] > 0 else 0)
+            return [*(s[k] for k in FEATURE_KEYS), n_pre, n_pre + s["num_decode_seqs"]]
+
+        feats = np.array([np.mean([sample_features(s) for s in r["samples"]], axis=0) for r in rows], dtype=float)
         times = np.array([np.median([s[key] for s in r["samples"]]) for r in rows], dtype=float)
         return {
             "point_id": np.array([r["point_id"] for r in rows]),
             "kind": np.array([r["kind"] for r in rows]),
             "holdout": np.array([bool(r["holdout"]) for r in rows]),
-            "features": feats.reshape(-1, 4),
+            "features": feats.reshape(-1, len(STEP_FEATURES)),
             "step_time_s": times,
         }
 
@@ -346,13 +356,14 @@ class FitResult:
 
 
 def fit_job(job: Job, model_name: str | None = None, clock: str | None = None) -> FitResult:
-    """Fit the five coefficients on the job's non-held-out points and build a profile."""
+    """Fit the step-time model (:func:`~agentsim.calibration.fit.fit_step_time`: every term, knee by
+    search) on the job's non-held-out points and build a profile."""
     clock = job.clock(clock)
     t = job.table(clock)
     train = ~t["holdout"]
-    if train.sum() < 5:
+    if train.sum() < 8:
         raise ConfigError(str(job.directory), f"only {int(train.sum())} fitted points measured; run the job further")
-    coeffs = fit_coefficients(t["features"][train], t["step_time_s"][train])
+    coeffs = fit_step_time(t["features"][train], t["step_time_s"][train])
     pred = predict_many(coeffs, t["features"])
     tr = error_stats(pred[train], t["step_time_s"][train])
     ho = error_stats(pred[~train], t["step_time_s"][~train])

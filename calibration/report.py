@@ -1,4 +1,5 @@
-"""The sanity report of ``agentsim calibrate show``: predicted step times beside their rooflines.
+"""The sanity report of ``agentsim calibrate show``: predicted step times beside their rooflines,
+and each step-time term's share of the predicted time for a few batches.
 
 Rooflines are *lower bounds* for one step of a TP group of ``tp`` GPUs, never an estimate:
 
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agentsim.calibration import profile as _profile
 from agentsim.calibration.batch import BatchShape
+from agentsim.calibration.fit import shape_features
 from agentsim.calibration.profile import Profile
 
 # (label, shape): the points the issue asks the report to show.
@@ -32,6 +35,41 @@ SHOW_SHAPES: tuple[tuple[str, BatchShape], ...] = (
     ("prefill 2k", BatchShape.prefill(2048)),
     ("prefill 8k", BatchShape.prefill(8192)),
 )
+
+
+# (label, shape): the batches whose per-term shares ``show`` prints.
+SHARE_SHAPES: tuple[tuple[str, BatchShape], ...] = (
+    ("decode 1 seq ctx=1k", BatchShape.decode(1, 1024)),
+    ("decode 64 seqs ctx=1k", BatchShape.decode(64, 1024)),
+    ("decode 256 seqs ctx=1k", BatchShape.decode(256, 1024)),
+    ("prefill 512", BatchShape.prefill(512)),
+    ("prefill 4096", BatchShape.prefill(4096)),
+    ("mixed 512 + 64 decodes", BatchShape(prefills=((512, 0),), decode_ctx=(1024,) * 64)),
+)
+# Column headings of the share table, one per coefficient (host terms first).
+TERM_LABELS = {
+    "const": "const",
+    "per_scheduled_seq": "host/seq",
+    "per_sampled_token": "host/out",
+    "per_batched_token": "linear (knee)",
+    "per_prefill_token": "prefill tok",
+    "per_decode_seq": "decode seq",
+    "per_prefill_attn_pair": "prefill attn",
+    "per_decode_ctx_token": "decode ctx",
+}
+
+
+def step_shape(shape: BatchShape) -> _profile.BatchShape:
+    """The engine-side :class:`agentsim.calibration.profile.BatchShape` of a chunk-level shape
+    (each prefill chunk is one scheduled sequence; every sequence samples)."""
+    return _profile.BatchShape(*shape_features(shape))
+
+
+def term_shares(profile: Profile, shape: BatchShape) -> tuple[float, dict[str, float]]:
+    """Predicted seconds of ``shape`` and each term's fraction of it (fractions sum to 1)."""
+    terms = profile.coefficients.terms(step_shape(shape))
+    total = sum(terms.values())
+    return total, {k: (v / total if total > 0 else 0.0) for k, v in terms.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +131,7 @@ def report_rows(profile: Profile) -> list[ReportRow]:
     for label, shape in SHOW_SHAPES:
         kv = shape.decode_ctx_tokens + sum(c + k for c, k in shape.prefills)
         rows.append(ReportRow(
-            label=label, shape=shape, predicted=profile.coefficients.predict(*shape.features()),
+            label=label, shape=shape, predicted=profile.step_time(step_shape(shape)),
             hbm_roofline=hbm_roofline(profile, shape), flop_roofline=flop_roofline(profile, shape),
             kv_tokens=kv, fits_kv=kv <= profile.kv_capacity_tokens,
         ))
@@ -114,10 +152,7 @@ def render_show(profile: Profile, console) -> None:
     console.print(f"KV cache: {profile.kv_capacity_tokens:,} tokens ({profile.kv_capacity_blocks:,} blocks of "
                   f"{profile.kv_block_size}) at gpu_memory_utilization {profile.gpu_memory_utilization}, "
                   f"{profile.kv_bytes_per_token:,} bytes/token")
-    st = profile.coefficients
-    console.print(f"step time = {st.const * 1e3:.3f} ms + {st.per_prefill_token * 1e6:.3f} us/prefill token + "
-                  f"{st.per_prefill_attn_pair * 1e9:.4f} ns/attn pair + {st.per_decode_seq * 1e6:.3f} us/decode seq + "
-                  f"{st.per_decode_ctx_token * 1e9:.3f} ns/decode ctx token")
+    console.print("step time = " + describe_coefficients(profile.coefficients))
     fe = profile.fit_error or {}
     for key in ("grid", "held_out_random_batches", "train", "held_out"):
         if key in fe and isinstance(fe[key], dict):
@@ -137,5 +172,25 @@ def render_show(profile: Profile, console) -> None:
             f"{r.ratio:.2f} ({r.bound})" if known else "n/a", f"{tps:,.0f}", kv,
         )
     console.print(t)
+    shares = Table(title="share of the predicted step time per term (ms: predicted step; host/seq: per scheduled "
+                         "sequence; host/out: per sampled token)")
+    shares.add_column("batch", no_wrap=True)
+    shares.add_column("ms", justify="right")
+    for k in TERM_LABELS:
+        label = f"linear, knee {profile.coefficients.knee_tokens:g}" if k == "per_batched_token" else TERM_LABELS[k]
+        shares.add_column(label, justify="right")
+    for label, shape in SHARE_SHAPES:
+        total, frac = term_shares(profile, shape)
+        shares.add_row(label, f"{total * 1e3:.2f}", *(f"{frac[k]:.0%}" if frac[k] else "-" for k in TERM_LABELS))
+    console.print(shares)
     if not known:
         console.print("rooflines n/a: the profile's GPU has no stated HBM bandwidth / peak FLOP rate (e.g. a CPU engine)")
+
+
+def describe_coefficients(st) -> str:
+    """One line with every step-time term in readable units."""
+    return (f"{st.const * 1e3:.3f} ms + {st.per_scheduled_seq * 1e6:.2f} us/scheduled seq + "
+            f"{st.per_sampled_token * 1e6:.2f} us/sampled token + "
+            f"{st.per_batched_token * 1e6:.3f} us/token x max(batched tokens, {st.knee_tokens:g}) + "
+            f"{st.per_prefill_token * 1e6:.3f} us/prefill token + {st.per_decode_seq * 1e6:.3f} us/decode seq + "
+            f"{st.per_prefill_attn_pair * 1e9:.4f} ns/attn pair + {st.per_decode_ctx_token * 1e9:.3f} ns/decode ctx token")
