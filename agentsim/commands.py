@@ -11,8 +11,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=False)
-err = Console(stderr=True)
+def make_console(stderr: bool = False) -> Console:
+    """A rich Console for tables: on a terminal its width; to a pipe or a log file (where rich would
+    cut every line at 80 columns) ``$COLUMNS`` if set, else 240 columns, so no row is truncated."""
+    import os
+
+    if os.environ.get("COLUMNS") or Console(stderr=stderr).is_terminal:
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=240)
+
+
+console = make_console()
+err = make_console(stderr=True)
 
 
 class _LazyProgress:
@@ -43,45 +53,69 @@ class _LazyProgress:
             self.bar.stop()
 
 
-def _fmt(v: float, unit: str = "") -> str:
+def _fmt(v: float | None, unit: str = "") -> str:
+    """A value for a table: ``%`` for fractions (0-1), counts without decimals (``n``), anything
+    else with 3 significant digits at least (``0.0213``, ``4.56``, ``1,234.5``)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if unit == "ms":
-        return f"{v * 1e3:,.1f}"
     if unit == "%":
         return f"{v * 100:.1f}%"
-    return f"{v:,.2f}"
+    if unit == "n":
+        return f"{v:,.0f}"
+    a = abs(v)
+    if a >= 100 or a == 0:
+        return f"{v:,.1f}"
+    if a >= 1:
+        return f"{v:,.2f}"
+    return f"{v:.3g}"
 
 
 def print_summary(summary: dict, title: str, stats: dict | None = None) -> None:
+    """Print a run's summary (the keys of :data:`agentsim.metrics.SUMMARY_KEYS`; units in the labels)."""
     t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("metric")
     t.add_column("mean", justify="right")
     t.add_column("p50", justify="right")
     t.add_column("p95", justify="right")
     t.add_column("p99", justify="right")
-    for label, key in (("TTFT (ms)", "ttft"), ("TPOT (ms)", "tpot"), ("E2E (ms)", "e2e"), ("queue (ms)", "queue")):
-        t.add_row(label, *(_fmt(summary.get(f"{key}_{s}"), "ms") for s in ("mean", "p50", "p95", "p99")))
-    t.add_row("program latency (s)", *(_fmt(summary.get(f"program_latency_{s}")) for s in ("mean", "p50", "p95", "p99")))
-    t.add_row("program token latency (ms)", _fmt(summary.get("program_token_latency_mean"), "ms"), "",
-              _fmt(summary.get("program_token_latency_p95"), "ms"), _fmt(summary.get("program_token_latency_p99"), "ms"))
+    for label, key, unit in (("TTFT (ms)", "ttft", "ms"), ("TPOT (ms)", "tpot", "ms"), ("E2E latency (ms)", "e2el", "ms"),
+                             ("queue time (ms)", "queue_time", "ms"), ("program latency (s)", "program_latency", "s")):
+        t.add_row(label, *(_fmt(summary.get(f"{s}_{key}_{unit}")) for s in ("mean", "median", "p95", "p99")))
+    t.add_row("program token latency (ms/token)", _fmt(summary.get("mean_program_token_latency_ms")), "",
+              _fmt(summary.get("p95_program_token_latency_ms")), _fmt(summary.get("p99_program_token_latency_ms")))
     console.print(t)
     t2 = Table(show_header=False)
     t2.add_column("k")
     t2.add_column("v", justify="right")
-    t2.add_row("throughput (output tok/s)", _fmt(summary["output_tok_s"]))
-    t2.add_row("throughput (prompt+output tok/s)", _fmt(summary["total_tok_s"]))
-    t2.add_row("programs/s  |  calls/s", f"{_fmt(summary['programs_s'])}  |  {_fmt(summary['calls_s'])}")
-    t2.add_row("finished programs  |  calls", f"{summary['num_programs']:.0f}  |  {summary['num_calls']:.0f}")
-    t2.add_row("prefix-cache hit rate", _fmt(summary["prefix_hit_rate"], "%"))
-    t2.add_row("mean KV usage  |  busy", f"{_fmt(summary['kv_usage_mean'], '%')}  |  {_fmt(summary['busy_fraction_mean'], '%')}")
-    t2.add_row("preemptions", f"{summary['preemptions']:.0f}")
-    if "goodput_calls_s" in summary:
-        t2.add_row("goodput (calls/s within SLO)", _fmt(summary["goodput_calls_s"]))
+    g = summary.get
+    t2.add_row("duration (measured makespan, s)", _fmt(g("duration_s")))
+    t2.add_row("output throughput (tok/s)", _fmt(g("output_throughput")))
+    t2.add_row("total token throughput (prompt + output tok/s)", _fmt(g("total_token_throughput")))
+    t2.add_row("programs/s  |  calls/s", f"{_fmt(g('program_throughput'))}  |  {_fmt(g('request_throughput'))}")
+    t2.add_row("finished programs  |  calls", f"{_fmt(g('num_programs'), 'n')}  |  {_fmt(g('num_calls'), 'n')}")
+    t2.add_row("prefix-cache hit rate", _fmt(g("prefix_hit_rate"), "%"))
+    t2.add_row("mean KV usage  |  busy", f"{_fmt(g('mean_kv_usage'), '%')}  |  {_fmt(g('mean_busy_fraction'), '%')}")
+    t2.add_row("preemptions", _fmt(g("num_preemptions"), "n"))
+    if "request_goodput" in summary:
+        t2.add_row("goodput (calls/s within SLO)", _fmt(summary["request_goodput"]))
     if stats:
         t2.add_row("simulator speed", f"{stats['num_llm_calls']:,} calls in {stats['wall_time_s']:.1f} s wall "
                                       f"({stats['calls_per_wall_s']:,.0f} calls/s)")
     console.print(t2)
+
+
+def simulate_title(cfg, result) -> str:
+    """The header of ``simulate``'s table: what actually ran — the profile's own GPU and model (a
+    ``--profile`` file may be for other hardware than ``cluster.gpu``/``cluster.model``), the policy,
+    the seed and the simulated time the summary covers (its measured makespan)."""
+    from agentsim.calibration.profile import resolve_profile
+
+    cl = cfg.cluster
+    prof = resolve_profile(cl.profile, cl.gpu, cl.model, cl.tp)
+    drained = " (drained)" if cfg.sim.drain else ""
+    return (f"{cl.num_nodes} node(s) x {cl.gpus_per_node} GPU(s), {cl.num_engines} engine(s) TP{cl.tp} | "
+            f"profile {prof.name} ({prof.gpu.name}, {prof.model.name}) | policy {result.manifest['policy']} | "
+            f"seed {cfg.seed} | {result.summary['duration_s']:,.1f} s simulated{drained}")
 
 
 def register_commands(app: typer.Typer) -> None:
@@ -137,11 +171,7 @@ def register_commands(app: typer.Typer) -> None:
         write_results(out, result.calls, result.programs, result.engines, result.summary,
                       {**result.manifest, "stats": result.stats})
         if not quiet:
-            cl = cfg.cluster
-            title = (f"{cl.num_nodes} node(s) x {cl.gpus_per_node} {cl.gpu}, {cl.model} TP{cl.tp}, "
-                     f"{cl.num_engines} engines | policy {result.manifest['policy']} | seed {cfg.seed} | "
-                     f"{cfg.duration:g} s simulated")
-            print_summary(result.summary, title, result.stats)
+            print_summary(result.summary, simulate_title(cfg, result), result.stats)
             console.print(f"results: {out}/ (calls, programs, engines .parquet; summary.json; manifest.json)")
 
     @app.command()
@@ -157,14 +187,20 @@ def register_commands(app: typer.Typer) -> None:
         sp = load_spec(spec)
         table = run_sweep(sp, out=out, workers=workers, ray_address=ray_address, console=err)
         show = [c for c in table.columns if not c.startswith("_")]
-        metrics = ["output_tok_s", "ttft_p50", "ttft_p99", "e2e_p50", "program_latency_mean",
-                   "program_latency_p99", "prefix_hit_rate", "preemptions"]
+        # (summary key, column header with its unit, _fmt unit)
+        metrics = [("output_throughput", "output tok/s", ""), ("median_ttft_ms", "TTFT p50 ms", ""),
+                   ("p99_ttft_ms", "TTFT p99 ms", ""), ("median_e2el_ms", "E2E p50 ms", ""),
+                   ("mean_program_latency_s", "program latency mean s", ""),
+                   ("p99_program_latency_s", "program latency p99 s", ""),
+                   ("prefix_hit_rate", "prefix hit rate", "%"), ("num_preemptions", "preemptions", "n")]
         t = Table(title=f"sweep: {len(table)} cells -> {sp.out if out is None else out}/results.parquet")
         keys = [c for c in show if c in sp.grid_keys]
-        for c in keys + metrics:
+        for c in keys:
             t.add_column(c, justify="right")
+        for _, head, _ in metrics:
+            t.add_column(head, justify="right")
         for _, row in table.iterrows():
-            t.add_row(*(str(row[c]) for c in keys), *(_fmt(row[m]) if m in row else "-" for m in metrics))
+            t.add_row(*(str(row[c]) for c in keys), *(_fmt(row[m], u) if m in row else "-" for m, _, u in metrics))
         console.print(t)
 
     @app.command()

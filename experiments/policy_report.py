@@ -73,8 +73,8 @@ def sustainable_rate(rates: np.ndarray, lat: np.ndarray, target: float) -> tuple
 
 def report_autellix(t: pd.DataFrame, fig) -> dict:
     t = t.rename(columns={"workload.rate": "rate"})
-    piv = t.pivot_table(index="rate", columns="policy", values="program_token_latency_mean")
-    p95 = t.pivot_table(index="rate", columns="policy", values="program_token_latency_p95")
+    piv = t.pivot_table(index="rate", columns="policy", values="mean_program_token_latency_ms") / 1e3
+    p95 = t.pivot_table(index="rate", columns="policy", values="p95_program_token_latency_ms") / 1e3
     base_low = float(piv["vllm"].iloc[0])
     out = {"token_latency_mean_s": piv.round(4).to_dict(), "token_latency_p95_s": p95.round(4).to_dict(),
            "sustainable_rate": {}, "ratio_vs_vllm": {}}
@@ -134,8 +134,9 @@ def _bars(fig, names, values, ylabel, title, ref=None):
 
 
 def report_scalesim(t: pd.DataFrame, fig) -> dict:
-    g = t.groupby("policy", sort=False).agg(latency=("program_latency_mean", "mean"),
-                                             ttft=("ttft_mean", "mean"), hit=("prefix_hit_rate", "mean"))
+    g = t.groupby("policy", sort=False).agg(latency=("mean_program_latency_s", "mean"),
+                                             ttft=("mean_ttft_ms", "mean"), hit=("prefix_hit_rate", "mean"))
+    g["ttft"] = g["ttft"] / 1e3  # ms -> s, as the report states it
     lru = float(g.loc["vllm", "latency"])
     g["speedup_vs_lru"] = lru / g["latency"]
     _bars(fig, list(g.index), g["latency"].tolist(), "simulation completion time (s), mean of 3 seeds",
@@ -161,8 +162,8 @@ def report_kvflow(t: pd.DataFrame, fig) -> dict:
 
 def report_toolgap(t: pd.DataFrame, fig) -> dict:
     t = t.rename(columns={"cluster.engine.num_gpu_blocks_override": "blocks"})
-    mean = t.pivot_table(index="blocks", columns="policy", values="program_latency_mean")
-    p95 = t.pivot_table(index="blocks", columns="policy", values="program_latency_p95")
+    mean = t.pivot_table(index="blocks", columns="policy", values="mean_program_latency_s")
+    p95 = t.pivot_table(index="blocks", columns="policy", values="p95_program_latency_s")
     ax = fig.subplots(1, 2)
     for p in mean.columns:
         ax[0].plot(mean.index * 16 / 1000, mean[p], marker="o", label=p)

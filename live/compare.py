@@ -2,14 +2,19 @@
 
 Works on any two runs in the shared layout (sim vs live, policy vs policy, seed vs seed): it reads
 ``summary.json`` and ``manifest.json`` and, when the summaries lack a metric, recomputes it from the
-Parquet tables with :func:`agentsim.metrics.summarize`. The relative difference is
-``(B - A) / |A|`` (NaN when A is 0 or missing). Needs neither vLLM nor Ray.
+Parquet tables with :func:`agentsim.metrics.summarize`; summaries written before units were part
+of the key names are read through :func:`agentsim.metrics.upgrade_summary`. Every metric has one
+definition for sim and live (``agentsim.metrics``: throughput = count / measured makespan), and
+each kind of quantity one unit (call latencies ms, program latencies s). The relative difference
+is ``(B - A) / |A|`` (NaN when A is 0 or missing). The comparison warns when the runs differ in
+cluster, model or workload (:func:`mismatches`). Needs neither vLLM nor Ray.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +22,25 @@ import pandas as pd
 
 from agentsim.errors import ConfigError
 
-# (summary key, label, unit); unit "s" values are shown in ms
+# (summary key, label, unit): the summary.json keys of agentsim.metrics.SUMMARY_KEYS, whose names
+# carry their unit; one unit per kind of quantity (call latencies ms, program latencies s,
+# throughputs per second, rates %, counts n), printed once in the label
 METRICS: tuple[tuple[str, str, str], ...] = (
-    ("ttft_p50", "TTFT p50", "s"), ("ttft_p95", "TTFT p95", "s"), ("ttft_p99", "TTFT p99", "s"),
-    ("tpot_p50", "TPOT p50", "s"), ("tpot_p95", "TPOT p95", "s"), ("tpot_p99", "TPOT p99", "s"),
-    ("e2e_p50", "E2E p50", "s"), ("e2e_p95", "E2E p95", "s"), ("e2e_p99", "E2E p99", "s"),
-    ("queue_p50", "queue p50", "s"), ("queue_p99", "queue p99", "s"),
-    ("program_latency_p50", "program latency p50", "s"), ("program_latency_p95", "program latency p95", "s"),
-    ("program_latency_p99", "program latency p99", "s"),
-    ("program_token_latency_mean", "program token latency mean", "s"),
-    ("output_tok_s", "throughput (output tok/s)", ""), ("total_tok_s", "throughput (total tok/s)", ""),
-    ("programs_s", "programs/s", ""), ("calls_s", "calls/s", ""),
-    ("prefix_hit_rate", "prefix-cache hit rate", "%"), ("preemptions", "preemptions", "n"),
+    *((f"{s}_{k}_ms", f"{name} {lab}", "ms")
+      for k, name in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2E latency"))
+      for s, lab in (("mean", "mean"), ("median", "p50"), ("p95", "p95"), ("p99", "p99"))),
+    ("mean_queue_time_ms", "queue time mean", "ms"), ("median_queue_time_ms", "queue time p50", "ms"),
+    ("p99_queue_time_ms", "queue time p99", "ms"),
+    *((f"{s}_program_latency_s", f"program latency {lab}", "s")
+      for s, lab in (("mean", "mean"), ("median", "p50"), ("p95", "p95"), ("p99", "p99"))),
+    ("mean_program_token_latency_ms", "program token latency mean", "ms/token"),
+    ("output_throughput", "output throughput", "tok/s"), ("total_token_throughput", "total token throughput", "tok/s"),
+    ("program_throughput", "program throughput", "programs/s"), ("request_throughput", "call throughput", "calls/s"),
+    ("duration_s", "duration (measured makespan)", "s"),
+    ("prefix_hit_rate", "prefix-cache hit rate", "%"), ("num_preemptions", "preemptions", "n"),
     ("num_programs", "finished programs", "n"), ("num_calls", "finished calls", "n"),
+    ("total_input_tokens", "prompt tokens (finished calls)", "n"),
+    ("total_output_tokens", "generated tokens", "n"),
     ("num_retries", "retried calls", "n"),
 )
 
@@ -46,6 +57,11 @@ def load_run(path: str | Path) -> dict[str, Any]:
         summary = json.loads(sp.read_text())
     except ValueError as e:
         raise ConfigError(str(sp), f"malformed JSON ({e})") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(str(sp), "not a summary (a JSON object of metrics expected)")
+    from agentsim.metrics import upgrade_summary
+
+    summary = upgrade_summary(summary)  # results written before units were in the key names
     manifest: dict = {}
     mp = p / "manifest.json"
     if mp.exists():
@@ -60,7 +76,7 @@ def load_run(path: str | Path) -> dict[str, Any]:
         calls = pd.read_parquet(p / "calls.parquet")
         programs = pd.read_parquet(p / "programs.parquet")
         engines = pd.read_parquet(p / "engines.parquet")
-        full = summarize(calls, programs, engines, float(summary.get("duration_s") or 1.0))
+        full = summarize(calls, programs, engines, float(summary.get("duration_s") or 0.0))
         full["num_retries"] = float(calls["num_retries"].clip(lower=0).sum())
         for k in missing:
             if k in full:
@@ -101,16 +117,65 @@ def describe(run: dict) -> str:
     return ", ".join(str(x) for x in parts)
 
 
+def _what_ran(run: dict) -> dict[str, Any]:
+    """Cluster, model and workload of a run, from its manifest (what a comparison must hold equal)."""
+    m = run["manifest"]
+    cfg = m.get("config") or {}
+    cl = dict(cfg.get("cluster") or {})
+    out: dict[str, Any] = {}
+    if cl:
+        # a live run's engines are on Ray nodes whatever the simulator's GPU kind says
+        out["cluster"] = {k: cl.get(k) for k in ("num_nodes", "engines_per_node", "tp")}
+        out["engine limits"] = {k: v for k, v in (cl.get("engine") or {}).items()
+                                if k in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                                         "enable_prefix_caching", "enable_chunked_prefill")}
+    model = m.get("live_model") or cl.get("model")
+    if model is not None:
+        out["model"] = Path(str(model)).name if m.get("live_model") else model
+    if cfg.get("workload") is not None:
+        out["workload"] = cfg.get("workload")
+    if "duration" in cfg:
+        out["duration"] = cfg["duration"]
+    if isinstance(cfg.get("sim"), dict) and "drain" in cfg["sim"]:
+        out["drain"] = cfg["sim"]["drain"]
+    return out
+
+
+def mismatches(ra: dict, rb: dict) -> list[str]:
+    """One line per aspect in which run B did not run what run A ran (cluster, model, workload ...).
+
+    Each run's ``manifest.json`` ``config`` (and ``live_model`` for a live run) is compared; an aspect
+    a manifest does not record is not compared. A sim run and a live run of the same config differ
+    only in their backend and policy, which a comparison is for.
+    """
+    wa, wb = _what_ran(ra), _what_ran(rb)
+    out = []
+    for k in wa:
+        if k in wb and wa[k] != wb[k]:
+            if isinstance(wa[k], dict) and isinstance(wb[k], dict):
+                diff = sorted(x for x in set(wa[k]) | set(wb[k]) if wa[k].get(x) != wb[k].get(x))
+                what = ", ".join(f"{x}: {wa[k].get(x)!r} vs {wb[k].get(x)!r}" for x in diff[:4])
+                more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
+                out.append(f"the runs differ in {k}: {what}{more}")
+            else:
+                out.append(f"the runs differ in {k}: {wa[k]!r} vs {wb[k]!r}")
+    return out
+
+
 def fmt_value(v: float, unit: str) -> str:
+    """A value in its row's unit with readable precision (3 significant digits at least)."""
     if v != v:
         return "-"
-    if unit == "s":
-        return f"{v * 1e3:,.2f} ms"
     if unit == "%":
         return f"{v * 100:.1f}%"
     if unit == "n":
         return f"{v:,.0f}"
-    return f"{v:,.2f}"
+    a = abs(v)
+    if a >= 100 or a == 0:
+        return f"{v:,.1f}"
+    if a >= 1:
+        return f"{v:,.2f}"
+    return f"{v:.3g}"
 
 
 def fmt_rel(r: float) -> str:
@@ -118,24 +183,38 @@ def fmt_rel(r: float) -> str:
 
 
 def print_comparison(a: str | Path, b: str | Path, keys: list[str] | None = None, as_json: bool = False) -> pd.DataFrame:
-    """Print the comparison (a rich table, or JSON lines with ``as_json``); return it."""
+    """Print the comparison (a rich table, or JSON with ``as_json``); return it.
+
+    Warnings (on stderr, and as ``warnings`` in the JSON) name every way the two runs differ in
+    cluster, model or workload (:func:`mismatches`): then the difference is not the policy's or
+    the backend's alone.
+    """
     df = compare_runs(a, b, keys)
     ra, rb = load_run(a), load_run(b)
+    warn = mismatches(ra, rb)
     if as_json:
         print(json.dumps({"a": {"path": ra["path"], "run": describe(ra)}, "b": {"path": rb["path"], "run": describe(rb)},
+                          "warnings": warn,
                           "metrics": [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
                                       for r in df.to_dict("records")]}, indent=2))
+        for w in warn:
+            print(f"warning: {w}", file=sys.stderr)
         return df
-    from rich.console import Console
     from rich.table import Table
+
+    from agentsim.commands import make_console
 
     t = Table(title=f"A = {ra['path']} ({describe(ra)})\nB = {rb['path']} ({describe(rb)})")
     t.add_column("metric")
+    t.add_column("unit")
     t.add_column("A", justify="right")
     t.add_column("B", justify="right")
     t.add_column("B - A", justify="right")
     t.add_column("(B - A) / A", justify="right")
     for r in df.itertuples():
-        t.add_row(r.label, fmt_value(r.a, r.unit), fmt_value(r.b, r.unit), fmt_value(r.diff, r.unit), fmt_rel(r.rel_diff))
-    Console().print(t)
+        t.add_row(r.label, r.unit if r.unit not in ("n", "%") else "", fmt_value(r.a, r.unit), fmt_value(r.b, r.unit),
+                  fmt_value(r.diff, r.unit), fmt_rel(r.rel_diff))
+    make_console().print(t)
+    for w in warn:
+        make_console(stderr=True).print(f"warning: {w}", markup=False, highlight=False)
     return df

@@ -190,9 +190,10 @@ class RayEngineClient(EngineClient):
 class LiveOptions:
     """Driver knobs (all times in seconds of wall clock)."""
 
-    duration: float = 60.0               # stop starting programs after this long
-    drain: bool = True                   # then let running programs finish ...
-    drain_timeout: float | None = None   # ... for at most this long (default: duration)
+    duration: float = 60.0               # programs start during this long (as the config's `duration`)
+    drain: bool = True                   # then let running programs finish (sim.drain = true) ...
+    drain_timeout: float | None = None   # ... for at most this long (default: duration);
+    #                                      without drain the run ends at `duration` (sim.drain = false)
     sample_interval: float = 1.0         # engine time-series period
     poll_interval: float = 0.25          # KV-event / stats refresh between replies
     flush_interval: float = 5.0          # partial results written this often (0 = only at the end)
@@ -385,9 +386,14 @@ class LiveDriver:
         try:
             await self._start_programs(programs)
             pending = [t for t in self._tasks if not t.done()]
-            if pending and self.opt.drain:
-                limit = self.opt.drain_timeout if self.opt.drain_timeout is not None else self.opt.duration
-                await asyncio.wait(pending, timeout=max(0.0, limit))
+            if self.opt.drain:
+                if pending:
+                    limit = self.opt.drain_timeout if self.opt.drain_timeout is not None else self.opt.duration
+                    await asyncio.wait(pending, timeout=max(0.0, limit))
+            elif self.now() < self.opt.duration:
+                # no drain: the run ends at `duration`, as a simulation does (sim.drain = false);
+                # programs still running then are cut and recorded as unfinished
+                await asyncio.sleep(self.opt.duration - self.now())
             self._stopping = True
             for t in list(self._tasks):
                 if not t.done():
@@ -748,11 +754,10 @@ class LiveDriver:
 
     def _prepare(self, final: bool, status: str) -> LiveResult:
         calls, programs, engines = self._frames()
+        # the measured makespan, as agentsim.metrics.summarize defines it for every backend: time 0
+        # to the end of the run (never padded to the configured duration)
         duration = self._ended_at if final and self._ended_at is not None else self.now()
-        if final and self._complete:
-            # the simulator's convention: a run lasts at least `duration` (programs may all end sooner)
-            duration = max(duration, self.opt.duration)
-        summary = M.summarize(calls, programs, engines, max(duration, 1e-9), self.opt.slo_ttft, self.opt.slo_tpot)
+        summary = M.summarize(calls, programs, engines, max(duration, 0.0), self.opt.slo_ttft, self.opt.slo_tpot)
         summary["num_retries"] = float(self.num_retries)
         summary["num_engine_failures"] = float(len(self.engine_failures))
         summary["num_programs_failed"] = float((programs["status"] == "failed").sum())
@@ -771,6 +776,8 @@ class LiveDriver:
             "num_retries": self.num_retries,
             "errors": list(self.errors[:20]), "clock_offsets": {str(k): v for k, v in self._offsets.items()},
             "gpu": self.base_manifest.get("gpu", "no GPU"),
+            # the options this run really used (the caller's copy may predate the config's duration)
+            "live_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.opt).items()},
         })
         if not complete:
             summary["incomplete"] = 1.0

@@ -39,7 +39,7 @@ def test_default_simulate_end_to_end(tmp_path):
     assert sorted(engines["engine_id"].unique()) == [0, 1, 2, 3]
     assert calls["program_kind"].eq("react").all() and (calls["status"] == "finished").mean() > 0.95
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["output_tok_s"] > 0 and 0 < summary["prefix_hit_rate"] < 1
+    assert summary["output_throughput"] > 0 and 0 < summary["prefix_hit_rate"] < 1
 
 
 BAD = [
@@ -108,7 +108,7 @@ def test_sweep_runs_grid_in_parallel_and_resumes(tmp_path):
     assert p.returncode == 0, p.stderr
     table = pd.read_parquet(tmp_path / "sw" / "results.parquet")
     assert len(table) == 4 and set(table["policy"]) == {"vllm", "least-loaded"}
-    assert table["output_tok_s"].gt(0).all()
+    assert table["output_throughput"].gt(0).all()
     cells = sorted((tmp_path / "sw" / "cells").iterdir())
     assert len(cells) == 4
     # an interrupted sweep: one cell lost; the rerun redoes only that one

@@ -143,9 +143,11 @@ def test_react_under_vllm_bundle(live, tmp_path):
     sim = simulate(cfg)
     assert _calls_per_program(calls) == _calls_per_program(sim.calls)
     assert res.summary["num_programs"] == sim.summary["num_programs"] == 8
-    # same throughput denominator convention as the simulator (a run lasts at least `duration`)
-    assert r["summary"]["duration_s"] == pytest.approx(sim.summary["duration_s"]) == cfg.duration
-    assert r["manifest"]["wall_time_s"] < cfg.duration
+    # one throughput definition for sim and live: count / measured makespan (a drained run ends
+    # with its last program, not at the configured duration)
+    s = r["summary"]
+    assert s["duration_s"] == pytest.approx(r["manifest"]["wall_time_s"], abs=0.5) and s["duration_s"] < cfg.duration
+    assert s["output_throughput"] == pytest.approx(s["total_output_tokens"] / s["duration_s"])
 
 
 def test_react_under_least_loaded_sees_kv_events(live, tmp_path):
@@ -272,4 +274,4 @@ def test_engine_death_retries_calls_elsewhere(live, tmp_path):
     died_at = man["engine_failures"][0]["at"]
     assert (calls.loc[calls["arrival_at"] > died_at + 0.01, "engine_id"] == 0).all()
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in victim.pids)
-    assert np.isfinite(r["summary"]["program_latency_p99"])
+    assert np.isfinite(r["summary"]["p99_program_latency_s"])

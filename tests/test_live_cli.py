@@ -142,7 +142,7 @@ def test_endpoints_mode_and_compare(vllm_server, tmp_path):
     doc = json.loads(p.stdout)
     rows = {m["metric"]: m for m in doc["metrics"]}
     assert "live" in doc["a"]["run"] and "least-loaded" in doc["b"]["run"]
-    assert rows["program_latency_p50"]["a"] > 0 and rows["program_latency_p50"]["b"] > 0
+    assert rows["median_program_latency_s"]["a"] > 0 and rows["median_program_latency_s"]["b"] > 0
     assert rows["num_programs"]["rel_diff"] == 0.0
     p = agentsim("compare", str(a), str(b), cwd=tmp_path)
     assert p.returncode == 0 and "TTFT p50" in p.stdout and "(B - A) / A" in p.stdout

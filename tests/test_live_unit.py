@@ -191,11 +191,12 @@ def test_compare_reports_relative_differences(tmp_path):
     sa = _fake_run(tmp_path / "a", 1.0, "vllm")
     sb = _fake_run(tmp_path / "b", 2.0, "least-loaded", complete=False)
     df = compare_runs(tmp_path / "a", tmp_path / "b").set_index("metric")
-    assert df.loc["ttft_p50", "a"] == pytest.approx(sa["ttft_p50"])
-    assert df.loc["ttft_p50", "rel_diff"] == pytest.approx(1.0)
-    assert df.loc["tpot_p50", "rel_diff"] == pytest.approx(0.0)
+    assert df.loc["median_ttft_ms", "a"] == pytest.approx(sa["median_ttft_ms"])
+    assert df.loc["median_ttft_ms", "rel_diff"] == pytest.approx(1.0)
+    assert df.loc["mean_ttft_ms", "rel_diff"] == pytest.approx(1.0)  # means are compared too
+    assert df.loc["median_tpot_ms", "rel_diff"] == pytest.approx(0.0)
     assert df.loc["prefix_hit_rate", "b"] == pytest.approx(0.5)
-    assert math.isnan(df.loc["preemptions", "rel_diff"])  # 0 -> 0 has no relative difference
+    assert math.isnan(df.loc["num_preemptions", "rel_diff"])  # 0 -> 0 has no relative difference
     assert df.loc["num_retries", "a"] == 0  # recomputed from calls.parquet when the summary lacks it
     from agentsim.live.compare import describe
 
@@ -209,7 +210,7 @@ def test_compare_rejects_non_result_dirs_and_unknown_metrics(tmp_path):
     with pytest.raises(ConfigError, match="no such result directory"):
         load_run(tmp_path / "missing")
     with pytest.raises(ConfigError, match="unknown metric"):
-        compare_runs(tmp_path / "a", tmp_path / "a", ["ttft_p42"])
+        compare_runs(tmp_path / "a", tmp_path / "a", ["p42_ttft_ms"])
 
 
 # ----------------------------------------------------------------------------- misc

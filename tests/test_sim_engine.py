@@ -115,7 +115,7 @@ def test_fast_forward_identical_to_step_by_step(over):
         pd.testing.assert_frame_equal(getattr(on, name), getattr(off, name), check_exact=True)
     assert on.summary == off.summary
     if "num_gpu_blocks_override" in str(over):
-        assert on.summary["preemptions"] > 0  # the scenario really exercises preemption
+        assert on.summary["num_preemptions"] > 0  # the scenario really exercises preemption
 
 
 def test_same_seed_identical_parquet_and_different_seeds_differ(tmp_path):

@@ -51,7 +51,7 @@ def test_programs_sorted_renumbered_limited_and_scaled(tmp_path):
     progs = load_programs(path, time_scale=2.0)
     assert [p.program_id for p in progs] == [0, 1, 2, 3]
     assert [p.meta["trace_key"] for p in progs] == ["a", "b", "c", "d"]  # ties keep file order
-    assert [p.arrival_at for p in progs] == [2.0, 4.0, 10.0, 10.0]
+    assert [p.arrival_at for p in progs] == [0.0, 2.0, 8.0, 8.0]  # relative to the first program
     assert all(callable(p.body) for p in progs)
     assert [p.meta["trace_key"] for p in load_programs(path, limit=2)] == ["a", "b"]
     with pytest.raises(ConfigError, match="workload.time_scale"):
@@ -203,7 +203,7 @@ def test_mooncake_replay_hit_rate_matches_trace_reuse():
     reuse = served / total
     res = _sim(MOONCAKE, duration=700.0)
     s = res.summary
-    assert s["num_calls"] == 1750 and s["preemptions"] == 0
+    assert s["num_calls"] == 1750 and s["num_preemptions"] == 0
     sim_hit = s["prefix_hit_rate"]
     assert sim_hit <= aligned / total + 1e-12
     assert abs(sim_hit - reuse) < 0.001, (sim_hit, reuse)
