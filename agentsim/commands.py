@@ -168,6 +168,11 @@ def register_commands(app: typer.Typer) -> None:
             result = run(cfg, progress=bar)
         finally:
             bar.close()
+        from agentsim.traces.source import cut_note
+
+        cut = cut_note(cfg, result.stats.get("num_trace_programs", 0), result.stats.get("num_programs_cut", 0))
+        if cut:
+            typer.echo(cut, err=True)
         write_results(out, result.calls, result.programs, result.engines, result.summary,
                       {**result.manifest, "stats": result.stats})
         if not quiet:

@@ -197,7 +197,8 @@ def test_tracelab_csv_prompts_follow_prefix_len():
         assert s.output_tokens == int(r["output_len"])
     waits = [s.tool_time for p in trace.programs for s in p.steps if s.kind == "tool"]
     assert sorted(waits) == sorted(int(r["tool_wait_after_ms"]) / 1000 for r in rows if int(r["tool_wait_after_ms"]) > 0)
-    assert {p.arrival_at for p in trace.programs} == {int(r["arrival_time"]) / 1000 for r in rows}
+    t0 = min(int(r["arrival_time"]) for r in rows)  # arrivals are relative to the first session
+    assert {p.arrival_at for p in trace.programs} == {(int(r["arrival_time"]) - t0) / 1000 for r in rows}
 
 
 # --------------------------------------------------------------------------- bad input

@@ -4,8 +4,9 @@
 have 7, i.e. 100 ns); it is parsed exactly as integer nanoseconds (Python's ``datetime`` would
 drop the seventh digit). Each row becomes a one-call program arriving at its offset from the
 first row, with a private prompt (the trace has no content, so no prefix sharing). The first
-timestamp, its number of fractional digits and the line terminator are kept in the metadata so
-that ``agentsim trace export --to azure`` reproduces the file byte for byte.
+timestamp, its number of fractional digits and the line terminator are kept in the metadata, and
+each row's TIMESTAMP text in its program's ``arrival_text`` (rows may have 7, 3 or no fractional
+digits), so that ``agentsim trace export --to azure`` reproduces the file byte for byte.
 """
 
 from __future__ import annotations
@@ -97,5 +98,5 @@ class AzureImporter(Importer):
                         self.meta["t0_ns"] = ns
                         self.meta["timestamp_digits"] = digits
                     yield ProgramRecord(n, (ns - t0) / 1e9, "azure", f"line {ln}",
-                                        [llm_step(0, n, [(n, vals[0])], vals[1])])
+                                        [llm_step(0, n, [(n, vals[0])], vals[1])], row[ix[0]].strip())
                     n += 1

@@ -3,7 +3,10 @@
 A trace is a list of *programs* (one agent task each: a session, a conversation, a workflow run);
 a program is a DAG of *steps*, each an LLM call or a tool (or human) wait::
 
-    program  program_id, program_key (the source's session id / line), program_kind, arrival_at (s)
+    program  program_id, program_key (the source's session id / line), program_kind, arrival_at (s,
+             relative to the trace's first program for sources with a wall clock), arrival_text
+             (the source's own text of that arrival, e.g. an Azure TIMESTAMP or a Mooncake
+             ``timestamp``, so exports write it back unchanged; "" if none)
     step     step_id (0..k-1, parents first), kind "llm" | "tool", agent_id, thread_id,
              parents (step ids this step waits for),
              prompt: seg_ids + seg_tokens (the prompt's content as (content id, tokens) pieces)
@@ -65,8 +68,10 @@ SCHEMA = pa.schema([
     ("recorded_at", pa.float64()),
     ("recorded_time", pa.float64()),
     ("hints", pa.string()),
+    ("arrival_text", pa.string()),
 ])
 COLUMNS = tuple(SCHEMA.names)
+OPTIONAL_COLUMNS = ("arrival_text",)  # absent from files written before it existed (read as "")
 PROGRAM_COLUMNS = ("program_id", "program_key", "program_kind", "arrival_at")
 
 
@@ -107,6 +112,7 @@ class ProgramRecord:
     kind: str
     key: str
     steps: list[Step] = field(default_factory=list)
+    arrival_text: str = ""   # the source's text of the arrival time ("" if none): exports reuse it
 
     @property
     def agent_id(self) -> int:
@@ -137,6 +143,8 @@ def check_program(prog: ProgramRecord, where: str) -> None:
         raise TraceError(where, f"program_id must be an integer >= 0, got {prog.program_id!r}")
     if not isinstance(prog.arrival_at, (int, float)) or not math.isfinite(prog.arrival_at):
         raise TraceError(where, f"arrival_at must be a finite number, got {prog.arrival_at!r}")
+    if not isinstance(prog.arrival_text, str):
+        raise TraceError(where, f"arrival_text must be a string, got {prog.arrival_text!r}")
     if not prog.steps:
         raise TraceError(where, f"program {prog.program_id} has no steps")
     for i, s in enumerate(prog.steps):
@@ -236,6 +244,7 @@ class TraceWriter:
             c["recorded_at"].append(s.recorded_at)
             c["recorded_time"].append(s.recorded_time)
             c["hints"].append(s.hints)
+            c["arrival_text"].append(prog.arrival_text)
         self._nrows += len(prog.steps)
         self.num_programs += 1
         self.num_steps += len(prog.steps)
@@ -322,15 +331,18 @@ def iter_programs(path: str | Path, batch_rows: int = 16384) -> Iterator[Program
     path = Path(path)
     read_meta(path)
     pf = _open(path)
-    missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
+    names = pf.schema_arrow.names
+    missing = [c for c in COLUMNS if c not in names and c not in OPTIONAL_COLUMNS]
     if missing:
         raise TraceError(str(path), f"missing columns {missing}")
+    columns = [c for c in COLUMNS if c in names]
     current: ProgramRecord | None = None
     first_row = 0
     seen: set[int] = set()
     row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
         d = batch.to_pydict()
+        texts = d.get("arrival_text") or [""] * batch.num_rows
         for i in range(batch.num_rows):
             pid = d["program_id"][i]
             if current is None or pid != current.program_id:
@@ -340,7 +352,8 @@ def iter_programs(path: str | Path, batch_rows: int = 16384) -> Iterator[Program
                 if pid in seen:
                     raise TraceError(f"{path}:row {row + 1}", f"program {pid} appears twice (its steps must be contiguous)")
                 seen.add(pid)
-                current = ProgramRecord(pid, d["arrival_at"][i], d["program_kind"][i], d["program_key"][i], [])
+                current = ProgramRecord(pid, d["arrival_at"][i], d["program_kind"][i], d["program_key"][i], [],
+                                        texts[i] or "")
                 first_row = row
             parents = d["parents"][i]
             seg_ids = d["seg_ids"][i]
@@ -354,7 +367,8 @@ def iter_programs(path: str | Path, batch_rows: int = 16384) -> Iterator[Program
             if d["input_tokens"][i] != step.input_tokens:
                 raise TraceError(f"{path}:row {row + 1}",
                                  f"input_tokens {d['input_tokens'][i]} != sum of seg_tokens {step.input_tokens}")
-            if (current.arrival_at, current.kind, current.key) != (d["arrival_at"][i], d["program_kind"][i], d["program_key"][i]):
+            if (current.arrival_at, current.kind, current.key, current.arrival_text) != (
+                    d["arrival_at"][i], d["program_kind"][i], d["program_key"][i], texts[i] or ""):
                 raise TraceError(f"{path}:row {row + 1}", f"program {pid}: program columns differ between its steps")
             current.steps.append(step)
             row += 1
@@ -369,11 +383,14 @@ def read_tables(path: str | Path):
 
     read_meta(path)
     steps = pq.read_table(path).to_pandas()
+    if "arrival_text" not in steps:
+        steps["arrival_text"] = ""
     programs = steps.groupby("program_id", sort=False).agg(
         program_key=("program_key", "first"), program_kind=("program_kind", "first"),
         arrival_at=("arrival_at", "first"), agent_id=("agent_id", "first"), num_steps=("step_id", "size"),
+        arrival_text=("arrival_text", "first"),
     ).reset_index()
-    steps = steps.drop(columns=["program_key", "program_kind", "arrival_at"])
+    steps = steps.drop(columns=["program_key", "program_kind", "arrival_at", "arrival_text"])
     return programs, pd.DataFrame(steps)
 
 

@@ -1,9 +1,14 @@
 """Export canonical traces: to agentsim's JSONL, and back to the Mooncake and Azure formats.
 
 ``native`` writes every field (exact). ``mooncake`` and ``azure`` need one-call programs; Mooncake
-also needs 512-token pieces (all but the last full) and timestamps in whole ms. A trace imported
-from those formats exports to the original file byte for byte. Output is written to a temporary
-name and renamed, so a failed export leaves nothing behind.
+also needs 512-token pieces (all but the last full). Arrivals are written back on the source's
+clock (its first timestamp, kept in the metadata, plus the offset); a program that still holds
+its source's timestamp text (``arrival_text``, when the text still gives its ``arrival_at``) gets
+that text unchanged, so a Mooncake file in its published layout (``json.dumps`` spacing, keys in
+the order timestamp, input_length, output_length, hash_ids) and an Azure CSV export back byte for
+byte, whatever digits each timestamp had. Other arrivals are formatted: Mooncake ms as an integer
+when whole, Azure with the first row's number of fractional digits. Output is written to a
+temporary name and renamed, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ def export_native(meta: dict, programs: Iterable[ProgramRecord], out: str | Path
                 "tool_time": s.tool_time, "recorded_at": s.recorded_at, "recorded_time": s.recorded_time,
                 "hints": s.hints,
             } for s in p.steps]
-            f.write(json.dumps({"program_id": p.program_id, "arrival_at": p.arrival_at, "kind": p.kind,
-                                "key": p.key, "steps": steps}) + "\n")
+            rec = {"program_id": p.program_id, "arrival_at": p.arrival_at, "kind": p.kind, "key": p.key,
+                   "steps": steps}
+            if p.arrival_text:
+                rec["arrival_text"] = p.arrival_text
+            f.write(json.dumps(rec) + "\n")
 
     return _atomic_text(Path(out), write)
 
@@ -58,16 +66,19 @@ def _single_call(p: ProgramRecord, fmt: str):
 
 def export_mooncake(meta: dict, programs: Iterable[ProgramRecord], out: str | Path, block_size: int | None = None) -> Path:
     bs = block_size or (meta.get("options") or {}).get("block_size") or 512
+    t0 = meta.get("t0_ms", 0)   # traces imported before arrivals were relative hold absolute ms
 
     def write(f: TextIO) -> None:
         for p in programs:
             s = _single_call(p, "mooncake")
             if any(n != bs for n in s.seg_tokens[:-1]) or s.seg_tokens[-1] > bs:
                 raise TraceError(f"program {p.program_id}", f"prompt pieces are not {bs}-token blocks")
-            ts = p.arrival_at * 1000.0
-            f.write(json.dumps({"timestamp": int(round(ts)) if abs(ts - round(ts)) < 1e-6 else ts,
-                                "input_length": s.input_tokens, "output_length": s.output_tokens,
-                                "hash_ids": list(s.seg_ids)}) + "\n")
+            text = p.arrival_text if _mooncake_text_fits(p, t0) else None
+            if text is None:
+                ts = t0 + p.arrival_at * 1000.0
+                text = json.dumps(int(round(ts)) if abs(ts - round(ts)) < 1e-6 else ts)
+            f.write(f'{{"timestamp": {text}, "input_length": {s.input_tokens}, '
+                    f'"output_length": {s.output_tokens}, "hash_ids": {json.dumps(list(s.seg_ids))}}}\n')
 
     return _atomic_text(Path(out), write)
 
@@ -86,10 +97,36 @@ def export_azure(meta: dict, programs: Iterable[ProgramRecord], out: str | Path)
         f.write(meta.get("header", "TIMESTAMP,ContextTokens,GeneratedTokens") + nl)
         for p in programs:
             s = _single_call(p, "azure")
-            ns = t0 + int(round(p.arrival_at * 1e9))
-            f.write(f"{format_timestamp_ns(ns, digits)},{s.input_tokens},{s.output_tokens}{nl}")
+            ts = p.arrival_text if _azure_text_fits(p, t0) else None
+            if ts is None:
+                ts = format_timestamp_ns(t0 + int(round(p.arrival_at * 1e9)), digits)
+            f.write(f"{ts},{s.input_tokens},{s.output_tokens}{nl}")
 
     return _atomic_text(Path(out), write)
+
+
+def _mooncake_text_fits(p: ProgramRecord, t0: float) -> bool:
+    """Whether ``p.arrival_text`` is a Mooncake timestamp that still gives ``p.arrival_at``."""
+    if not p.arrival_text:
+        return False
+    try:
+        ts = json.loads(p.arrival_text)
+    except ValueError:
+        return False
+    return isinstance(ts, (int, float)) and not isinstance(ts, bool) and (ts - t0) / 1000.0 == p.arrival_at
+
+
+def _azure_text_fits(p: ProgramRecord, t0_ns: int) -> bool:
+    """Whether ``p.arrival_text`` is an Azure TIMESTAMP that still gives ``p.arrival_at``."""
+    from agentsim.traces.azure import parse_timestamp_ns
+
+    if not p.arrival_text:
+        return False
+    try:
+        ns, _ = parse_timestamp_ns(p.arrival_text)
+    except ValueError:
+        return False
+    return (ns - t0_ns) / 1e9 == p.arrival_at
 
 
 def export(meta: dict, programs: Iterable[ProgramRecord], out: str | Path, fmt: str) -> Path:

@@ -88,8 +88,9 @@ class Importer:
     def where(self, line: int | str) -> str:
         return f"{self.path}:{line}"
 
-    def json_lines(self) -> Iterator[tuple[int, str, Any]]:
-        """(line number, ``file:line``, parsed value) for each non-blank JSONL line; malformed lines go to :meth:`bad`."""
+    def json_lines(self, raw: bool = False) -> Iterator[tuple]:
+        """(line number, ``file:line``, parsed value) for each non-blank JSONL line, plus the line's
+        text when ``raw``; malformed lines go to :meth:`bad`."""
         with open_text(self.path) as f:
             for ln, line in enumerate(f, 1):
                 if not line.strip():
@@ -100,7 +101,7 @@ class Importer:
                 except ValueError as e:
                     self.bad(w, f"malformed JSON ({e.msg} at column {e.colno})")
                     continue
-                yield ln, w, obj
+                yield (ln, w, obj, line) if raw else (ln, w, obj)
 
     def programs(self) -> Iterator[ProgramRecord]:
         """The programs, validated, numbered 0..n-1 in the order they are produced."""

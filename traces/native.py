@@ -10,7 +10,8 @@ metadata, ``{"agentsim_trace": 1, "meta": {...}}``; every other line is one prog
 
 Defaults: ``program_id`` = line order, ``agent_id`` = the program id, ``kind`` = "native",
 ``key`` = "line N", ``parents`` = the previous step (``[]`` for a root), ``step_id`` = position,
-``output_seg_id`` = -1, ``thread_id`` = 0, ``recorded_*`` = null, ``hints`` = "". ``segments`` are
+``output_seg_id`` = -1, ``thread_id`` = 0, ``recorded_*`` = null, ``hints`` = "", ``arrival_text`` =
+"" (the source's text of the arrival time, kept for exports). ``segments`` are
 (content id, tokens) pairs: equal ids are equal tokens, a shorter piece is a prefix of a longer
 one. :func:`agentsim.traces.export.export_native` writes every field, so Parquet -> JSONL ->
 Parquet is exact.
@@ -29,7 +30,7 @@ from agentsim.traces.importers import Importer, register_importer
 
 _STEP_KEYS = {"step_id", "kind", "agent_id", "thread_id", "parents", "segments", "output_tokens", "output_seg_id",
               "tool_name", "tool_time", "recorded_at", "recorded_time", "hints"}
-_PROGRAM_KEYS = {"program_id", "arrival_at", "kind", "key", "steps"}
+_PROGRAM_KEYS = {"program_id", "arrival_at", "kind", "key", "steps", "arrival_text"}
 
 
 @register_importer
@@ -142,4 +143,7 @@ def _program(obj: Any, n: int, ln: int) -> ProgramRecord:
             recorded_time=_num(s.get("recorded_time"), f"steps[{i}].recorded_time", nullable=True),
             hints=hints,
         ))
-    return ProgramRecord(pid, _num(obj.get("arrival_at", 0.0), "arrival_at"), kind, key, steps)
+    text = obj.get("arrival_text", "")
+    if not isinstance(text, str):
+        raise ValueError(f"arrival_text: must be a string, got {text!r}")
+    return ProgramRecord(pid, _num(obj.get("arrival_at", 0.0), "arrival_at"), kind, key, steps, text)

@@ -35,13 +35,23 @@ def trace_segment(seg_id: int, num_tokens: int) -> Segment:
     return Segment(TRACE_SEG_BASE | seg_id, num_tokens)
 
 
+class TracePrograms(list):
+    """:func:`load_programs`' result: the programs to replay, plus ``num_in_trace`` (how many
+    programs the trace holds; more than ``len(self)`` when ``limit`` cut some)."""
+
+    num_in_trace: int = 0
+
+
 def load_programs(path: str | Path, fmt: str | None = None, time_scale: float = 1.0, limit: int | None = None,
-                  seed: int = 0, skip_bad: bool = False, **options: Any) -> list[Program]:
+                  seed: int = 0, skip_bad: bool = False, **options: Any) -> TracePrograms:
     """Programs of a trace, sorted by arrival (ties in file order), ids 0..n-1.
 
-    ``time_scale`` multiplies arrival offsets (so inter-arrival times); ``limit`` keeps the first
-    ``limit`` programs by arrival. Arrivals are shifted so that none is negative. Importer
-    options (``spread``, ``sessions`` ...) pass through ``options``.
+    Arrivals are relative to the trace's first program, whatever the source's clock (a Mooncake
+    slice starting at 3,600,000 ms, a file of epoch seconds): the first program arrives at 0 s and
+    program i at ``(arrival_i - arrival_first) * time_scale`` s, so ``time_scale`` multiplies
+    inter-arrival times. ``limit`` keeps the first ``limit`` programs by arrival. Importer options
+    (``spread``, ``sessions`` ...) pass through ``options``. Raises ConfigError for a bad
+    ``time_scale``/``limit`` and TraceError for a trace without programs.
     """
     if not time_scale > 0:
         raise ConfigError("workload.time_scale", f"must be > 0, got {time_scale}")
@@ -56,9 +66,10 @@ def load_programs(path: str | Path, fmt: str | None = None, time_scale: float = 
     order = sorted(range(len(records)), key=lambda i: (records[i].arrival_at, i))
     if limit is not None:
         order = order[:limit]
-    shift = min(0.0, records[order[0]].arrival_at)
+    shift = records[order[0]].arrival_at  # the first program's arrival is the replay's time 0
     tool_means = _tool_means(records[i] for i in order)
-    programs = []
+    programs = TracePrograms()
+    programs.num_in_trace = len(records)
     for pid, i in enumerate(order):
         rec = records[i]
         prog = Program(program_id=pid, agent_id=rec.agent_id, kind=rec.kind,

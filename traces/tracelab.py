@@ -17,7 +17,8 @@ Two input forms, told apart by their first line:
 - **replay CSV** (``session_id,arrival_time,round_idx,prefix_len,input_len,output_len,
   tool_wait_after_ms``; also without ``arrival_time``, or the simulator form with ``id``): round r's
   prompt is the first ``prefix_len`` tokens of round r-1's prompt + output and ``input_len`` new
-  tokens; ``tool_wait_after_ms`` becomes a tool step after the round; ``arrival_time`` is in ms.
+  tokens; ``tool_wait_after_ms`` becomes a tool step after the round; ``arrival_time`` is in ms
+  and a session arrives at its first round's time, relative to the earliest session.
 
 Sessions are gathered in memory (rounds of one session may be interleaved with others').
 """
@@ -232,9 +233,11 @@ class TraceLabImporter(Importer):
                 sid = row[ix["session_id"]].strip()
                 sessions.setdefault(sid, []).append((vals["round_idx"], vals["prefix_len"], vals["input_len"],
                                                      vals["output_len"], vals["tool_wait_after_ms"] / 1000.0,
-                                                     vals.get("arrival_time", 0.0) / 1000.0, ln))
+                                                     vals.get("arrival_time", 0.0), ln))
         ids = _Ids()
-        order = sorted(sessions, key=lambda s: (min(r[5] for r in sessions[s]), sessions[s][0][6]))
+        start = {s: min(r[5] for r in rs) for s, rs in sessions.items()}
+        order = sorted(sessions, key=lambda s: (start[s], sessions[s][0][6]))
+        t_first = start[order[0]] if order else 0.0   # ms; arrivals are relative to the first session
         for n, s in enumerate(order):
             rounds = sorted(sessions[s])
             steps: list[Step] = []
@@ -253,4 +256,4 @@ class TraceLabImporter(Importer):
                 if wait > 0:
                     steps.append(tool_step(len(steps), n, "tool", wait, wait_for))
                     wait_for = (len(steps) - 1,)
-            yield ProgramRecord(n, min(r[5] for r in rounds), "tracelab", s, steps)
+            yield ProgramRecord(n, (start[s] - t_first) / 1000.0, "tracelab", s, steps)
