@@ -25,7 +25,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agentsim.errors import ConfigError
 
@@ -233,12 +233,15 @@ class Profile:
         return self.step_seconds(batch.num_prefill_tokens, batch.prefill_attn_pairs, batch.num_decode_seqs,
                                  batch.decode_ctx_tokens, batch.num_prefill_seqs, batch.num_sampled)
 
-    def step_seconds(self, num_prefill_tokens: int, prefill_attn_pairs: float, num_decode_seqs: int,
-                     decode_ctx_tokens: int, num_prefill_seqs: int = 0, num_sampled: int = -1) -> float:
-        """:meth:`step_time` with the batch features as positional numbers (the simulator's hot path;
-        the formula is :meth:`StepTimeCoefficients.predict`)."""
-        return self.coefficients.predict(num_prefill_tokens, prefill_attn_pairs, num_decode_seqs,
-                                         decode_ctx_tokens, num_prefill_seqs, num_sampled)
+    @property
+    def step_seconds(self) -> Callable[..., float]:
+        """:meth:`step_time` with the batch features as positional numbers: call it as
+        ``step_seconds(num_prefill_tokens, prefill_attn_pairs, num_decode_seqs, decode_ctx_tokens,
+        num_prefill_seqs=0, num_sampled=-1) -> seconds`` (the simulator's hot path).
+
+        It is :meth:`StepTimeCoefficients.predict` of this profile's coefficients, handed out as a
+        bound method so a call costs one Python call, not two."""
+        return self.coefficients.predict
 
     @property
     def kv_capacity_blocks(self) -> int:
@@ -419,7 +422,10 @@ def profile_key(gpu: str, model: str, tp: int) -> str:
 
 
 def resolve_profile(spec: str | None, gpu: str, model: str, tp: int) -> Profile:
-    """A profile from an explicit path/name, or the shipped one for (gpu, model, tp)."""
+    """A profile from an explicit path/name, or the shipped one for (gpu, model, tp), else one
+    derived from the nearest measured tables (:func:`agentsim.calibration.derive.resolve_derived`;
+    ``model`` may be the path of a Hugging Face ``config.json``). Raises :class:`ConfigError`
+    naming the field (``cluster.profile`` / ``gpu`` / ``model`` / ``tp``) or the config file."""
     shipped = shipped_profiles()
     if spec:
         if spec in shipped:
@@ -431,11 +437,6 @@ def resolve_profile(spec: str | None, gpu: str, model: str, tp: int) -> Profile:
     key = profile_key(gpu, model, tp)
     if key in shipped:
         return load_profile(shipped[key])
-    gpus = sorted({k.split("_")[0] for k in shipped})
-    models = sorted({k.split("_")[1] for k in shipped})
-    if gpu.lower() not in gpus:
-        raise ConfigError("cluster.gpu", f"unknown GPU {gpu!r} (known: {', '.join(gpus)})")
-    if model.lower() not in models:
-        raise ConfigError("cluster.model", f"unknown model {model!r} (known: {', '.join(models)})")
-    have = sorted(k for k in shipped if k.startswith(f"{gpu.lower()}_{model.lower()}_"))
-    raise ConfigError("cluster.tp", f"no profile for {model} on {gpu} at TP {tp} (have: {', '.join(have)})")
+    from agentsim.calibration.derive import resolve_derived
+
+    return resolve_derived(gpu, model, tp, shipped)
