@@ -111,6 +111,12 @@ class OpTable:
         path = data_dir / rel
         if not path.exists():
             raise ConfigError(str(path), "Vidur mlp.csv not found")
+        return cls.from_csv(path, tp, str(rel))
+
+    @classmethod
+    def from_csv(cls, path: Path, tp: int, rel: str) -> OpTable:
+        """Rows of one TP degree of a file in Vidur's ``mlp.csv`` layout (Vidur's A100 tables and
+        our H200 ``mlp_<model>.csv`` share it); ``rel`` is the name recorded as the source."""
         df = _read_mlp_csv(str(path))
         df = df[df["num_tensor_parallel_workers"] == tp]
         if df.empty:
@@ -119,7 +125,7 @@ class OpTable:
         # Some token counts were measured twice: take the median of the medians.
         g = df.groupby("num_tokens")[list(cols.values())].median().sort_index()
         times = {op: g[c].to_numpy(dtype=float) * 1e-3 for op, c in cols.items()}
-        return cls(num_tokens=g.index.to_numpy(dtype=float), times=times, source=str(rel))
+        return cls(num_tokens=g.index.to_numpy(dtype=float), times=times, source=rel)
 
     def at(self, op: str, n: float) -> float:
         """Interpolated time at ``n`` tokens; linear extrapolation from the last two points beyond."""
