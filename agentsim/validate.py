@@ -79,6 +79,21 @@ def arrival_times(run: BenchRun, seed: int = 0) -> list[float]:
     return [float(x) for x in t]
 
 
+def lead_in(run: BenchRun) -> float:
+    """Seconds of the measured ``duration`` outside the requests' span when arrivals come from
+    ``start_times``: vLLM's clock starts before the first send (the first inter-arrival gap, task
+    start-up) and stops after the last response is gathered; the replay's span starts at the first
+    send, so this measured client-side constant is added to the simulated duration."""
+    if run.start_times is None or run.latencies is None or not run.duration:
+        return 0.0
+    ok = run.success()
+    ends = [s + l for s, l, g in zip(run.start_times, run.latencies, ok) if g]
+    if not ends:
+        return 0.0
+    span = max(ends) - min(run.start_times)
+    return max(0.0, run.duration - span)
+
+
 def replay(run: BenchRun, cfg: RunConfig, profile=None, seed: int = 0) -> Replay:
     """Simulate ``run``'s requests under ``cfg`` (see :func:`bench_config`); ``profile`` overrides the
     config's. Raises :class:`ConfigError` for settings the simulator rejects (a request longer than
@@ -118,6 +133,7 @@ def replay(run: BenchRun, cfg: RunConfig, profile=None, seed: int = 0) -> Replay
     ttft = np.where(outs > 0, first - send, 0.0)  # vLLM: no token, TTFT stays 0
     lat = fin - send
     duration = float(fin.max()) if len(fin) else 0.0
+    duration += lead_in(run)
     metrics = serving_metrics(ins.tolist(), outs.tolist(), ttft.tolist(), lat.tolist(), duration) if len(fin) else {}
     return Replay(send, ttft, lat, outs, ins, duration, metrics)
 

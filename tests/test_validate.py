@@ -1,0 +1,313 @@
+"""vLLM bench result files, vLLM's metric definitions, the frontend model, `agentsim validate` and
+`agentsim calibrate bench`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agentsim.bench import BenchError, BenchRun, load_bench, serving_metrics
+from agentsim.calibration.profile import FrontendCosts, profile_from_dict, resolve_profile
+from agentsim.config import ClusterSpec, EngineLimits, RunConfig, SimOptions
+from agentsim.errors import ConfigError
+from agentsim.validate import bench_config, replay, replay_as_bench
+
+
+def agentsim(*args, cwd=None, timeout=600):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "agentsim", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+BASE = resolve_profile(None, "a100-80gb", "llama-3-8b", 1)
+
+
+def write(path: Path, d: dict) -> Path:
+    path.write_text(json.dumps(d))
+    return path
+
+
+def bench_run(input_lens, output_lens, rate=math.inf, max_concurrency=None, path="mem") -> BenchRun:
+    """A run with only the request list and load settings (what a replay needs)."""
+    return BenchRun(path=path, input_lens=list(input_lens), output_lens=list(output_lens), ttfts=None, itls=None,
+                    start_times=None, latencies=None, queue_times=None, errors=None, duration=None,
+                    request_rate=rate, burstiness=1.0, max_concurrency=max_concurrency, summary={})
+
+
+def simulated_bench_file(path: Path, profile, n=32, rate=math.inf, max_concurrency=None, seed=0) -> Path:
+    """Simulate a burst / rate run with ``profile`` and write it as a `vllm bench serve` result."""
+    rng = np.random.default_rng(seed)
+    run = bench_run(rng.integers(32, 400, n), rng.integers(4, 48, n), rate, max_concurrency, str(path))
+    rep = replay(run, bench_config(None), profile, seed)
+    return write(path, replay_as_bench(run, rep))
+
+
+# ---------------------------------------------------------------------- parsing
+def test_parse_vllm_bench_serve_format(tmp_path):
+    """`vllm bench serve --save-result --save-detailed` (vLLM 0.32): start_times, queue_times, "inf"."""
+    d = {
+        "date": "20261130-190000", "backend": "vllm", "model_id": "tiny", "num_prompts": 3,
+        "request_rate": "inf", "burstiness": 1.0, "max_concurrency": 2,
+        "duration": 1.5, "completed": 3, "failed": 0, "total_input_tokens": 60, "total_output_tokens": 9,
+        "request_throughput": 2.0, "output_throughput": 6.0, "mean_ttft_ms": 100.0,
+        "input_lens": [10, 20, 30], "output_lens": [1, 3, 5], "ttfts": [0.1, 0.2, 0.3],
+        "itls": [[], [0.2, 0.2], [0.25, 0.25, 0.25, 0.25]], "latencies": [0.1, 0.6, 1.3],
+        "start_times": [100.0, 100.0, 100.2], "queue_times": [0.0, 0.0, 0.2],
+        "generated_texts": ["a", "b", "c"], "errors": ["", "", ""],
+    }
+    run = load_bench(write(tmp_path / "new.json", d))
+    assert run.num_requests == 3 and math.isinf(run.request_rate) and run.max_concurrency == 2
+    assert run.send_offsets() == [0.0, 0.0, pytest.approx(0.2)]
+    assert run.arrival_offsets() == [0.0, 0.0, pytest.approx(0.0)]  # sent late because of the semaphore
+    assert run.label == "burst 3 c2"
+    m = run.measured()
+    assert m["mean_ttft_ms"] == pytest.approx(200.0)  # recomputed from the lists, not the summary's 100
+    assert m["mean_itl_ms"] == pytest.approx(1000 * (0.4 + 1.0) / 6)
+
+
+def test_parse_benchmark_serving_py_format(tmp_path):
+    """The older benchmarks/benchmark_serving.py: no start_times/latencies, numeric rate, summary only."""
+    d = {
+        "backend": "vllm", "model_id": "m", "num_prompts": 4, "request_rate": 2.0, "burstiness": 1.0,
+        "max_concurrency": None, "duration": 3.0, "completed": 4, "total_input_tokens": 40,
+        "total_output_tokens": 40, "request_throughput": 4 / 3, "output_throughput": 40 / 3,
+        "mean_ttft_ms": 50.0, "median_ttft_ms": 45.0, "p99_ttft_ms": 90.0, "mean_tpot_ms": 12.0,
+        "input_lens": [10, 10, 10, 10], "output_lens": [10, 10, 10, 10], "ttfts": [0.05] * 4,
+        "itls": [[0.012] * 9] * 4, "generated_texts": ["x"] * 4, "errors": [""] * 4,
+    }
+    run = load_bench(write(tmp_path / "old.json", d))
+    assert run.start_times is None and run.request_rate == 2.0 and run.arrival_offsets() is None
+    m = run.measured()
+    assert m["duration"] == 3.0 and m["output_throughput"] == pytest.approx(40 / 3)
+    assert m["mean_ttft_ms"] == 50.0 and m["p99_ttft_ms"] == 90.0 and m["mean_tpot_ms"] == 12.0
+    assert "mean_e2el_ms" not in m  # absent fields are not compared
+
+
+def test_vllm_metric_definitions_by_hand():
+    """calculate_metrics in vllm/benchmarks/serve.py, counted by hand: a 0-token output has TTFT 0 and
+    no TPOT; TPOT = (latency - ttft) / (output - 1) only for outputs > 1 token; p99 is numpy's."""
+    m = serving_metrics(input_lens=[10, 20, 30, 40], output_lens=[1, 3, 5, 0], ttfts=[0.1, 0.2, 0.3, 0.0],
+                        latencies=[0.1, 0.6, 1.3, 0.05], duration=2.0)
+    assert m["completed"] == 4 and m["request_throughput"] == 2.0
+    assert m["output_throughput"] == 4.5 and m["total_token_throughput"] == (100 + 9) / 2
+    assert m["mean_ttft_ms"] == pytest.approx(150.0) and m["median_ttft_ms"] == pytest.approx(150.0)
+    # TPOTs: (0.6-0.2)/2 = 0.2 and (1.3-0.3)/4 = 0.25; the 1- and 0-token requests have none
+    assert m["mean_tpot_ms"] == pytest.approx(225.0) and m["median_tpot_ms"] == pytest.approx(225.0)
+    assert m["p99_tpot_ms"] == pytest.approx(1000 * (0.2 + 0.99 * 0.05))
+    assert m["mean_e2el_ms"] == pytest.approx(1000 * 2.05 / 4)
+    # without itls, each request's gaps are its TPOT repeated: 2 x 0.2 and 4 x 0.25
+    assert m["mean_itl_ms"] == pytest.approx(1000 * (0.4 + 1.0) / 6)
+    with pytest.raises(ValueError):
+        serving_metrics([1], [1, 2], [0.1], [0.2], 1.0)
+
+
+# ---------------------------------------------------------------------- frontend model
+def _burst(profile, n, workers, out_tokens=16):
+    cfg = bench_config(None)
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(
+        cfg.cluster, engine=dataclasses.replace(cfg.cluster.engine, api_server_count=workers)))
+    return replay(bench_run([100] * n, [out_tokens] * n), cfg, profile)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_frontend_queue_gives_burst_first_token_growth(workers):
+    """N requests at once, c API-server workers, setup s each: request k is handed to the engine at
+    (floor(k/c)+1)*s, and a first token (its streaming job queued behind every setup job) reaches a
+    client no earlier than floor(N/c)*s; every request whose engine first token came before then
+    sees it at that same instant (issue 14: the first 68 of a 1280-burst shared one instant)."""
+    s = 0.005
+    prof = dataclasses.replace(BASE, frontend=FrontendCosts(per_request_s=s))
+    n = 200
+    rep = _burst(prof, n, workers)
+    first = rep.ttfts.min()
+    assert first == pytest.approx((n // workers) * s, abs=1e-9)
+    assert (np.abs(rep.ttfts - first) < 1e-9).sum() > 1
+    small = _burst(prof, 10, workers)
+    # a small burst: the engine dominates (its first step), the frontend adds only the setup waves
+    assert small.ttfts.min() < first / 5
+
+
+def test_frontend_handoff_times_follow_fifo_waves():
+    from agentsim.sim.runner import Simulation
+    from agentsim.workload import Context, Program
+
+    s, c, n = 0.004, 3, 12
+    prof = dataclasses.replace(BASE, frontend=FrontendCosts(per_request_s=s))
+    cfg = RunConfig(duration=100.0, cluster=ClusterSpec(gpus_per_node=1, engine=EngineLimits(api_server_count=c)),
+                    sim=SimOptions(drain=True))
+
+    def body(pc):
+        yield pc.llm(Context.of(pc.segment(50)), 2)
+
+    sim = Simulation(cfg, prof, programs=[Program(i, i, "b", 0.0, body) for i in range(n)])
+    handed = []
+    orig = sim.engines[0].add_call
+    sim.engines[0].add_call = lambda call: (handed.append(sim.env.now), orig(call))
+    sim.run()
+    assert handed == pytest.approx([(k // c + 1) * s for k in range(n)], abs=1e-12)
+
+
+def test_frontend_off_is_the_old_path_and_profile_roundtrip():
+    d = BASE.to_dict()
+    assert "frontend" not in d  # all zero: not written, profiles stay byte-identical
+    on = dataclasses.replace(BASE, frontend=FrontendCosts(0.001, 2e-6, 3e-5))
+    assert profile_from_dict(on.to_dict()).frontend == on.frontend
+    bad = {**on.to_dict(), "frontend": {"per_request_s": -1.0}}
+    with pytest.raises(ConfigError, match="frontend.per_request_s"):
+        profile_from_dict(bad, "p.json")
+    with pytest.raises(ConfigError, match="frontend.per_token"):
+        profile_from_dict({**on.to_dict(), "frontend": {"per_token": 1.0}}, "p.json")
+    # zero costs: no frontend built, results equal a run of the same requests without the field
+    run = bench_run([64] * 8, [8] * 8)
+    a = replay(run, bench_config(None), BASE)
+    b = replay(run, bench_config(None), dataclasses.replace(BASE, frontend=FrontendCosts()))
+    assert a.ttfts.tolist() == b.ttfts.tolist() and a.latencies.tolist() == b.latencies.tolist()
+
+
+def test_frontend_output_cost_delays_first_and_last_token():
+    """An idle frontend adds one token's cost to the first and to the last token, not n of them."""
+    c = 0.002
+    run = bench_run([64], [20])
+    a = replay(run, bench_config(None), BASE)
+    b = replay(run, bench_config(None), dataclasses.replace(BASE, frontend=FrontendCosts(per_output_token_s=c)))
+    assert b.ttfts[0] == pytest.approx(a.ttfts[0] + c, abs=1e-12)
+    assert b.latencies[0] == pytest.approx(a.latencies[0] + c, abs=1e-12)
+
+
+# ---------------------------------------------------------------------- agentsim validate
+def test_validate_own_simulation_has_zero_error(tmp_path):
+    prof = dataclasses.replace(BASE, frontend=FrontendCosts(per_request_s=1e-3, per_output_token_s=1e-5))
+    prof_path = tmp_path / "prof.json"
+    prof.save(prof_path)
+    f1 = simulated_bench_file(tmp_path / "burst.json", prof, n=40)
+    f2 = simulated_bench_file(tmp_path / "rate.json", prof, n=30, rate=6.0, max_concurrency=8, seed=1)
+    out = tmp_path / "val"
+    p = agentsim("validate", f1, f2, "--profile", prof_path, "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "mean TTFT" in p.stdout and "burst 40" in p.stdout
+    rep = json.loads((out / "validation.json").read_text())
+    assert [Path(r["file"]).name for r in rep["runs"]] == ["burst.json", "rate.json"]
+    for r in rep["runs"]:
+        for key in ("duration", "output_throughput", "request_throughput", "mean_ttft_ms", "p99_ttft_ms",
+                    "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms", "mean_e2el_ms", "p99_e2el_ms"):
+            v = r["metrics"][key]
+            assert set(v) == {"measured", "simulated", "rel_error"}
+            assert abs(v["rel_error"]) < 1e-9, (r["file"], key, v)
+    assert (out / "validation.png").stat().st_size > 1000
+    # a second run replaces the previous validation; a directory with other files is refused
+    assert agentsim("validate", f1, "--profile", prof_path, "--out", out).returncode == 0
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    p = agentsim("validate", f1, "--profile", prof_path, "--out", other)
+    assert p.returncode == 2 and (other / "notes.txt").read_text() == "keep"
+    assert len(os.listdir(other)) == 1
+
+
+GOOD = {"request_rate": "inf", "duration": 1.0, "input_lens": [10, 12], "output_lens": [3, 4],
+        "ttfts": [0.1, 0.1], "latencies": [0.3, 0.4], "start_times": [5.0, 5.0]}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"input_lens": None}, "input_lens"),
+    ({"output_lens": None}, "output_lens"),
+    ({"output_lens": [3]}, "output_lens"),
+    ({"ttfts": [0.1, 0.1, 0.2]}, "ttfts"),
+    ({"start_times": [5.0]}, "start_times"),
+    ({"request_rate": "fast"}, "request_rate"),
+    ({"input_lens": [10, "x"]}, "input_lens[1]"),
+    ({"max_concurrency": 0}, "max_concurrency"),
+    ({"burstiness": -1}, "burstiness"),
+])
+def test_bad_bench_file_exits_2_one_line(tmp_path, change, field):
+    d = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    f = write(tmp_path / "bad.json", d)
+    out = tmp_path / "val"
+    p = agentsim("validate", f, "--out", out)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(f) in lines[0] and field in lines[0], p.stderr
+    assert not out.exists()
+
+
+def test_bad_config_and_malformed_json_exit_2(tmp_path):
+    f = write(tmp_path / "ok.json", GOOD)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[cluster.engine]\nmax_num_seqz = 4\n")
+    out = tmp_path / "val"
+    p = agentsim("validate", f, "-c", cfg, "--out", out)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert str(cfg) in p.stderr and "cluster.engine.max_num_seqz" in p.stderr and not out.exists()
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"input_lens": [1,\n')
+    p = agentsim("validate", broken, "--out", out)
+    assert p.returncode == 2 and f"{broken}:" in p.stderr and not out.exists()
+    with pytest.raises(BenchError, match="output_lens"):
+        load_bench(write(tmp_path / "x.json", {**GOOD, "output_lens": [1, 2, 3]}))
+
+
+def test_max_concurrency_limits_requests_in_flight():
+    run = bench_run([64] * 12, [16] * 12, max_concurrency=3)
+    rep = replay(run, bench_config(None), BASE)
+    ends = rep.send_at + rep.latencies
+    for t in rep.send_at:
+        in_flight = ((rep.send_at <= t + 1e-12) & (ends > t + 1e-12)).sum()
+        assert in_flight <= 3
+    assert sorted(rep.send_at)[3] > 0  # the fourth request waited for a slot
+
+
+# ---------------------------------------------------------------------- agentsim calibrate bench
+def _truth():
+    return dataclasses.replace(
+        BASE, coefficients=dataclasses.replace(BASE.coefficients, const=BASE.coefficients.const * 1.5),
+        frontend=FrontendCosts(per_request_s=2e-3, per_output_token_s=2e-5))
+
+
+def test_calibrate_bench_recovers_known_terms(tmp_path):
+    from agentsim.calibration.bench import fit_terms, run_errors
+
+    truth = _truth()
+    files = [simulated_bench_file(tmp_path / "a.json", truth, n=48, seed=1),
+             simulated_bench_file(tmp_path / "b.json", truth, n=16, seed=2),
+             simulated_bench_file(tmp_path / "c.json", truth, n=40, rate=8.0, max_concurrency=8, seed=3)]
+    runs = [load_bench(f) for f in files]
+    cfg = bench_config(None)
+    fitted, nfev = fit_terms(BASE, runs, cfg, ["const", "per_request_s", "per_output_token_s"])
+    # the well-determined terms come back; per_output_token_s is weakly determined by these short runs
+    assert fitted.coefficients.const == pytest.approx(truth.coefficients.const, rel=0.03)
+    assert fitted.frontend.per_request_s == pytest.approx(2e-3, rel=0.15)
+    errs = run_errors(fitted, runs, cfg)
+    assert max(abs(v) for e in errs for v in e.values()) < 0.01
+    before = run_errors(BASE, runs, cfg)
+    assert max(abs(v) for e in before for v in e.values()) > 0.1
+    again, _ = fit_terms(BASE, runs, cfg, ["const", "per_request_s", "per_output_token_s"])
+    assert again == fitted  # deterministic
+
+
+def test_calibrate_bench_cli_writes_profile_with_provenance(tmp_path):
+    truth = _truth()
+    train = simulated_bench_file(tmp_path / "train.json", truth, n=40, seed=4)
+    held = simulated_bench_file(tmp_path / "held.json", truth, n=24, seed=5)
+    out = tmp_path / "fitted.json"
+    p = agentsim("calibrate", "bench", train, "--holdout", held, "-o", out, "--max-evaluations", "40")
+    assert p.returncode == 0, p.stderr
+    assert "cross-validated error" in p.stdout
+    prof = json.loads(out.read_text())
+    bf = prof["provenance"]["bench_fit"]
+    assert bf["files"] == [str(train)] and bf["holdout_files"] == [str(held)] and bf["cv"] == "holdout"
+    assert set(bf["terms"]) >= {"const", "per_request_s", "per_prompt_token_s", "per_output_token_s"}
+    # one training file cannot pin six terms down: the train error is small, the held-out one is reported
+    assert prof["frontend"]["per_request_s"] > 0 and bf["train_error"]["max_abs"] < 0.05
+    assert math.isfinite(bf["cv_error"]["max_abs"]) and bf["per_file_cv_error"][0]["file"] == str(held)
+    # never overwritten without --force
+    before = out.read_text()
+    p = agentsim("calibrate", "bench", train, "-o", out)
+    assert p.returncode == 2 and "--force" in p.stderr and out.read_text() == before
