@@ -298,3 +298,69 @@ def test_predict_rejects_bad_rows_naming_line_and_column(tmp_path, text, where, 
     assert len(lines) == 1 and lines[0].startswith(f"error: {steps}"), r.stderr
     assert where in lines[0] and words in lines[0], lines[0]
     assert not out.exists() and not (tmp_path / "out.csv.tmp").exists()
+
+
+# --------------------------------------------------------------------------- calibrate fit / check on a job
+def _synthetic_job(directory: Path, truth: StepTimeCoefficients) -> None:
+    """A profiling job directory as ``calibrate profile`` writes it, with step times from ``truth``."""
+    from agentsim.calibration.grid import GridLimits, holdout_mask
+    from agentsim.calibration.job import JOB_FORMAT, JOB_VERSION, PROFILING_GRIDS, build_grid
+
+    limits = GridLimits(2048, 64, 2048, 200_000)
+    grid = build_grid(limits, **PROFILING_GRIDS["small"])
+    mask = holdout_mask(grid, 4, 0)
+    hf = {"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "head_dim": 64, "intermediate_size": 512, "vocab_size": 1000, "max_position_embeddings": 2048}
+    meta = {
+        "format": JOB_FORMAT, "format_version": JOB_VERSION,
+        "engine": {"model": str(directory / "tiny"), "tp": 1}, "options": {"grid": "small"},
+        "engine_info": {"platform": "cpu", "omp_num_threads": "1", "device_name": "test cpu", "hf_config": hf,
+                        "max_model_len": 2048, "dtype_bytes": 4, "dtype": "float32", "kv_capacity_tokens": 200_000,
+                        "gpu_memory_utilization": 1.0, "block_size": 32, "vllm_version": "0.32",
+                        "enforce_eager": True},
+        "nvml": {"available": False},
+        "grid": [{**p.to_dict(), "holdout": h} for p, h in zip(grid, mask)],
+    }
+    directory.mkdir()
+    (directory / "job.json").write_text(json.dumps(meta))
+    with open(directory / "points.jsonl", "w") as f:
+        for p, h in zip(grid, mask):
+            s = p.shape()
+            n_pre = len(s.prefills)
+            t = truth.predict(s.num_prefill_tokens, s.prefill_attn_pairs, s.num_decode_seqs, s.decode_ctx_tokens,
+                              n_pre, n_pre + s.num_decode_seqs)
+            sample = {"num_prefill_tokens": s.num_prefill_tokens, "prefill_attn_pairs": s.prefill_attn_pairs,
+                      "num_decode_seqs": s.num_decode_seqs, "decode_ctx_tokens": s.decode_ctx_tokens,
+                      "step_time_s": 3 * t, "step_cpu_time_s": t, "engine_step_time_s": 3 * t, "shape_ok": True}
+            f.write(json.dumps({"point_id": p.point_id, "kind": p.kind, "holdout": h, "samples": [sample] * 2}) + "\n")
+
+
+def test_calibrate_fit_and_check_use_the_v2_model(tmp_path):
+    truth = StepTimeCoefficients(const=1.2e-3, per_prefill_token=2e-5, per_prefill_attn_pair=2e-8, per_decode_seq=0.0,
+                                 per_decode_ctx_token=2e-7, per_scheduled_seq=5e-5, per_sampled_token=0.0,
+                                 per_batched_token=1e-5, knee_tokens=64.0)
+    job = tmp_path / "job"
+    _synthetic_job(job, truth)
+    out = tmp_path / "tiny.json"
+    r = run_cli("calibrate", "fit", str(job), "--out", str(out), "--model-name", "tiny")
+    assert r.returncode == 0, r.stderr
+    assert "us/scheduled seq" in r.stdout and "max(batched tokens" in r.stdout
+    d = json.loads(out.read_text())
+    assert d["format_version"] == 2 and set(d["step_time"]) == set(STEP_TIME_FIELDS)
+    assert d["fit_error"]["clock"] == "cpu" and d["fit_error"]["held_out"]["max_rel_error"] < 1e-6
+    r = run_cli("calibrate", "check", str(out), str(job), "--max-median-error", "0.001")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_shipped_profiles_rebuild_identically():
+    """A rebuild gives the same model (deterministic knee search), and the shipped files are that rebuild."""
+    from agentsim.calibration.build_profiles import build_profile
+
+    a, b = (build_profile(LLAMA3_8B, 2, LLAMA3_8B, "2026-01-01").to_dict() for _ in range(2))
+    assert a == b
+    shipped = json.loads(shipped_profiles()["a100-80gb_llama-3-8b_tp2"].read_text())
+    for k in STEP_TIME_FIELDS:
+        assert shipped["step_time"][k] == pytest.approx(a["step_time"][k], rel=1e-9), k
+    r = subprocess.run([sys.executable, "-m", "agentsim.calibration.build_profiles", "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
