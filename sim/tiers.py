@@ -726,14 +726,15 @@ def _components(bundle: Any) -> list:
 
 def _prefill_time(sim: Any):
     """PrefillReload(L): seconds to recompute L context tokens in budget-sized chunks (the profile)."""
-    st = sim.profile.coefficients
+    step_seconds = sim.profile.step_seconds
     budget = sim.cfg.cluster.engine.max_num_batched_tokens
 
     def prefill(num_tokens: int) -> float:
+        # Each chunk is one scheduled sequence; only the chunk that ends the prompt samples.
         t, k = 0.0, 0
         while k < num_tokens:
             n = min(budget, num_tokens - k)
-            t += st.predict(n, n * k + n * (n + 1) // 2, 0, 0)
+            t += step_seconds(n, n * k + n * (n + 1) // 2, 0, 0, 1, 1 if k + n >= num_tokens else 0)
             k += n
         return t
 
