@@ -27,6 +27,7 @@ app = typer.Typer(
 # Applied under the user's flags when no --config is given.
 LIVE_DEFAULTS: dict = {
     "duration": 60.0,
+    "sim.drain": True,
     "cluster.gpus_per_node": 1,
     "cluster.engines_per_node": 1,
     "cluster.engine.block_size": 32,
@@ -68,16 +69,21 @@ def live(
     arrival: Optional[str] = typer.Option(None, help="closed | poisson | trace."),
     generator: Optional[str] = typer.Option(None, help="Workload generator: react, chat, fanout, ..."),
     num_programs: Optional[int] = typer.Option(None, help="Stop starting programs after this many."),
-    duration: Optional[float] = typer.Option(None, help="Wall seconds during which programs start (live default 60)."),
-    model: str = typer.Option("tiny", help="Model directory or id for vLLM; 'tiny' makes a tiny random Llama offline."),
-    load_format: Optional[str] = typer.Option(None, help="vLLM load format (default: dummy = random weights for tiny, else auto)."),
-    dtype: Optional[str] = typer.Option(None, help="Model dtype (default: float32 for tiny, else auto)."),
+    duration: Optional[float] = typer.Option(None, help="Seconds during which programs start, as in simulate (wall seconds here; live default 60)."),
+    model: str = typer.Option("tiny", help="Model directory or id for vLLM; 'tiny' = agentsim's tiny random Llama, made offline "
+                                           "(the model `python -m agentsim.live.tiny_model DIR` writes)."),
+    load_format: Optional[str] = typer.Option(None, help="vLLM load format (default: what the model needs: dummy (random weights) for "
+                                                         "agentsim's tiny model, auto otherwise)."),
+    dtype: Optional[str] = typer.Option(None, help="Model dtype (default: float32 for agentsim's tiny model, auto otherwise)."),
     data_plane: Optional[str] = typer.Option(None, help="Generate calls over: loopback (ZMQ, local default), node (ZMQ on the node's IP) or ray (--address default)."),
     kv_cache_gib: float = typer.Option(1.0, help="CPU backend: KV cache GiB per engine."),
     block_size: Optional[int] = typer.Option(None, help="KV block size (CPU backend: a multiple of 32)."),
     max_num_seqs: Optional[int] = typer.Option(None, help="vLLM --max-num-seqs per engine."),
-    drain: bool = typer.Option(True, "--drain/--no-drain", help="After --duration, let running programs finish."),
-    drain_timeout: Optional[float] = typer.Option(None, help="Longest wait for running programs (default: duration)."),
+    drain: Optional[bool] = typer.Option(None, "--drain/--no-drain",
+                                         help="After --duration, start no programs and let running ones finish (as simulate "
+                                              "--drain; default: the config's sim.drain, on without --config); "
+                                              "--no-drain ends the run at --duration."),
+    drain_timeout: Optional[float] = typer.Option(None, help="Longest wait for running programs after --duration, s (default: duration)."),
     flush_interval: float = typer.Option(5.0, help="Write partial results (marked incomplete) this often; 0 = only at the end."),
     sample_interval: float = typer.Option(1.0, help="Engine time-series period (s)."),
     kill_engine: List[str] = typer.Option([], "--kill-engine", help="Fault injection: ENGINE_ID@SECONDS (repeatable)."),
@@ -100,7 +106,7 @@ def live(
         "seed": seed, "policy": policy, "duration": duration, "cluster.engines_per_node": engines_per_node,
         "cluster.tp": tp, "cluster.engine.block_size": block_size, "cluster.engine.max_num_seqs": max_num_seqs,
         "workload.agents": agents, "workload.rate": rate, "workload.arrival": arrival,
-        "workload.generator": generator, "workload.num_programs": num_programs,
+        "workload.generator": generator, "workload.num_programs": num_programs, "sim.drain": drain,
     }
     if local_nodes is not None:
         flags["cluster.num_nodes"] = local_nodes
@@ -117,12 +123,12 @@ def live(
         raise ConfigError("--endpoints", "give at least one URL")
     if config is not None and local_nodes is None and address is None and not eps:
         local_nodes = cfg.cluster.num_nodes
-    opt = LiveOptions(drain=drain, drain_timeout=drain_timeout, flush_interval=flush_interval,
+    opt = LiveOptions(drain=cfg.sim.drain, drain_timeout=drain_timeout, flush_interval=flush_interval,
                       sample_interval=sample_interval, kill_engines=_parse_kills(kill_engine))
     settings = LiveSettings(local_nodes=local_nodes, address=address, endpoints=eps, model=model,
                             load_format=load_format, dtype=dtype, kv_cache_gib=kv_cache_gib, data_plane=data_plane,
                             force_engine_scheduler=engine_scheduler, policy_imports=tuple(policy_import),
-                            options=opt, log_to_driver=verbose)
+                            options=opt, log_to_driver=verbose, progress=None if quiet else _progress_printer())
 
     def _term(signum, frame):  # a SIGTERM ends the run like Ctrl-C: partial results, marked incomplete
         raise KeyboardInterrupt
@@ -136,11 +142,28 @@ def live(
         _print(result, cfg, out)
 
 
+def _progress_printer():
+    """``progress(line)`` for the live runner: ``[  12.3 s] line`` on stderr (start-up takes a while:
+    the Ray cluster, then each engine loading its model)."""
+    import sys
+    import time
+
+    t0 = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f} s] {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def _print(result, cfg, out: Path) -> None:
     m = result.manifest
     cl = cfg.cluster
+    lo = m.get("live_options") or {}
     title = (f"live: {m.get('cluster')}, {len(m.get('engines', []))} engine(s), model {Path(str(m.get('live_model'))).name} "
-             f"| policy {m['policy']} | seed {cfg.seed} | {m.get('wall_time_s', 0.0):.1f} s wall")
+             f"({m.get('load_format')}, {m.get('dtype')}) | policy {m['policy']} | seed {cfg.seed} | "
+             f"arrivals for {lo.get('duration', cfg.duration):g} s{', drained' if lo.get('drain') else ''} | "
+             f"{result.summary.get('duration_s', 0.0):,.1f} s run")
     try:
         from agentsim.commands import print_summary
 

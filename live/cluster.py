@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from agentsim.errors import ConfigError
 
@@ -121,25 +121,62 @@ class RayCluster:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nid, soft=False)
         return opts
 
-    def start_engines(self, specs: list[dict], timeout: float = 600.0) -> list[EngineHandle]:
-        """Start one actor per spec (all at once) and wait for every engine to be ready."""
+    def start_engines(self, specs: list[dict], timeout: float = 600.0,
+                      progress: Callable[[str], None] | None = None, tick: float = 15.0) -> list[EngineHandle]:
+        """Start one actor per spec (all at once) and wait for every engine to be ready.
+
+        ``progress(line)`` hears each engine as it becomes ready (with its start-up time) and, every
+        ``tick`` seconds while some are still loading, how many are up — an engine takes 20-40 s
+        on a small CPU machine and minutes for a large model on GPUs. An engine not ready within
+        ``timeout`` seconds counts as failed; any failure stops every engine and raises RuntimeError
+        naming each failed engine.
+        """
         import ray
 
         from agentsim.live.engine import EngineHost
 
+        say = progress or (lambda line: None)
         cls = ray.remote(EngineHost)
+        t0 = time.monotonic()
         pending = []
         for spec in specs:
             actor = cls.options(**self._placement(spec["node_id"], spec.get("tp", 1)),
                                 name=f"agentsim-engine-{spec['run_tag']}-{spec['engine_id']}").remote(spec)
             pending.append((spec, actor, actor.start.remote()))
+        by_ref = {ref: (spec, actor) for spec, actor, ref in pending}
+        results: dict[int, tuple[dict | None, str | None]] = {}
+        waiting = [ref for _, _, ref in pending]
+        next_tick = t0 + tick
+        while waiting:
+            left = timeout - (time.monotonic() - t0)
+            if left <= 0:
+                break
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=min(left, max(0.1, next_tick - time.monotonic())))
+            for ref in ready:
+                spec, _ = by_ref[ref]
+                try:
+                    info = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - report every engine that failed, then stop them all
+                    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+                    results[spec["engine_id"]] = (None, f"{type(e).__name__}: {last}")
+                    say(f"engine {spec['engine_id']} failed to start ({time.monotonic() - t0:.0f} s)")
+                    continue
+                results[spec["engine_id"]] = (info, None)
+                say(f"engine {spec['engine_id']} on node {spec['node_id']} ready "
+                    f"({time.monotonic() - t0:.0f} s, {len(results)}/{len(specs)} up)")
+            if waiting and time.monotonic() >= next_tick:
+                say(f"waiting for {len(waiting)} engine(s) to load the model "
+                    f"({time.monotonic() - t0:.0f} s, {len(results)}/{len(specs)} up)")
+                next_tick += tick
+        for ref in waiting:
+            spec, _ = by_ref[ref]
+            results[spec["engine_id"]] = (None, f"not ready within {timeout:g} s")
         handles: list[EngineHandle] = []
         errors = []
-        for spec, actor, ref in pending:
-            try:
-                info = ray.get(ref, timeout=timeout)
-            except Exception as e:  # noqa: BLE001 - report every engine that failed, then stop them all
-                errors.append(f"engine {spec['engine_id']}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+        for spec, actor, _ in pending:
+            info, err = results[spec["engine_id"]]
+            if info is None:
+                errors.append(f"engine {spec['engine_id']}: {err}")
                 handles.append(EngineHandle(spec["engine_id"], spec["node_id"], actor, {}, [], alive=False))
                 continue
             handles.append(EngineHandle(spec["engine_id"], spec["node_id"], actor, info,
@@ -157,6 +194,7 @@ class RayCluster:
         ray.kill(handle.actor, no_restart=True)
         handle.alive = False
         self._reap(handle.pids, grace=5.0)
+        remove_engine_temp_files(_local_actor_pids([handle]))
 
     def stop_engines(self) -> None:
         """Shut every engine down by its handle, then make sure its processes are gone."""
@@ -181,6 +219,7 @@ class RayCluster:
                 pass
             h.alive = False
         self._reap([p for h in self.engines for p in h.pids], grace=10.0)
+        remove_engine_temp_files(_local_actor_pids(self.engines))
         self.engines = []
 
     @staticmethod
@@ -224,6 +263,36 @@ class RayCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _local_actor_pids(handles: list[EngineHandle]) -> list[int]:
+    """The actor pids of the engines that ran on this host (their temp files are ours to clean)."""
+    here = os.uname().nodename
+    return [h.pids[0] for h in handles if h.pids and h.info.get("hostname") == here]
+
+
+def remove_engine_temp_files(actor_pids: list[int], tmpdir: str | None = None) -> list[str]:
+    """Delete what engine actors ``actor_pids`` left in the temp folder once their processes are gone.
+
+    An :class:`~agentsim.live.engine.EngineHost` creates ``agentsim-kv-<pid>-<engine>.sock`` (vLLM's
+    KV-event socket) and, when it hosts the scheduler without a log path, ``agentsim-sched-<pid>-
+    <engine>.jsonl`` there (``live/engine.py``). Only files carrying these pids are touched, and only
+    on this host (engines on other hosts clean nothing here). Returns the paths removed.
+    """
+    import glob
+    import tempfile
+
+    tmp = tmpdir or tempfile.gettempdir()
+    gone = []
+    for pid in actor_pids:
+        for pattern in (f"agentsim-kv-{int(pid)}-*.sock", f"agentsim-sched-{int(pid)}-*.jsonl"):
+            for path in glob.glob(os.path.join(tmp, pattern)):
+                try:
+                    os.unlink(path)
+                    gone.append(path)
+                except OSError:
+                    pass
+    return gone
 
 
 def _force_loopback() -> None:

@@ -289,7 +289,8 @@ class LiveDriver:
     def __init__(self, engines: Sequence[EngineClient], bundle: PolicyBundle, *, block_size: int,
                  options: LiveOptions | None = None, out_dir: str | Path | None = None, seed: int = 0,
                  manifest: dict | None = None, on_kill: Callable[[int], None] | None = None,
-                 kv_events: bool = True, max_num_seqs: int = 256) -> None:
+                 kv_events: bool = True, max_num_seqs: int = 256,
+                 progress: Callable[[str], None] | None = None, progress_interval: float = 10.0) -> None:
         if not engines:
             raise ValueError("the live driver needs at least one engine")
         self.clients = list(engines)
@@ -299,6 +300,8 @@ class LiveDriver:
         self.seed = seed
         self.base_manifest = dict(manifest or {})
         self.on_kill = on_kill
+        self.progress = progress
+        self.progress_interval = progress_interval
         self.block_size = block_size
         vocab = min(int(c.info.get("vocab_size", 32000)) for c in self.clients)
         hi = self.opt.token_high if self.opt.token_high is not None else min(vocab, 32000)
@@ -316,8 +319,11 @@ class LiveDriver:
             if bad:
                 raise RuntimeError(f"engines {bad} hash KV blocks differently from the driver "
                                    "(PYTHONHASHSEED or prefix_caching_hash_algo differ); KV-aware routing would be wrong")
-        self.views = [LiveEngineView(c.engine_id, c.node_id, block_size, int(c.info.get("num_blocks", 0)),
-                                     max_num_seqs, self.hasher) for c in self.clients]
+        # a view counts the blocks requests can use: vLLM's num_gpu_blocks minus its null block, the
+        # denominator of the kv_usage it reports (vllm/v1/core/block_pool.py get_usage)
+        self.views = [LiveEngineView(c.engine_id, c.node_id, block_size,
+                                     max(0, int(c.info.get("num_blocks", 0)) - 1), max_num_seqs, self.hasher)
+                      for c in self.clients]
         self.max_model_len = min(int(c.info.get("max_model_len", 1 << 30)) for c in self.clients)
         self.calls = M.ColumnStore(M.CALL_COLUMNS)
         self.engine_rows = M.ColumnStore(M.ENGINE_COLUMNS)
@@ -380,6 +386,8 @@ class LiveDriver:
         bg = [asyncio.create_task(self._sampler()), asyncio.create_task(self._poller())]
         if self.opt.flush_interval > 0 and self.out_dir is not None:
             bg.append(asyncio.create_task(self._flusher()))
+        if self.progress is not None and self.progress_interval > 0:
+            bg.append(asyncio.create_task(self._reporter()))
         for eid, at in self.opt.kill_engines:
             bg.append(asyncio.create_task(self._kill_later(int(eid), float(at))))
         status = "finished"
@@ -710,6 +718,16 @@ class LiveDriver:
         self.engine_rows.append((v.engine_id, v.node_id, now, int(s["num_running"]), int(s["num_waiting"]),
                                  float(s["kv_usage"]), int(d_pre), int(d_dec), busy,
                                  float(gpu) if gpu is not None else float("nan")))
+
+    async def _reporter(self) -> None:
+        """Every ``progress_interval`` s: run time, programs finished / running, calls, failures."""
+        while True:
+            await asyncio.sleep(self.progress_interval)
+            phase = "starting programs" if self.now() < self.opt.duration else "draining"
+            failed = sum(1 for r in self.finished_programs if r[-1] == "failed")
+            self.progress(f"{self.now():.0f} s ({phase}): {len(self.finished_programs)} program(s) done"
+                          f"{f' ({failed} failed)' if failed else ''}, {len(self.programs)} running, "
+                          f"{len(self.calls)} call(s) done, {len(self.inflight_calls)} in flight")
 
     async def _flusher(self) -> None:
         while True:

@@ -48,6 +48,7 @@ class LiveSettings:
     engine_env: dict = field(default_factory=dict)
     options: LiveOptions = field(default_factory=LiveOptions)
     log_to_driver: bool = False
+    progress: Any = None                  # progress(line): start-up and run progress (cluster, engines, programs)
 
     def __post_init__(self) -> None:
         n = sum(x is not None and x != () for x in (self.local_nodes, self.address, self.endpoints or None))
@@ -60,13 +61,23 @@ class LiveSettings:
         if self.data_plane not in (None, "loopback", "node", "ray"):
             raise ConfigError("--data-plane", f"must be loopback, node or ray, got {self.data_plane!r}")
 
+    def _model_defaults(self) -> dict:
+        """Load format and dtype the model itself calls for: agentsim's tiny model (``tiny``, or a
+        directory made by ``agentsim.live.tiny_model``) has no weights and is float32; anything
+        else is loaded as vLLM would (``auto``). Decided from the directory, never from its name."""
+        if self.model == TINY:
+            return {"load_format": "dummy", "dtype": "float32"}
+        from agentsim.live.tiny_model import tiny_model_defaults
+
+        return tiny_model_defaults(self.model) or {"load_format": "auto", "dtype": "auto"}
+
     @property
     def resolved_load_format(self) -> str:
-        return self.load_format or ("dummy" if self.model == TINY else "auto")
+        return self.load_format or self._model_defaults()["load_format"]
 
     @property
     def resolved_dtype(self) -> str:
-        return self.dtype or ("float32" if self.model == TINY else "auto")
+        return self.dtype or self._model_defaults()["dtype"]
 
     @property
     def data_plane_host(self) -> str | None:
@@ -81,10 +92,10 @@ def default_model_cache() -> Path:
 def resolve_model(settings: LiveSettings) -> str:
     if settings.model != TINY:
         return settings.model
-    from agentsim.live.tiny_model import make_tiny_llama
+    from agentsim.live.tiny_model import make_default_tiny
 
     base = Path(settings.model_cache) if settings.model_cache else default_model_cache()
-    return str(make_tiny_llama(base / "tiny-llama-16k", max_position_embeddings=16384))
+    return str(make_default_tiny(base / "tiny-llama"))
 
 
 def needs_engine_scheduler(bundle: Any) -> bool:
@@ -103,10 +114,16 @@ def engine_specs(cfg: RunConfig, settings: LiveSettings, model: str, run_tag: st
     c = cfg.cluster
     e = c.engine
     max_len = settings.max_model_len or e.max_model_len or 8192
-    if e.num_gpu_blocks_override is not None and e.num_gpu_blocks_override * e.block_size < max_len:
+    if e.scheduler != "v1":
+        raise ConfigError("cluster.engine.scheduler", "V0 scheduling (and num_scheduler_steps) is simulator-only: "
+                          "live engines run vLLM 0.32, whose only engine is V1")
+    # vLLM checks that one request of max_model_len fits the blocks left after its null block
+    # (vllm/v1/core/kv_cache_utils.py get_kv_cache_configs: "Reserve the null block")
+    if e.num_gpu_blocks_override is not None and -(-max_len // e.block_size) > e.num_gpu_blocks_override - 1:
         raise ConfigError("cluster.engine.num_gpu_blocks_override",
-                          f"{e.num_gpu_blocks_override} blocks x {e.block_size} tokens cannot hold one request of "
-                          f"max_model_len {max_len} (vLLM refuses to start); raise it or lower max_model_len")
+                          f"{e.num_gpu_blocks_override} blocks x {e.block_size} tokens (one kept as vLLM's null block) "
+                          f"cannot hold one request of max_model_len {max_len} (vLLM refuses to start); raise it or "
+                          "lower max_model_len")
     specs = []
     eid = 0
     for node in range(c.num_nodes):
@@ -156,7 +173,8 @@ def manifest_base(cfg: RunConfig, settings: LiveSettings, model: str) -> dict:
              else f"Ray cluster {settings.address}" if settings.address
              else f"endpoints {','.join(settings.endpoints)}")
     return {
-        "config": cfg.to_dict(), "seed": cfg.seed, "live_model": model, "load_format": settings.load_format,
+        "config": cfg.to_dict(), "seed": cfg.seed, "live_model": model,
+        "load_format": settings.resolved_load_format, "dtype": settings.resolved_dtype,
         "cluster": where, "git_revision": _git_rev(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"vllm": vllm_version(), "ray": ray_version(), "python": platform.python_version()},
         "live_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings.options).items()},
@@ -185,7 +203,9 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
     check_vllm()
     if not settings.address:
         check_cpu_limits(cfg)  # the embedded cluster runs vLLM's CPU backend unless this host has GPUs
+    say = settings.progress or (lambda line: None)
     model = resolve_model(settings)
+    say(f"model {model}: load format {settings.resolved_load_format}, dtype {settings.resolved_dtype}")
     run_tag = uuid.uuid4().hex[:8]
     scheduler = None
     if settings.force_engine_scheduler or needs_engine_scheduler(bundle):
@@ -194,14 +214,21 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
     engine_specs(cfg, settings, model, run_tag, scheduler)  # validate before starting anything
     from agentsim.live.cluster import RayCluster
 
+    t0 = time.monotonic()
     if settings.address:
+        say(f"joining Ray cluster {settings.address}")
         cluster = RayCluster.connect(settings.address, cfg.cluster.num_nodes, settings.log_to_driver)
     else:
+        say(f"starting a local {settings.local_nodes or cfg.cluster.num_nodes}-node Ray cluster on 127.0.0.1")
         cluster = RayCluster.local(settings.local_nodes or cfg.cluster.num_nodes, settings.object_store_mb,
                                    log_to_driver=settings.log_to_driver)
+    say(f"Ray cluster up ({time.monotonic() - t0:.0f} s)")
     with cluster:
         specs = engine_specs(cfg, settings, model, run_tag, scheduler, gpu=cluster.has_gpus())
-        handles = cluster.start_engines(specs)
+        say(f"starting {len(specs)} vLLM engine(s) (each loads the model and profiles its KV cache)")
+        handles = cluster.start_engines(specs, progress=settings.progress)
+        say(f"running the workload: programs start for {opt.duration:g} s"
+            + (", then running ones finish" if opt.drain else ", then the run ends"))
         by_id = {h.engine_id: h for h in handles}
         clients = [RayEngineClient(h) for h in handles]
         manifest = manifest_base(cfg, settings, model)
@@ -209,7 +236,7 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
         driver = LiveDriver(clients, bundle, block_size=handles[0].info["block_size"], options=opt,
                             out_dir=out_dir, seed=cfg.seed, manifest=manifest,
                             on_kill=lambda eid: cluster.kill_engine(by_id[eid]),
-                            max_num_seqs=cfg.cluster.engine.max_num_seqs)
+                            max_num_seqs=cfg.cluster.engine.max_num_seqs, progress=settings.progress)
         result = driver.run(source)
         if scheduler is not None:
             import ray

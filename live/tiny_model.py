@@ -14,7 +14,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["make_tiny_llama", "TINY_SPECIAL_TOKENS", "CPU_HEAD_SIZES"]
+__all__ = ["make_tiny_llama", "make_default_tiny", "tiny_model_defaults", "TINY_MODEL_SHAPE", "TINY_SPECIAL_TOKENS",
+           "CPU_HEAD_SIZES"]
+
+#: The one tiny model of the documented CPU paths: ``agentsim live --model tiny`` (made in the cache),
+#: ``python -m agentsim.live.tiny_model DIR`` (the README's calibration recipe and its sim-vs-live
+#: comparison) — one shape, so a profile measured on one is the model the other serves.
+TINY_MODEL_SHAPE: dict = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=64, max_position_embeddings=16384)
+MARKER = ".agentsim-tiny-llama"
 
 # ids 0..3; byte stand-ins follow, so the vocabulary is 260 tokens
 TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -80,7 +88,7 @@ def make_tiny_llama(
     )
     cfg.architectures = ["LlamaForCausalLM"]
     wanted = cfg.to_dict()
-    marker = out / ".agentsim-tiny-llama"
+    marker = out / MARKER
     if marker.exists() and (out / "config.json").exists():
         try:
             have = json.loads(marker.read_text())
@@ -121,3 +129,56 @@ def make_tiny_llama(
 def _stable(d: dict) -> dict:
     """The config dict as JSON would round-trip it (so the idempotence check compares like with like)."""
     return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def make_default_tiny(out_dir: str | Path) -> Path:
+    """:func:`make_tiny_llama` with :data:`TINY_MODEL_SHAPE` (no weights, float32)."""
+    return make_tiny_llama(out_dir, **TINY_MODEL_SHAPE)
+
+
+def tiny_model_defaults(model: str | Path) -> dict | None:
+    """How vLLM must load ``model`` if it is a directory made by :func:`make_tiny_llama`, else None.
+
+    Such a directory has no weights unless it was made ``with_weights``: ``{"load_format": "dummy"
+    (random weights) or "auto", "dtype": the config's dtype}``. ``agentsim live`` and ``agentsim
+    calibrate`` take these as their defaults for the model, so one tiny model directory is loaded
+    the same way by both (the decision is made from what the directory holds, not from its name).
+    """
+    d = Path(model)
+    marker = d / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        meta = json.loads(marker.read_text())
+        dtype = str(meta["config"].get("torch_dtype") or meta["config"].get("dtype") or "float32")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    with_weights = bool(meta.get("with_weights")) and any(d.glob("*.safetensors"))
+    return {"load_format": "auto" if with_weights else "dummy", "dtype": dtype}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agentsim.live.tiny_model DIR``: write the tiny model (:data:`TINY_MODEL_SHAPE`) to DIR.
+
+    Exit 2 with one line if DIR exists and holds anything that is not this tiny model (nothing is
+    overwritten); 0 otherwise (an up-to-date DIR is left as is).
+    """
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m agentsim.live.tiny_model DIR   (writes agentsim's tiny random Llama, no weights)",
+              file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        print(f"error: {out}: exists and is not an agentsim tiny model directory; nothing written", file=sys.stderr)
+        return 2
+    make_default_tiny(out)
+    print(f"{out}: tiny random Llama ({', '.join(f'{k}={v}' for k, v in TINY_MODEL_SHAPE.items())}); "
+          "vLLM loads it with load_format=dummy, dtype=float32")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
