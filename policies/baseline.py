@@ -96,6 +96,10 @@ class FixedTopology:
     """Run every multi-agent task with the topology it was written with (or ``topology``)."""
 
     def __init__(self, topology: str | None = None) -> None:
+        if topology is not None:
+            from agentsim.traces.shapes import TEAM_TOPOLOGIES  # the topologies a team can run
+
+            check_choice("topology", topology, TEAM_TOPOLOGIES)
         self.topology = topology
 
     def shape(self, task, now: float) -> str:

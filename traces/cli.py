@@ -100,10 +100,10 @@ def generate_cmd(
     from agentsim.traces.canonical import write_trace
     from agentsim.traces.record import generate_programs
 
-    if num_programs < 1:
-        raise ConfigError("num_programs", f"must be >= 1, got {num_programs}")
-    if rate is not None and not rate > 0:
-        raise ConfigError("rate", f"must be > 0, got {rate}")
+    from agentsim.config import Param
+
+    Param(int, ge=1).check(num_programs, "--num-programs")
+    Param(float, gt=0, optional=True).check(rate, "--rate")  # programs/s; NaN and inf refused
     params = {}
     for p in param:
         if "=" not in p:
