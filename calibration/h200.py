@@ -28,6 +28,13 @@ CPU overhead           :class:`~agentsim.calibration.layerwise.Assumptions` (as 
                        profiles); not part of :meth:`H200StepModel.device_time`
 =====================  ====================================================================  ===========
 
+Every table times one operator alone, its runs queued back to back, so a run lasts ``max(CPU
+dispatch, GPU work)``: small operators show the dispatch floor (~24 us for one cuBLAS call, ~100 us
+for the unfused RoPE), not GPU time. :meth:`H200StepModel._kernel` turns each measured time into
+device time (the time itself above twice the floor; below the floor the op's HBM traffic at the
+bandwidth the tables' largest GEMV reaches, 80 % of the datasheet; linear in between), which is
+what a CUDA-graph replay of the whole step costs.
+
 These are PyTorch ops (cuBLAS GEMMs, SDPA/bmm attention), not vLLM's kernels: GPU physics. The
 profiles are checked against ``forward.csv``'s 46 measured whole steps of Llama-3-8B TP1, which no
 part of the model is fitted to (:func:`forward_held_out`).
@@ -230,11 +237,13 @@ def attention_for(q_heads: float, kv_heads: float, data_dir: Path = H200_DATA_DI
 
 
 # -------------------------------------------------------------------------------------- step model
-def dispatch_floor(gemm: GemmTable, gpu: GPUSpec) -> float:
-    """Seconds a one-kernel PyTorch operator takes when the CPU, not the GPU, bounds it, estimated
-    from the tables themselves: the smallest GEMM's time (1 token x the narrowest k x n, ~2 MiB of
-    weights, 0.4 us of HBM traffic on an H200)."""
-    return float(gemm.times[0, 0, 0])
+def hbm_efficiency(gemm: GemmTable, gpu: GPUSpec) -> float:
+    """Fraction of the datasheet HBM bandwidth a weight-streaming kernel reaches, measured in the
+    tables themselves: the largest one-token GEMM (the widest ``k x n``, GBs of weights, so no
+    dispatch or launch cost matters) -- 0.80 on the H200."""
+    m, k, n = gemm.m[0], gemm.k[-1], gemm.n[-1]
+    bytes_moved = 2 * (m * k + k * n + m * n)
+    return float(bytes_moved / (gpu.hbm_GBps * 1e9) / gemm.times[0, -1, -1])
 
 
 def _monotone(t: OpTable) -> OpTable:
@@ -319,27 +328,36 @@ class H200StepModel:
         self.attn, self.q_scale, self.kv_scale = attention_for(q * self.model.head_dim / 128,
                                                                kv * self.model.head_dim / 128, self.data_dir)
         self.all_reduce = AllReduceTable.from_vidur(self.tp) if self.tp > 1 else None
-        self.dispatch_floor = dispatch_floor(self.gemm, self.gpu)
-        # an elementwise op's smallest measured time is its dispatch floor
+        self.dispatch_floor = float(self.gemm.times.min())  # gemm.csv: 1 token x 2048 x 512 (2 MiB)
+        self.hbm_efficiency = hbm_efficiency(self.gemm, self.gpu)
+        # an op's smallest measured time is its dispatch floor (the linear ops of one mlp table
+        # share one: each is a single cuBLAS call)
         self.op_floor = {op: float(self.ops.times[op].min()) for op in (*ELEMENTWISE_OPS, "emb")}
+        self.linear_floor = min(float(self.ops.times[op].min()) for op in LINEAR_OPS)
 
-    def _kernel(self, measured: float, floor: float | None = None) -> float:
+    def _kernel(self, measured: float, floor: float, hbm_bytes: float = 0.0) -> float:
         """Device seconds of an operator timed alone. The tables queue each operator's timed runs
         back to back, so a run lasts ``max(F, work)``: ``F`` the CPU's dispatch time (the
-        operator's *floor*), ``work`` the GPU time. Above ``2F`` the time is the work; at ``F``
-        the work is unknown but small and taken as one graph-replayed kernel (``KERNEL_FLOOR_S``;
-        vLLM also fuses RoPE, SiLU-and-mul and add+RMSNorm into one kernel each); in between,
-        linear (continuous). ``floor`` defaults to :attr:`dispatch_floor`, a single kernel's."""
-        f = self.dispatch_floor if floor is None else floor
-        if measured >= 2 * f:
+        operator's *floor*), ``work`` the GPU time. Above ``2F`` the time is the work; at or below
+        ``F`` the work is hidden and taken as its HBM traffic at the achieved bandwidth
+        (:attr:`hbm_efficiency` x datasheet), at least one graph-replayed kernel
+        (``KERNEL_FLOOR_S``; vLLM also fuses RoPE, SiLU-and-mul and add+RMSNorm into one kernel
+        each); in between, linear (continuous)."""
+        if measured >= 2 * floor:
             return measured
-        if measured <= f:
-            return KERNEL_FLOOR_S
-        return KERNEL_FLOOR_S + (measured - f) * (2 * f - KERNEL_FLOOR_S) / f
+        hidden = max(KERNEL_FLOOR_S, hbm_bytes / (self.gpu.hbm_GBps * 1e9 * self.hbm_efficiency))
+        if measured <= floor:
+            return min(hidden, measured)
+        return hidden + (measured - floor) * (2 * floor - hidden) / floor
 
     def _elementwise(self, op: str, n: float) -> float:
-        """Device seconds of an elementwise op (several PyTorch kernels: its own floor)."""
-        return self.op_scale[op] * self._kernel(self.ops.at(op, n), self.op_floor[op])
+        """Device seconds of an elementwise op (several PyTorch kernels: its own floor; traffic:
+        read and write ``n x width`` activations)."""
+        w = _per_gpu_width(self.source, self.source_tp, op)
+        return self.op_scale[op] * self._kernel(self.ops.at(op, n), self.op_floor[op], 2 * n * w * self.dtype_bytes * 2)
+
+    def _gemm_bytes(self, m: float, k: float, n: float) -> float:
+        return self.dtype_bytes * (m * k + k * n + m * n)
 
     @property
     def derived(self) -> bool:
@@ -357,24 +375,31 @@ class H200StepModel:
     # ------------------------------------------------------------------ parts (seconds)
     def linear_time(self, num_tokens: int) -> float:
         if self.linear_measured:
-            per_layer = sum(self._kernel(self.ops.at(op, num_tokens)) for op in LINEAR_OPS)
+            per_layer = sum(self._kernel(self.ops.at(op, num_tokens), self.linear_floor,
+                                         self._gemm_bytes(num_tokens, *self.shapes[op])) for op in LINEAR_OPS)
         else:
-            per_layer = sum(self._kernel(self.gemm.at(num_tokens, k, n)) for k, n in self.shapes.values())
+            per_layer = sum(self._kernel(self.gemm.at(num_tokens, k, n), self.dispatch_floor,
+                                         self._gemm_bytes(num_tokens, k, n)) for k, n in self.shapes.values())
         per_layer += sum(self._elementwise(op, num_tokens) for op in ELEMENTWISE_OPS)
         return self.model.num_layers * per_layer + self._elementwise("emb", num_tokens)
 
     def attention_prefill_time(self, batch: BatchShape) -> float:
         if not batch.prefills:
             return 0.0
+        kv = max(1.0, self.model.num_kv_heads / self.tp) * self.model.head_dim
+        q = self.model.num_heads / self.tp * self.model.head_dim
+        traffic = sum((c * q * 2 + (c + k) * kv * 2) * self.dtype_bytes for c, k in batch.prefills)
         return self.model.num_layers * self._kernel(self.attn.prefill(batch.prefills, self.q_scale, self.kv_scale),
-                                                    max(self.attn.prefill_floor, self.dispatch_floor))
+                                                    max(self.attn.prefill_floor, self.dispatch_floor), traffic)
 
     def attention_decode_time(self, batch: BatchShape) -> float:
         if not batch.decode_ctx:
             return 0.0
         # decode attention here is several kernels (bmm, softmax, bmm): its own dispatch floor
+        kv = max(1.0, self.model.num_kv_heads / self.tp) * self.model.head_dim
+        traffic = 2 * kv * self.dtype_bytes * batch.decode_ctx_tokens  # K and V of every context token
         return self.model.num_layers * self._kernel(self.attn.decode(batch.decode_ctx, self.kv_scale),
-                                                    max(self.attn.decode_floor, self.dispatch_floor))
+                                                    max(self.attn.decode_floor, self.dispatch_floor), traffic)
 
     def kv_write_time(self, num_tokens: int) -> float:
         kv_per_gpu = max(1.0, self.model.num_kv_heads / self.tp) * self.model.head_dim
@@ -392,7 +417,8 @@ class H200StepModel:
         return 2 * self.model.num_layers * (t0 + (t - t0) * A100_NVLINK_GBPS / nvlink)
 
     def lm_head_time(self, num_sampled: int) -> float:
-        return self._kernel(self.gemm.at(num_sampled, self.model.hidden_size, self.model.vocab_size / self.tp))
+        k, n = self.model.hidden_size, self.model.vocab_size / self.tp
+        return self._kernel(self.gemm.at(num_sampled, k, n), self.dispatch_floor, self._gemm_bytes(num_sampled, k, n))
 
     def cpu_overhead(self, num_seqs: int) -> float:
         a = self.assumptions

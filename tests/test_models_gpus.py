@@ -247,12 +247,12 @@ def test_h200_profiles_are_shipped_and_resolved():
 
 def test_h200_llama3_8b_held_out_error_on_forward_csv():
     """forward.csv's 46 whole steps were fitted to by nothing. Measured (python -m
-    agentsim.calibration.h200): median 4.9 %, p90 19.8 %, max 30.8 % against graph replays; the
-    bounds leave room for BLAS differences only."""
+    agentsim.calibration.h200): median 4.4 %, p90 15.7 %, max 27.3 % against graph replays; the
+    bounds leave room for BLAS / NumPy differences only."""
     p = load_profile(shipped_profiles()["h200_llama-3-8b_tp1"])
     held = p.fit_error["held_out_forward"]["graph"]
     assert held["num_points"] == 46
-    assert held["median_rel_error"] < 0.07 and held["p90_rel_error"] < 0.22 and held["max_rel_error"] < 0.35
+    assert held["median_rel_error"] < 0.06 and held["p90_rel_error"] < 0.19 and held["max_rel_error"] < 0.31
     # recompute from the profile itself: its device terms (host terms removed) vs the measured steps
     c = p.coefficients
     a = p.provenance["assumptions"]
