@@ -1,8 +1,12 @@
-"""One simulated vLLM v1 engine: the scheduler loop, paged KV with prefix caching, step timing.
+"""One simulated vLLM engine: the scheduler loop, paged KV with prefix caching, step timing.
+
+Two schedulers, chosen by ``EngineLimits.scheduler``: vLLM's V1 engine (the default since vLLM 0.8,
+``vllm/v1/core/sched/scheduler.py``) and the V0 engine of vLLM <= 0.7 (``vllm/core/scheduler.py``,
+simulator-only: the live driver runs vLLM 0.32, which has only V1).
 
 Each step reads as plan -> execute -> update, like ``EngineCore.step()``:
 
-plan (``_schedule``), after vLLM v1 ``Scheduler.schedule()``:
+plan, V1 (``_schedule``), after vLLM v1 ``Scheduler.schedule()``:
   1. running calls first, in order, each for its remaining tokens (a decode: 1; a partial prefill:
      the rest of the prompt, capped by the token budget). When the KV cache cannot grow, preempt by
      recompute: the order policy picks the victim (FCFS: the last running call), its blocks are
@@ -10,9 +14,30 @@ plan (``_schedule``), after vLLM v1 ``Scheduler.schedule()``:
   2. only if nothing was preempted: admit waiting calls in the order policy's order while the
      token budget lasts and ``len(running) < max_num_seqs``; a call's prompt is looked up in the
      prefix cache (whole computed blocks, at most ``num_tokens - 1`` tokens, as vLLM recomputes
-     the last one); the first call that does not fit stops admission (no skipping).
-execute: the step time comes from the profile (prefill tokens and attention pairs, decode
-  sequences and their context tokens).
+     the last one); the first call that does not fit stops admission (no skipping). Without
+     chunked prefill a prompt is admitted only whole (decodes still share its step: V1 mixes
+     them, it only refuses to chunk).
+plan, V0 (``_schedule_v0``), after ``Scheduler._schedule_default`` (chunked prefill off):
+  1. admit waiting calls in order while their whole prompt fits the token budget, ``max_num_seqs``
+     and the KV cache above V0's watermark (``BlockSpaceManager.can_allocate``: all the prompt's
+     blocks, cache hits not credited, ``int(0.01 * num_gpu_blocks)`` kept free);
+  2. only if no prompt was admitted: every running call decodes; when the KV cache cannot grow,
+     preempt by recompute the last running call not yet scheduled in this pass (V0's
+     ``running_queue.pop()``), or the call itself if none is left. A step with prompts is thus
+     prefill-only and every running decode stalls for it.
+  With chunked prefill (``_schedule_chunked_prefill``): running calls first (decodes, then
+  partial prefills, capped by the budget), then new prompts, chunked to the remaining budget, each
+  allocating its whole prompt's blocks on admission. Preempted calls go to the waiting queue's
+  front after the step is planned.
+  Multi-step (``num_scheduler_steps = K``, ``vllm/engine/llm_engine.py`` ``step()``,
+  ``vllm/worker/multi_step_model_runner.py``): a decode batch (with chunked prefill: any batch)
+  runs K steps without re-scheduling, each decode reserving its K - 1 lookahead slots up front;
+  tokens reach the client when the K-th step's outputs are processed
+  (``vllm/engine/output_processor/multi_step.py``), so ``first_token_at`` and ``finish_at`` are
+  chunk ends, a call reaching its last token mid-chunk keeps its slot to the chunk's end, and new
+  prompts are admitted only between chunks. Without chunked prefill a prompt step is one step.
+execute: the step time is ``Profile.step_seconds`` of the batch (prefill tokens and attention
+  pairs, decode sequences and their context tokens, prefill sequences, sampled sequences).
 update: computed tokens advance; newly full blocks enter the prefix cache; a call whose known
   tokens are all computed samples one token; a call with all its output tokens finishes and
   frees its blocks.
@@ -22,7 +47,11 @@ join (the waiting queue is empty or blocked, no preemption), the engine computes
 steps in a tight loop -- until the first call finishes or the KV cache would run out -- and
 yields once for the whole window. An arrival during the window interrupts it: the engine finishes
 the step in progress and re-plans, exactly as the step-by-step loop would (a test holds the two
-modes to identical results).
+modes to identical results). A multi-step chunk is one event in both modes (nothing can join it).
+
+KV capacity: the engine is given vLLM's ``num_gpu_blocks``; the V1 pool keeps one as the null
+block (:mod:`agentsim.sim.kv`), so ``num_total_blocks`` (usable) is one less and ``kv_usage`` is
+used / (num_gpu_blocks - 1), as vLLM reports it.
 """
 
 from __future__ import annotations
@@ -37,7 +66,7 @@ import simpy
 from agentsim.calibration.profile import Profile
 from agentsim.config import EngineLimits
 from agentsim.policies.base import BlockView, FreeBlockQueue
-from agentsim.sim.kv import BlockPool
+from agentsim.sim.kv import BlockPool, num_reserved_blocks, v0_watermark_blocks
 from agentsim.workload import CallHints, Context, Segment
 
 
@@ -134,10 +163,15 @@ class Engine:
         self.engine_id = engine_id
         self.node_id = node_id
         self.profile = profile
+        self.max_model_len = limits.max_model_len or profile.model.max_model_len
+        limits = limits.resolved(self.max_model_len)  # the version's default token budget
         self.limits = limits
         self.block_size = limits.block_size
-        self.num_total_blocks = num_blocks
-        self.max_model_len = limits.max_model_len or profile.model.max_model_len
+        self.scheduler = limits.scheduler
+        self._v0 = limits.scheduler == "v0"
+        self.num_scheduler_steps = limits.num_scheduler_steps
+        # V0 admits a prompt only while this many blocks stay free (BlockSpaceManager.can_allocate)
+        self.watermark_blocks = v0_watermark_blocks(num_blocks) if self._v0 else 0
         self.order = order
         self._dynamic = bool(getattr(order, "dynamic", False))
         self._preemptive = bool(getattr(order, "preemptive", False))
@@ -145,7 +179,9 @@ class Engine:
         self._victim = getattr(order, "victim", None)
         # KV mechanisms of retention/eviction policies (agentsim.sim.tiers.EngineTiers), if any
         self.tiers = None
-        self.pool = BlockPool(num_blocks, free_queue)
+        self.pool = BlockPool(num_blocks, free_queue, num_reserved=num_reserved_blocks(limits.scheduler))
+        self.num_gpu_blocks = num_blocks
+        self.num_total_blocks = self.pool.num_blocks  # usable by requests (V1: without the null block)
         self.prefix_caching = limits.enable_prefix_caching
         self.running: list[SimCall] = []
         self.waiting: list = []          # heap of (front, key, seq, call), or plain list if dynamic
@@ -157,8 +193,9 @@ class Engine:
         self.max_ff_steps = max_ff_steps
         self._ff_active = False
         self._pending = None
+        self._pending_chunk = None
         self._wake: simpy.Event | None = None
-        self._c = profile.coefficients
+        self._step_seconds = profile.step_seconds
         self.num_outstanding_tokens = 0
         # accounting
         self.busy_cum = 0.0
@@ -263,7 +300,10 @@ class Engine:
                 self._account_idle(now, env.now)
                 at_boundary = False
                 continue
-            decodes, prefills, preempted, feats = self._schedule(now)
+            if self._v0:
+                decodes, prefills, preempted, feats = self._schedule_v0(now)
+            else:
+                decodes, prefills, preempted, feats = self._schedule(now)
             if not decodes and not prefills:
                 if preempted:
                     continue  # a preemption emptied the batch but made room: plan again now
@@ -275,9 +315,11 @@ class Engine:
                 self._account_idle(now, env.now)
                 at_boundary = False
                 continue
-            n_prefill, pairs, n_decode, dctx = feats
-            dt = self._c.predict(n_prefill, pairs, n_decode, dctx)
-            if (self.fast_forward and not preempted and n_prefill == 0 and not self.inbox
+            n_prefill, pairs, n_decode, dctx, n_sampled = feats
+            dt = self._step_seconds(n_prefill, pairs, n_decode, dctx, len(prefills), n_sampled)
+            if self.num_scheduler_steps > 1 and (not prefills or self.limits.enable_chunked_prefill):
+                yield from self._multi_step(decodes, prefills, now, dt, n_prefill)
+            elif (self.fast_forward and not preempted and n_prefill == 0 and not self.inbox
                     and len(decodes) == len(self.running) and (not self.waiting or not self._dynamic)):
                 yield from self._fast_forward(decodes, now, dt)
             else:
@@ -291,7 +333,7 @@ class Engine:
 
         Returns the decoding calls (one token each), the prefilling ones as [(call, num_new_tokens)]
         (both in scheduling order), whether it preempted, and the batch features (prefill tokens,
-        prefill attention pairs, decode sequences, decode context tokens).
+        prefill attention pairs, decode sequences, decode context tokens, sequences sampling a token).
         """
         budget = self.limits.max_num_batched_tokens
         chunked = self.limits.enable_chunked_prefill
@@ -302,7 +344,7 @@ class Engine:
         prefills: list = []
         preempted = False
         free = pool.num_blocks - pool.num_used
-        n_prefill = pairs = n_decode = dctx = 0
+        n_prefill = pairs = n_decode = dctx = n_sampled = 0
         i = 0
         while i < len(running) and budget > 0:
             call = running[i]
@@ -315,6 +357,8 @@ class Engine:
             else:
                 if n > budget:
                     n = budget
+                else:
+                    n_sampled += 1  # the prompt completes: it samples its next token
                 n_prefill += n
                 pairs += n * nc + n * (n + 1) // 2
             need = (nc + n + bs - 1) // bs - len(call.blocks)
@@ -375,6 +419,7 @@ class Engine:
             n = total - num_hit_tokens
             if not chunked and n > budget:
                 break
+            sampled = n <= budget
             if n > budget:
                 n = budget
             evictable = 0
@@ -409,10 +454,155 @@ class Engine:
             prefills.append((call, n))
             budget -= n
             n_prefill += n
+            n_sampled += sampled
             pairs += n * num_hit_tokens + n * (n + 1) // 2
         if preempted:
             return decodes, prefills, True, self._features(decodes, prefills)
-        return decodes, prefills, False, (n_prefill, pairs, n_decode, dctx)
+        return decodes, prefills, False, (n_prefill, pairs, n_decode, dctx, n_decode + n_sampled)
+
+    # ------------------------------------------------------------------ plan (V0)
+    def _schedule_v0(self, now: float) -> tuple[list, list, bool, tuple]:
+        """vLLM V0 scheduling for one step (simulator-only); returns what :meth:`_schedule` returns.
+
+        Without chunked prefill, ``Scheduler._schedule_default`` (``vllm/core/scheduler.py``):
+        prompts first, decodes only if no prompt was admitted. With it,
+        ``_schedule_chunked_prefill``: running calls (decodes first), then new prompts. See the
+        module docstring for the rules; block counts follow ``vllm/core/block_manager.py``.
+        """
+        chunked = self.limits.enable_chunked_prefill
+        decodes: list = []
+        prefills: list = []
+        preempted: list = []
+        budget = self.limits.max_num_batched_tokens
+        if chunked:
+            budget = self._v0_running(now, decodes, prefills, preempted, budget, True)
+            num_running_prefills = len(prefills)
+            self._v0_admit(now, prefills, budget, True)  # even after a preemption, as V0 does
+            # V0 rebuilds its running queue: calls left out, decodes, running prefills (those
+            # finishing this step first), new prompts; the next step serves it in this order
+            scheduled = {id(c) for c in decodes}
+            scheduled.update(id(c) for c, _ in prefills)
+            rest = [c for c in self.running if id(c) not in scheduled]
+            part = sorted(prefills[:num_running_prefills],
+                          key=lambda cn: cn[0].num_computed + cn[1] < cn[0].num_prompt_tokens + cn[0].num_generated)
+            self.running[:] = (rest + decodes + [c for c, _ in part]
+                               + [c for c, _ in prefills[num_running_prefills:]])
+        else:
+            self._v0_admit(now, prefills, budget, False)
+            if not prefills:
+                self._v0_running(now, decodes, prefills, preempted, budget, False)
+        # preempted calls join the waiting queue's front only now (after this step's admission)
+        for call in preempted:
+            self._enqueue(call, now, front=True)
+        return decodes, prefills, bool(preempted), self._features(decodes, prefills)
+
+    def _v0_running(self, now: float, decodes: list, prefills: list, preempted: list, budget: int,
+                    chunked: bool) -> int:
+        """V0 ``_schedule_running``: each running call in order gets its tokens (a decode: one,
+        plus ``num_scheduler_steps - 1`` lookahead slots reserved); returns the budget left."""
+        bs = self.block_size
+        pool = self.pool
+        running = self.running
+        lookahead = self.num_scheduler_steps - 1
+        i = 0
+        while i < len(running):
+            call = running[i]
+            nc = call.num_computed
+            total = call.num_prompt_tokens + call.num_generated
+            n = total - nc
+            is_decode = n == 1 and call.num_generated > 0
+            if chunked:
+                if not is_decode and n > budget:
+                    if lookahead:
+                        n = 0  # multi-step with chunked prefill does not chunk prompts
+                    else:
+                        n = budget
+                if n == 0 or budget == 0:
+                    break  # no budget left: stop (V0: num_running_tokens == 0)
+            # V0 allocated a prompt's blocks on admission: only decodes grow
+            need = (-(-(nc + 1 + lookahead) // bs) - len(call.blocks)) if is_decode else 0
+            free = pool.num_blocks - pool.num_used
+            if need > free and self.tiers is not None and self.tiers.reclaim(call, need - free, now):
+                free = pool.num_blocks - pool.num_used
+            stop = False
+            while need > pool.num_blocks - pool.num_used:
+                # preempt the last running call not yet scheduled in this pass, else the call itself
+                later = running[i + 1:]
+                if later:
+                    victim = later[self._victim(later, now)] if self._victim is not None else later[-1]
+                else:
+                    victim = call
+                self._preempt(victim, now, enqueue=False)
+                preempted.append(victim)
+                if victim is call:
+                    stop = True
+                    break
+            if stop:
+                break
+            if need > 0:
+                call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(call.blocks)))
+            if is_decode:
+                decodes.append(call)
+            else:
+                prefills.append((call, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _v0_admit(self, now: float, prefills: list, budget: int, chunked: bool) -> None:
+        """V0 ``_schedule_prefills``: admit waiting calls in order while the token budget,
+        ``max_num_seqs`` and the KV watermark allow; the first that does not fit stops admission."""
+        bs = self.block_size
+        pool = self.pool
+        running = self.running
+        max_seqs = self.limits.max_num_seqs
+        k = self.num_scheduler_steps
+        # with chunked prefill a multi-step prompt reserves K lookahead slots (V0's
+        # _get_num_lookahead_slots(is_prefill=True, enable_chunking=True))
+        lookahead = k if (chunked and k > 1) else 0
+        if self._dynamic and self.waiting:
+            key = self.order.key
+            self.waiting.sort(key=lambda c: (key(c, now), c.seq))
+        while self.waiting and budget > 0:
+            if len(running) >= max_seqs:
+                break
+            call = self.waiting[0] if self._dynamic else self.waiting[0][3]
+            hit_blocks = self._lookup(call) if call.num_computed == 0 and not call.blocks else []
+            num_hit_tokens = len(hit_blocks) * bs
+            total = call.num_prompt_tokens + call.num_generated
+            n = total - num_hit_tokens
+            if n > budget:
+                if not chunked or lookahead:
+                    break
+                n = budget
+            # can_allocate: every block of the prompt (+ lookahead), hits not credited, watermark kept
+            required = -(-(total + lookahead) // bs)
+            free = pool.num_blocks - pool.num_used
+            if free - required < self.watermark_blocks:
+                short = required + self.watermark_blocks - free
+                if self.tiers is not None and self.tiers.reclaim(call, short, now):
+                    continue  # pinned KV released: look at the head again
+                break
+            if self._dynamic:
+                self.waiting.pop(0)
+            else:
+                heapq.heappop(self.waiting)
+            if hit_blocks:
+                pool.touch(hit_blocks, now, call.program_id, call.agent_id)
+            call.blocks = hit_blocks
+            need = required - len(hit_blocks)
+            if need > 0:
+                call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(hit_blocks)))
+            call.num_computed = num_hit_tokens
+            if call.num_cached_tokens < 0:
+                call.num_cached_tokens = num_hit_tokens
+                call.scheduled_at = now
+            call.wait_time += now - call.enqueued_at
+            call.status = "running"
+            call._service_mark = self.busy_cum
+            running.append(call)
+            prefills.append((call, n))
+            budget -= n
 
     def _lookup(self, call: SimCall) -> list[BlockView]:
         if not self.prefix_caching:
@@ -453,7 +643,9 @@ class Engine:
             return True
         return False
 
-    def _preempt(self, call: SimCall, now: float) -> None:
+    def _preempt(self, call: SimCall, now: float, enqueue: bool = True) -> None:
+        """Preempt by recompute: free the call's blocks and send it back to the waiting queue's
+        front (``enqueue=False``: the caller queues it later, as V0 does after planning)."""
         self.running.remove(call)
         self.pool.free(call.blocks, now)
         call.blocks = []
@@ -464,21 +656,26 @@ class Engine:
         call.num_preemptions += 1
         self.num_preemptions += 1
         call.status = "preempted"
-        self._enqueue(call, now, front=True)
+        if enqueue:
+            self._enqueue(call, now, front=True)
 
     # ------------------------------------------------------------------ execute
-    def _features(self, decodes: list, prefills: list) -> tuple[int, int, int, int]:
-        """Batch features from scratch (used after a preemption reshaped the batch)."""
+    def _features(self, decodes: list, prefills: list) -> tuple[int, int, int, int, int]:
+        """Batch features from scratch: prefill tokens, prefill attention pairs, decode sequences,
+        decode context tokens, sequences that sample a token (decodes + prompts completed)."""
         n_prefill = 0
         pairs = 0
         dctx = 0
+        n_sampled = len(decodes)
         for call in decodes:
             dctx += call.num_computed + 1
         for call, n in prefills:
             k = call.num_computed
             n_prefill += n
             pairs += n * k + n * (n + 1) // 2
-        return n_prefill, pairs, len(decodes), dctx
+            if k + n == call.num_prompt_tokens + call.num_generated:
+                n_sampled += 1
+        return n_prefill, pairs, len(decodes), dctx, n_sampled
 
     # ------------------------------------------------------------------ update
     def _apply(self, decodes: list, prefills: list, t0: float, t1: float, dt: float,
@@ -572,7 +769,7 @@ class Engine:
             cnt[(1 - c.num_computed) % bs] += 1
             ctx += c.num_computed + 1
         free = self.pool.num_blocks - self.pool.num_used
-        predict = self._c.predict
+        step_seconds = self._step_seconds
         t = now + dt1
         times = [t]
         dts = [dt1]
@@ -583,7 +780,7 @@ class Engine:
                 break
             free -= need
             ctx += nb
-            dt = predict(0, 0, nb, ctx)
+            dt = step_seconds(0, 0, nb, ctx, 0, nb)
             t = t + dt
             times.append(t)
             dts.append(dt)
@@ -639,6 +836,90 @@ class Engine:
         if self.on_step is not None:
             self.on_step(self)
 
+    # ------------------------------------------------------------------ multi-step (V0)
+    def _multi_step(self, decodes: list, prefills: list, now: float, dt1: float, n_prefill: int):
+        """Run one V0 multi-step chunk: the planned batch, then ``K - 1`` decode steps of the same
+        calls, as one event; tokens are delivered at the chunk's end (see the module docstring).
+
+        Step ``j >= 2`` decodes every call of the batch (one that reached its last token keeps
+        decoding until the chunk ends, as in vLLM 0.6), with context lengths growing by one a step.
+        """
+        env = self.env
+        k = self.num_scheduler_steps
+        calls = decodes + [c for c, _ in prefills]
+        nb = len(calls)
+        # context of step 2: a decode has computed one more token, a prompt its whole chunk
+        ctx = 0
+        for c in decodes:
+            ctx += c.num_computed + 2
+        for c, n in prefills:
+            ctx += c.num_computed + n + 1
+        step_seconds = self._step_seconds
+        t = now + dt1
+        times = [t]
+        dts = [dt1]
+        for _ in range(1, k):
+            dt = step_seconds(0, 0, nb, ctx, 0, nb)
+            t = t + dt
+            times.append(t)
+            dts.append(dt)
+            ctx += nb
+        self._pending_chunk = (now, times, dts)
+        # nothing joins a chunk: arrivals wait in the inbox for its end, in both modes
+        yield env.timeout(delay_to(now, times[-1]))
+        self._pending_chunk = None
+        self._apply_chunk(decodes, prefills, now, times, dts, n_prefill)
+
+    def _apply_chunk(self, decodes: list, prefills: list, t0: float, times: list, dts: list,
+                     n_prefill: int) -> None:
+        k = len(times)
+        bs = self.block_size
+        pool = self.pool
+        nb = len(decodes) + len(prefills)
+        t_end = times[-1]
+        prev = t0
+        for j in range(k):
+            self.busy_cum += dts[j]
+            self.num_steps += 1
+            self._account_step(prev, times[j], n_prefill if j == 0 else 0, len(decodes) if j == 0 else nb)
+            prev = times[j]
+        if nb != len(self.running):
+            in_batch = {id(c) for c in decodes}
+            in_batch.update(id(c) for c, _ in prefills)
+            busy = t_end - t0
+            for c in self.running:
+                if id(c) not in in_batch:
+                    c._skipped += busy
+        finished = []
+        batch = [(c, 1) for c in decodes] + prefills
+        for call, n in batch:
+            before = call.num_computed
+            ng = call.num_generated
+            if ng == 0:
+                call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
+            if before + n < call.num_prompt_tokens + ng:
+                # defensive: multi-step never chunks a prompt, so every prompt completes in step 1
+                call.num_computed = before + n
+                after = before + n
+            else:
+                # the first step completes the known tokens and samples one; each later step one more
+                num_new = min(k, call.num_output_tokens - ng)
+                after = before + n + k - 1
+                call.num_computed = after
+                if ng == 0:
+                    call.first_token_at = t_end
+                call.num_generated = ng + num_new
+                if call.num_generated >= call.num_output_tokens:
+                    finished.append(call)
+            if self.prefix_caching:
+                hashes = call.full_hashes
+                for b in range(before // bs, min(after // bs, len(hashes), len(call.blocks))):
+                    pool.cache(call.blocks[b], hashes[b])
+        for call in finished:
+            self._finish(call, t_end)
+        if self.on_step is not None:
+            self.on_step(self)
+
     # ------------------------------------------------------------------ accounting
     def _account_step(self, t0: float, t1: float, n_prefill: int, n_decode: int, used: int = -1) -> None:
         if self._record_sample is None:
@@ -656,11 +937,13 @@ class Engine:
         self._bucket_prefill += n_prefill
         self._bucket_decode += n_decode
 
-    def _account_idle(self, t0: float, t1: float) -> None:
+    def _account_idle(self, t0: float, t1: float, used: int = -1) -> None:
         if self._record_sample is None:
             return
+        if used < 0:
+            used = self.pool.num_used
         while t1 >= self._next_sample_at:
-            self._emit(self._next_sample_at, self.pool.num_used, self._next_sample_at)
+            self._emit(self._next_sample_at, used, self._next_sample_at)
 
     def _emit(self, edge: float, used: int, seen_at: float) -> None:
         # queue length as of ``seen_at`` (the end of the step crossing the edge): a fast-forward
@@ -686,12 +969,17 @@ class Engine:
         In step-by-step mode a step ending exactly at ``until`` is not processed (SimPy stops
         first), so only steps ending strictly before it count here too.
         """
+        in_progress = 0
         if self._pending is not None:
             calls, t0, times, dts, needs = self._pending
             self._pending = None
             m = bisect_left(times, until)
             if m:
                 self._apply_window(calls, t0, times, dts, needs, m)
+            if m < len(times):
+                # the step in progress at ``until`` took its blocks when it was planned (before
+                # ``until``): step by step, the last sample counts them
+                in_progress = needs[m]
         if self.tiers is not None:
             self.tiers.finalize(until)  # calls held while their KV loads are unfinished calls too
-        self._account_idle(until, until)
+        self._account_idle(until, until, self.pool.num_used + in_progress)

@@ -7,20 +7,79 @@ A block becomes a prefix-cache entry only once it is full and computed (its hash
 previous block's hash and its own tokens, see :meth:`agentsim.workload.Context.block_hashes`).
 Freed blocks keep their hash and stay hit-able until the free-block queue hands them out again;
 which free block goes first is the evict policy's decision (vLLM: LRU).
+
+Capacity, as vLLM counts it: ``num_gpu_blocks`` (``--num-gpu-blocks-override``, or what GPU memory
+holds) includes, in the V1 engine, one **null block** that ``BlockPool.__init__`` takes off the free
+queue for good (``vllm/v1/core/block_pool.py``: ``self.null_block = self.free_block_queue.popleft()``),
+so requests can use ``num_gpu_blocks - 1`` blocks and ``get_usage()`` is used / (num_gpu_blocks - 1).
+V0's block manager (``vllm/core/block_manager.py``, simulator-only here) reserves none, but admits
+a prompt only while ``watermark_blocks = int(0.01 * num_gpu_blocks)`` blocks stay free.
 """
 
 from __future__ import annotations
 
 from agentsim.policies.base import BlockView, FreeBlockQueue
 
+V0_WATERMARK = 0.01  # vllm/core/block_manager.py (V0): BlockSpaceManager(watermark=0.01)
+
+
+def num_reserved_blocks(scheduler: str) -> int:
+    """Blocks of ``num_gpu_blocks`` no request can use: 1 in V1 (the null block), 0 in V0."""
+    return 1 if scheduler == "v1" else 0
+
+
+def v0_watermark_blocks(num_gpu_blocks: int) -> int:
+    """V0's admission watermark in blocks: ``int(0.01 * num_gpu_blocks)`` (``vllm/core/block_manager.py``)."""
+    return int(V0_WATERMARK * num_gpu_blocks)
+
+
+def num_call_blocks(num_tokens: int, block_size: int, num_lookahead_slots: int = 0) -> int:
+    """Blocks one call of ``num_tokens`` (prompt + output) holds at most.
+
+    vLLM never writes KV for the last sampled token (it is returned, not fed back), so a call's KV
+    covers ``num_tokens - 1`` positions, plus the lookahead slots V0 multi-step reserves
+    (``num_scheduler_steps - 1``, ``vllm/core/scheduler.py`` ``_can_append_slots``).
+    """
+    return -(-(num_tokens - 1 + num_lookahead_slots) // block_size)
+
+
+def call_fits(num_tokens: int, block_size: int, num_gpu_blocks: int, scheduler: str = "v1",
+              num_scheduler_steps: int = 1, enable_chunked_prefill: bool = False) -> bool:
+    """Whether a call of ``num_tokens`` (prompt + output) can ever finish on an engine of
+    ``num_gpu_blocks`` KV blocks.
+
+    V1: ``ceil((num_tokens - 1) / block_size) <= num_gpu_blocks - 1`` (the null block). V0: the
+    longest recompute (all but the last token, plus the ``K`` lookahead slots a multi-step prompt
+    reserves with chunked prefill) must pass the admission watermark, and decoding with the
+    multi-step lookahead (``K - 1``) must fit the whole cache.
+    """
+    if scheduler == "v1":
+        return num_call_blocks(num_tokens, block_size) <= num_gpu_blocks - 1
+    k = num_scheduler_steps
+    prompt_lookahead = k if (enable_chunked_prefill and k > 1) else 0
+    return (num_call_blocks(num_tokens, block_size, prompt_lookahead)
+            <= num_gpu_blocks - v0_watermark_blocks(num_gpu_blocks)
+            and num_call_blocks(num_tokens, block_size, k - 1) <= num_gpu_blocks)
+
 
 class BlockPool:
-    """``num_blocks`` KV blocks; free ones ordered by the evict policy's queue."""
+    """``num_gpu_blocks`` KV blocks, ``num_reserved`` of them never handed out (V1's null block);
+    free ones ordered by the evict policy's queue.
 
-    __slots__ = ("num_blocks", "blocks", "free_queue", "cached", "num_used", "num_evictions")
+    ``num_blocks`` is what requests can use (``num_gpu_blocks - num_reserved``); block ids start at
+    ``num_reserved``, as in vLLM where the null block is block 0.
+    """
 
-    def __init__(self, num_blocks: int, free_queue: FreeBlockQueue, now: float = 0.0) -> None:
-        self.num_blocks = num_blocks
+    __slots__ = ("num_gpu_blocks", "num_reserved", "num_blocks", "blocks", "free_queue", "cached", "num_used",
+                 "num_evictions")
+
+    def __init__(self, num_gpu_blocks: int, free_queue: FreeBlockQueue, now: float = 0.0,
+                 num_reserved: int = 1) -> None:
+        if not 0 <= num_reserved < num_gpu_blocks:
+            raise ValueError(f"a pool of {num_gpu_blocks} blocks cannot reserve {num_reserved}")
+        self.num_gpu_blocks = num_gpu_blocks
+        self.num_reserved = num_reserved
+        self.num_blocks = num_gpu_blocks - num_reserved
         # Blocks are created on first use: never-used blocks sit at the head of vLLM's free queue
         # (it starts in block-id order and freed blocks join the tail), so handing them out
         # before any freed block is the same order, without building 10^6 objects up front.
@@ -33,6 +92,11 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         return self.num_blocks - self.num_used
+
+    @property
+    def usage(self) -> float:
+        """KV cache usage in [0, 1]: used / usable blocks (vLLM V1 ``BlockPool.get_usage``)."""
+        return self.num_used / self.num_blocks
 
     def num_cached_prefix(self, hashes: list[int], limit: int) -> int:
         """How many of the first ``limit`` hashes are cached, as a prefix."""
@@ -59,11 +123,12 @@ class BlockPool:
         blocks = self.blocks
         fresh = self.num_blocks - len(blocks)
         if fresh >= n:
-            base = len(blocks)
+            base = self.num_reserved + len(blocks)
             out = [BlockView(base + i, None, 1, now, program_id, agent_id, first_position + i) for i in range(n)]
             blocks.extend(out)
         else:
-            out = [BlockView(len(blocks) + i) for i in range(fresh)]
+            base = self.num_reserved + len(blocks)
+            out = [BlockView(base + i) for i in range(fresh)]
             blocks.extend(out)
             pop = self.free_queue.pop
             cached = self.cached

@@ -29,6 +29,7 @@ from agentsim.metrics import (
 )
 from agentsim.policies.registry import make_bundle
 from agentsim.sim.engine import Engine, SimCall
+from agentsim.sim.kv import call_fits, num_call_blocks, num_reserved_blocks, v0_watermark_blocks
 from agentsim.sim.frontend import Frontend, FrontendCall
 from agentsim.traces.source import ProgramSource, program_rng
 from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall
@@ -89,11 +90,19 @@ class Simulation:
         if self.num_blocks < 1:
             raise ConfigError("cluster.engine.block_size", "the KV cache holds no block of this size")
         self.max_model_len = lim.max_model_len or self.profile.model.max_model_len
-        if not lim.enable_chunked_prefill and lim.max_num_batched_tokens < self.max_model_len:
-            # as vLLM: without chunked prefill a prompt must fit one step's token budget
+        lim = self.limits = lim.resolved(self.max_model_len)  # the version's default token budget
+        if self.num_blocks <= num_reserved_blocks(lim.scheduler):
+            raise ConfigError("cluster.engine.num_gpu_blocks_override",
+                              f"{self.num_blocks} KV block(s): vLLM V1 keeps one as its null block, none is left "
+                              "for requests")
+        if ((not lim.enable_chunked_prefill or lim.num_scheduler_steps > 1)
+                and lim.max_num_batched_tokens < self.max_model_len):
+            # as vLLM: without chunked prefill (or with V0 multi-step, which never chunks a prompt,
+            # vllm/core/scheduler.py _get_prompt_limit) a prompt must fit one step's token budget
             raise ConfigError("cluster.engine.max_num_batched_tokens",
                               f"{lim.max_num_batched_tokens} is below max_model_len {self.max_model_len} "
-                              "with chunked prefill disabled")
+                              + ("with chunked prefill disabled" if not lim.enable_chunked_prefill
+                                 else "with multi-step scheduling (prompts are not chunked)"))
         self.bundle = make_bundle(cfg.policy)
         self.source = ProgramSource(cfg.workload, cfg.seed)
         self.env = simpy.Environment()
@@ -251,11 +260,17 @@ class Simulation:
                               f"program {prog.program_id} ({prog.kind}) makes a call of {n_prompt} prompt + "
                               f"{req.num_output_tokens} output tokens, longer than the model's context "
                               f"({self.max_model_len} tokens)")
-        bs = self.cfg.cluster.engine.block_size
-        if -(-total // bs) > self.num_blocks:
+        lim = self.limits
+        if not call_fits(total, lim.block_size, self.num_blocks, lim.scheduler, lim.num_scheduler_steps,
+                         lim.enable_chunked_prefill):
+            # vLLM writes no KV for a call's last token; V1 keeps a null block, V0 a watermark free
+            bs = lim.block_size
+            need = num_call_blocks(total, bs, lim.num_scheduler_steps - 1)
+            usable = self.num_blocks - (v0_watermark_blocks(self.num_blocks) if lim.scheduler == "v0" else 1)
             raise ConfigError("cluster.engine",
-                              f"program {prog.program_id} ({prog.kind}) makes a call of {total} tokens; an engine's "
-                              f"whole KV cache holds {self.num_blocks * bs} tokens")
+                              f"program {prog.program_id} ({prog.kind}) makes a call of {n_prompt} prompt + "
+                              f"{req.num_output_tokens} output tokens, which needs {need} KV blocks of {bs} tokens; "
+                              f"an engine can give one call {usable} of its {self.num_blocks} blocks")
         seg = req.output_seg_id
         if seg is None:
             seg = (prog.program_id << 20) | (0x80000 + cid % 0x7FFFF)

@@ -727,7 +727,7 @@ def _components(bundle: Any) -> list:
 def _prefill_time(sim: Any):
     """PrefillReload(L): seconds to recompute L context tokens in budget-sized chunks (the profile)."""
     step_seconds = sim.profile.step_seconds
-    budget = sim.cfg.cluster.engine.max_num_batched_tokens
+    budget = sim.limits.max_num_batched_tokens  # resolved: a V0 default depends on max_model_len
 
     def prefill(num_tokens: int) -> float:
         # Each chunk is one scheduled sequence; only the chunk that ends the prompt samples.

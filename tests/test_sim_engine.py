@@ -104,6 +104,11 @@ def _frames(cfg):
     # open-loop arrivals, roomy cache, no chunked prefill
     {"cluster.gpus_per_node": 1, "workload.arrival": "poisson", "workload.rate": 2.0,
      "cluster.engine": {"enable_chunked_prefill": False, "max_num_batched_tokens": 8192}},
+    # vLLM V0 (prefill-first steps) under memory pressure
+    {"cluster.gpus_per_node": 2, "cluster.engine": {"num_gpu_blocks_override": 400, "vllm_version": "0.6"},
+     "workload.agents": 24, "policy": "least-loaded",
+     "workload.mix": [{"generator": "react"}, {"generator": "chat", "params": {"think_time_median": 2.0}},
+                      {"generator": "fanout"}]},
 ])
 def test_fast_forward_identical_to_step_by_step(over):
     base = {"cluster.profile": ROOFLINE, "duration": 90.0, "seed": 3, **over}

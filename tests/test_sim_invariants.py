@@ -50,6 +50,8 @@ limits = st.fixed_dictionaries({
     "max_num_batched_tokens": st.integers(8, 600),
     "enable_chunked_prefill": st.booleans(),
     "spare_blocks": st.integers(0, 200),
+    # vLLM V1, V0, V0 multi-step
+    "scheduler": st.sampled_from([("v1", 1), ("v0", 1), ("v0", 4)]),
 })
 
 
@@ -59,7 +61,9 @@ limits = st.fixed_dictionaries({
 def test_engine_invariants(lim, seed, programs, rate, engines, ff, policy):
     max_len = 1200
     bs = lim["block_size"]
-    budget = lim["max_num_batched_tokens"] if lim["enable_chunked_prefill"] else max_len
+    scheduler, steps = lim["scheduler"]
+    # without chunked prefill (or with multi-step, which never chunks) a prompt fits one step's budget
+    budget = lim["max_num_batched_tokens"] if lim["enable_chunked_prefill"] and steps == 1 else max_len
     # small caches force eviction and preemption; the largest call must still fit
     num_blocks = -(-max_len // bs) + lim["spare_blocks"]
     cfg = load_config(None, {
@@ -67,7 +71,8 @@ def test_engine_invariants(lim, seed, programs, rate, engines, ff, policy):
         "cluster.gpus_per_node": engines,
         "cluster.engine": {"block_size": bs, "max_num_seqs": lim["max_num_seqs"], "max_num_batched_tokens": budget,
                            "enable_chunked_prefill": lim["enable_chunked_prefill"], "max_model_len": max_len,
-                           "num_gpu_blocks_override": num_blocks},
+                           "num_gpu_blocks_override": num_blocks, "scheduler": scheduler,
+                           "num_scheduler_steps": steps},
         "workload.arrival": "poisson", "workload.rate": rate, "workload.num_programs": programs,
         "workload.generator": "test-random", "sim.drain": True, "sim.fast_forward": ff,
     })
