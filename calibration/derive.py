@@ -112,9 +112,13 @@ def _device_time(step_model, batch: BatchShape) -> float:
     return step_model.step_time(batch) - step_model.cpu_overhead(batch.num_seqs)
 
 
-def step_model_for(gpu: str, model: ModelDims, tp: int, assumptions: Assumptions = Assumptions()):
+def step_model_for(gpu: str, model: ModelDims, tp: int, assumptions: Assumptions = Assumptions(),
+                   source_gpu: str | None = None, force_gemm: bool = False):
     """(layer model, source GPU kind, notes) for ``model`` at ``tp`` on ``gpu`` (module docstring).
-    Raises :class:`ConfigError` for an unknown GPU or a TP the model cannot be split by."""
+    ``source_gpu`` forces the measured tables used (default: the nearest); ``force_gemm`` prices an
+    H200-measured model's linear layers from ``gemm.csv`` as for an unmeasured one (both for
+    checking the derivation against measurements). Raises :class:`ConfigError` for an unknown GPU
+    or a TP the model cannot be split by."""
     from agentsim.calibration.h200 import H200StepModel
 
     if gpu not in GPUS:
@@ -124,10 +128,12 @@ def step_model_for(gpu: str, model: ModelDims, tp: int, assumptions: Assumptions
     if model.num_kv_heads % tp and tp % model.num_kv_heads:
         raise ConfigError("cluster.tp", f"{model.name}'s {model.num_kv_heads} KV heads can neither be split "
                                         f"nor replicated over TP {tp}")
-    src = nearest_gpu(gpu, MEASURED_GPUS)
+    src = source_gpu or nearest_gpu(gpu, MEASURED_GPUS)
+    if src not in MEASURED_GPUS:
+        raise ConfigError("source_gpu", f"no measured tables for {src!r} (have {', '.join(MEASURED_GPUS)})")
     notes = []
     if src == "h200":
-        base = H200StepModel(model, tp, GPUS["h200"].spec, assumptions=assumptions)
+        base = H200StepModel(model, tp, GPUS["h200"].spec, assumptions=assumptions, force_gemm=force_gemm)
         if base.linear_measured:
             notes.append(f"linear layers: measured {base.ops.source} rows at TP {tp}")
         else:
@@ -256,6 +262,29 @@ def build_profile(gpu: str, model: ModelDims | str, tp: int, created_at: str | N
         gpu_memory_utilization=GPU_MEMORY_UTILIZATION, links=kind.links, provenance=provenance,
         fit_error=fit_err, kv_block_size=KV_BLOCK_SIZE,
     )
+
+
+def derivation_check() -> dict:
+    """How well derivation works where the answer is known: ``forward.csv`` (Llama-3-8B TP1 on an
+    H200, whole steps) against (a) the shipped path (measured H200 rows), (b) the H200 path for an
+    unmeasured model (linear layers from ``gemm.csv``), (c) the A100 tables scaled to the H200 by
+    datasheet figures (as for a GPU without tables). Each: the layer model's device time, and the
+    fitted profile's device terms; relative error vs CUDA-graph replays."""
+    from agentsim.calibration.h200 import forward_points
+
+    shapes, t, _ = forward_points(truth="graph")
+    dims = MODELS["llama-3-8b"]
+    out = {}
+    for key, kw in (("h200_measured_rows", {}), ("h200_gemm_csv", {"force_gemm": True}),
+                    ("a100_tables_scaled_to_h200", {"source_gpu": "a100-80gb"})):
+        sm, _, _ = step_model_for("h200", dims, 1, **kw)
+        layer = np.array([_device_time(sm, s) for s in shapes])
+        capacity = kv_capacity_tokens(GPUS["h200"].spec, dims, 1)
+        limits = GridLimits(MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, dims.max_model_len, capacity)
+        _, device, _, _ = fit_layer_model(sm, limits, Assumptions())
+        out[key] = {"layer_model": error_stats(layer, t).to_dict(),
+                    "profile": error_stats(predict_many(device, shapes), t).to_dict()}
+    return out
 
 
 @lru_cache(maxsize=64)

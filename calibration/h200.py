@@ -491,7 +491,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agentsim.calibration.h200", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=PROFILES_DIR, help="directory to write profiles to")
     ap.add_argument("--check", action="store_true", help="exit 1 if the shipped H200 profiles differ from a rebuild")
+    ap.add_argument("--derivation-check", action="store_true",
+                    help="print the error of derived Llama-3-8B TP1 H200 models on forward.csv (writes nothing)")
     args = ap.parse_args(argv)
+    if args.derivation_check:
+        from agentsim.calibration.derive import derivation_check
+
+        for key, r in derivation_check().items():
+            print(f"{key:28s} " + "  ".join(
+                f"{part}: median/p90/max {e['median_rel_error']:.1%}/{e['p90_rel_error']:.1%}/{e['max_rel_error']:.1%}"
+                f" (signed mean {e['mean_signed_rel_error']:+.1%})" for part, e in r.items()))
+        return 0
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     created = (datetime.fromtimestamp(int(epoch), timezone.utc).date() if epoch else date.today()).isoformat()
     profiles = build_all(created)

@@ -275,3 +275,18 @@ def test_derivation_is_deterministic():
     a = build_profile("h100-80gb", MODELS["qwen2.5-7b"], 1, created_at="x")
     b = build_profile("h100-80gb", MODELS["qwen2.5-7b"], 1, created_at="x")
     assert a.to_dict() == b.to_dict()
+
+
+def test_derivation_recovers_measured_h200_steps():
+    """Where the answer is known (forward.csv), the two derivation paths a user's model or GPU
+    takes stay close to it. Measured (python -m agentsim.calibration.h200 --derivation-check),
+    layer model median / p90 / max: gemm.csv path 9.3 / 17.1 / 20.8 %, A100 tables scaled to the
+    H200 by datasheet figures 10.6 / 16.3 / 21.7 %."""
+    from agentsim.calibration.derive import derivation_check
+
+    r = derivation_check()
+    for key in ("h200_gemm_csv", "a100_tables_scaled_to_h200"):
+        e = r[key]["layer_model"]
+        assert e["num_points"] == 46
+        assert e["median_rel_error"] < 0.13 and e["p90_rel_error"] < 0.21 and e["max_rel_error"] < 0.26, (key, e)
+        assert r[key]["profile"]["median_rel_error"] < 0.13, (key, r[key]["profile"])
