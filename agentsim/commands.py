@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
 
 def make_console(stderr: bool = False) -> Console:
     """A rich Console for tables: on a terminal its width; to a pipe or a log file (where rich would
@@ -104,6 +105,43 @@ def print_summary(summary: dict, title: str, stats: dict | None = None) -> None:
     console.print(t2)
 
 
+def parse_set_options(items: list[str], option: str = "--set") -> dict:
+    """``["cluster.tp=2", 'policy="sjf"']`` -> ``{"cluster.tp": 2, "policy": "sjf"}``.
+
+    VALUE is parsed as a TOML value (``2``, ``1.5``, ``true``, ``"text"``, ``[1, 2]``, ``{a = 1}``);
+    a bare word that is not TOML (``sjf``) is taken as a string. Raises ConfigError naming the
+    option for an item without ``=`` or with an empty key.
+    """
+    import tomllib
+
+    from agentsim.errors import ConfigError
+
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(option, f"expected KEY=VALUE with a dotted config KEY, got {item!r}")
+        raw = raw.strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            if not raw or any(c in raw for c in "\"'[]{}=\n"):
+                raise ConfigError(f"{option} {key}", f"value {raw!r} is not a TOML value") from None
+            value = raw  # a bare word: a string
+        out[key] = value
+    return out
+
+
+def print_json(obj) -> None:
+    """Print ``obj`` as JSON on stdout (NaN/inf as null, like summary.json)."""
+    import json
+
+    from agentsim.metrics import _jsonable
+
+    typer.echo(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
+
+
 def simulate_title(cfg, result) -> str:
     """The header of ``simulate``'s table: what actually ran — the profile's own GPU and model (a
     ``--profile`` file may be for other hardware than ``cluster.gpu``/``cluster.model``), the policy,
@@ -139,14 +177,28 @@ def register_commands(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="Trace: first N programs only."),
         duration: Optional[float] = typer.Option(None, help="Simulated seconds (default 600)."),
         max_model_len: Optional[int] = typer.Option(None, help="Engine context length (default: the model's)."),
+        block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (vLLM --block-size; default 16)."),
+        engines_per_node: Optional[int] = typer.Option(None, help="Engines per node (default gpus_per_node // tp)."),
+        num_programs: Optional[int] = typer.Option(None, help="Stop starting programs after this many."),
+        drain: Optional[bool] = typer.Option(None, "--drain/--no-drain",
+                                             help="After --duration, start no programs and let running ones finish "
+                                                  "(default off: the run ends at --duration)."),
         fast_forward: Optional[bool] = typer.Option(None, "--fast-forward/--no-fast-forward",
                                                     help="Advance decode-only stretches as one event (default on)."),
-        out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Result directory (written atomically)."),
+        set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="Override any config field: dotted KEY, VALUE as TOML "
+                                            "(e.g. --set cluster.engine.max_num_seqs=64 --set 'policy=\"sjf\"'); "
+                                            "repeatable; applied after the other flags."),
+        out: Path = typer.Option(Path("runs/latest"), "--out", "-o",
+                                 help="Result directory: new, empty or a previous agentsim result (replaced "
+                                      "atomically); anything else is refused."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary table."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (on stdout) instead of tables."),
     ) -> None:
         """Simulate agent programs on a vLLM cluster and write Parquet results + manifest."""
         from agentsim.config import load_config
         from agentsim.metrics import write_results
+        from agentsim.outputs import check_result_dir, describe
         from agentsim.sim.runner import run
 
         if rate is not None and arrival is None:
@@ -160,9 +212,15 @@ def register_commands(app: typer.Typer) -> None:
             "workload.agents": agents, "workload.rate": rate, "workload.arrival": arrival,
             "workload.generator": generator, "workload.trace": trace, "workload.time_scale": time_scale,
             "workload.limit": limit, "sim.fast_forward": fast_forward,
-            "cluster.engine.max_model_len": max_model_len,
+            "cluster.engine.max_model_len": max_model_len, "cluster.engine.block_size": block_size,
+            "cluster.engines_per_node": engines_per_node, "workload.num_programs": num_programs,
+            "sim.drain": drain,
         }
+        overrides.update(parse_set_options(set_))
         cfg = load_config(config, overrides)
+        note = describe(out, check_result_dir(out))  # before the run: never after the work is done
+        if note:
+            typer.echo(note, err=True)
         bar = _LazyProgress("simulating")
         try:
             result = run(cfg, progress=bar)
@@ -175,7 +233,9 @@ def register_commands(app: typer.Typer) -> None:
             typer.echo(cut, err=True)
         write_results(out, result.calls, result.programs, result.engines, result.summary,
                       {**result.manifest, "stats": result.stats})
-        if not quiet:
+        if as_json:
+            print_json(result.summary)
+        elif not quiet:
             print_summary(result.summary, simulate_title(cfg, result), result.stats)
             console.print(f"results: {out}/ (calls, programs, engines .parquet; summary.json; manifest.json)")
 
@@ -183,14 +243,26 @@ def register_commands(app: typer.Typer) -> None:
     def sweep(
         spec: Path = typer.Argument(..., help="Sweep spec TOML: [base] config, [grid] of dotted keys -> lists."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: spec's sweep.out)."),
-        workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Parallel worker processes (default: CPU count)."),
+        workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Parallel worker processes, >= 1 "
+                                                                            "(default: CPU count)."),
         ray_address: Optional[str] = typer.Option(None, "--ray", help="Run cells as Ray tasks on this cluster address."),
+        as_json: bool = typer.Option(False, "--json", help="Print the combined table as JSON (one object per cell)."),
     ) -> None:
         """Run a grid of simulations (policies x parameters x seeds); resumable, one combined table."""
-        from agentsim.experiments.sweep import load_spec, run_sweep
+        from agentsim.errors import ConfigError
+        from agentsim.experiments.sweep import CellFailed, load_spec, run_sweep
 
+        if workers is not None and workers < 1:
+            raise ConfigError("--workers", f"must be >= 1, got {workers}")
         sp = load_spec(spec)
-        table = run_sweep(sp, out=out, workers=workers, ray_address=ray_address, console=err)
+        try:
+            table = run_sweep(sp, out=out, workers=workers, ray_address=ray_address, console=err)
+        except CellFailed as e:  # a fault in a run (not bad input): one line, exit 1
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        if as_json:
+            print_json(table.to_dict(orient="records"))
+            return
         show = [c for c in table.columns if not c.startswith("_")]
         # (summary key, column header with its unit, _fmt unit)
         metrics = [("output_throughput", "output tok/s", ""), ("median_ttft_ms", "TTFT p50 ms", ""),

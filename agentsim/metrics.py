@@ -257,7 +257,11 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
         engines.to_parquet(tmp / "engines.parquet", index=False)
         (tmp / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(_jsonable(manifest), indent=2, sort_keys=True) + "\n")
-        state = check_result_dir(out_dir, "")  # again: the path may have changed while the run ran
+        if in_place:  # again: the directory may have changed while the run ran
+            if any(e.name != tmp.name for e in os.scandir(out_dir)):
+                check_result_dir(out_dir, "")  # raises: it is no longer empty
+        else:
+            state = check_result_dir(out_dir, "")
         if in_place:
             for name in RESULT_FILES:  # manifest.json is last
                 os.replace(tmp / name, out_dir / name)

@@ -104,6 +104,9 @@ def check_result_dir(path: str | Path, option: str = "--out") -> str:
     if not entries:
         return EMPTY
     if _is_cwd_or_ancestor(p):
+        if is_result_dir(p):
+            raise OutputError(where, "is the current directory and holds a previous result, which cannot be "
+                                     "replaced atomically while a shell sits in it; run from its parent (-o NAME)")
         raise OutputError(where, "is the current directory (or holds it) and is not empty; "
                                  "name a new or empty directory, e.g. -o runs/NAME")
     if is_result_dir(p):

@@ -3,7 +3,7 @@
 Spec (TOML)::
 
     [sweep]
-    out = "runs/my-sweep"        # where cells and the combined table go
+    out = "runs/my-sweep"        # where cells and the combined table go (the only [sweep] key)
     [base]                       # any run-config table (as for --config); or base_config = "file.toml"
     duration = 120
     [grid]                       # dotted config keys -> lists; the grid is their product
@@ -11,8 +11,16 @@ Spec (TOML)::
     "workload.agents" = [100, 200]
     seed = [0, 1]
 
-Each cell is written atomically to ``out/cells/<cell id>/`` (the id hashes the cell's settings),
-so an interrupted sweep skips finished cells when run again. The combined table
+Every cell is validated before any cell runs (its config, and what the run resolves from it:
+policy bundle and parameters, profile, generator, engine limits, trace file); a bad value is one
+line naming the spec and the cell.
+
+Each cell is written atomically to ``out/cells/<cell id>/`` (the id hashes the cell's grid values,
+so the directory of a cell stays put). Its manifest records the cell's **key**: a hash of the
+whole resolved run config, the agentsim version and the size/mtime of the files the config names
+(trace, profile JSON). A rerun reuses a cell only if its key matches; cells computed with another
+``[base]``, another agentsim version or a changed input file are *stale*: the rerun says how many
+on stderr and recomputes them. ``out/sweep.json`` marks the directory as a sweep;
 ``out/results.parquet`` has one row per cell: the grid values plus the run summary.
 """
 
@@ -21,17 +29,29 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import tomllib
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from agentsim.config import config_from_dict, load_config
-from agentsim.errors import ConfigError
+from agentsim.config import RunConfig, config_from_dict, load_config
+from agentsim.errors import AgentsimError, ConfigError
 from agentsim.workload import stable_id
+
+#: keys of the ``[sweep]`` table
+SWEEP_KEYS = ("out",)
+#: top-level entries of a spec
+SPEC_SECTIONS = ("sweep", "base", "base_config", "grid")
+
+
+class CellFailed(Exception):
+    """A cell's run failed with an error that is not bad input (a fault in the run itself).
+
+    ``str()`` is one line: the spec, the cell's grid values and the error.
+    """
 
 
 @dataclass
@@ -50,25 +70,42 @@ class SweepSpec:
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def load_spec(path: str | Path, check: bool = True) -> SweepSpec:
+    """Read and validate a sweep spec (every cell, see :func:`check_cell`, unless ``check=False``).
+
+    Raises ConfigError naming ``SPEC: section.key`` (or ``SPEC: grid cell {...}: field``).
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except OSError as e:
         raise ConfigError(str(path), f"cannot read sweep spec ({e.strerror})") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), f"malformed TOML ({e})") from None
-    unknown = set(data) - {"sweep", "base", "grid", "base_config"}
+    unknown = set(data) - set(SPEC_SECTIONS)
     if unknown:
-        raise ConfigError(f"{path}: {sorted(unknown)[0]}", "unknown section (known: sweep, base, base_config, grid)")
+        raise ConfigError(f"{path}: {sorted(unknown)[0]}", f"unknown section (known: {', '.join(SPEC_SECTIONS)})")
     sweep = data.get("sweep", {})
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{path}: sweep", "must be a table [sweep]")
+    unknown = set(sweep) - set(SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: sweep.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(SWEEP_KEYS)})")
+    if "out" in sweep and (not isinstance(sweep["out"], str) or not sweep["out"].strip()):
+        raise ConfigError(f"{path}: sweep.out", f"must be a directory path (a string), got {sweep['out']!r}")
     base = data.get("base", {})
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: base", "must be a table [base]")
     if "base_config" in data:
+        if not isinstance(data["base_config"], str):
+            raise ConfigError(f"{path}: base_config", f"must be a file path (a string), got {data['base_config']!r}")
         bc = (path.parent / data["base_config"]).resolve()
         try:
             base = {**tomllib.loads(bc.read_text()), **base}
         except OSError as e:
             raise ConfigError(f"{path}: base_config", f"cannot read {bc} ({e.strerror})") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: base_config", f"{bc}: malformed TOML ({e})") from None
     grid = data.get("grid", {})
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{path}: grid", "needs at least one key with a list of values")
@@ -76,8 +113,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         if not isinstance(v, list) or not v:
             raise ConfigError(f"{path}: grid.{k}", "must be a non-empty list")
     spec = SweepSpec(path, Path(sweep.get("out", f"runs/{path.stem}")), base, grid)
-    for cell in spec.cells():  # validate every cell before running any
-        cell_config(spec, cell)
+    if check:
+        _check_cells(spec)
     return spec
 
 
@@ -86,53 +123,173 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     node = d
     for p in parts[:-1]:
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, "conflicts with a non-table value in [base]")
     node[parts[-1]] = value
 
 
-def cell_config(spec: SweepSpec, cell: dict):
-    data = json.loads(json.dumps(spec.base))
-    for k, v in cell.items():
-        _set(data, k, v)
-    try:
-        return config_from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{spec.path}: grid cell {cell}: {e.where}", e.message) from None
-
-
-def cell_id(cell: dict) -> str:
-    return f"{stable_id(json.dumps(cell, sort_keys=True, default=str)):016x}"
-
-
-def _run_cell(base: dict, cell: dict, cell_dir: str) -> dict:
-    """Worker: simulate one cell, write it atomically, return its summary row."""
-    from agentsim.metrics import write_results
-    from agentsim.sim.runner import run
-
+def _cell_data(base: dict, cell: dict) -> dict:
     data = json.loads(json.dumps(base))
     for k, v in cell.items():
         _set(data, k, v)
-    cfg = config_from_dict(data)
-    r = run(cfg)
-    write_results(cell_dir, r.calls, r.programs, r.engines, r.summary, {**r.manifest, "stats": r.stats, "cell": cell})
-    return {**cell, **r.summary}
+    return data
+
+
+def _cell_where(spec: SweepSpec, cell: dict) -> str:
+    return f"{spec.path}: grid cell {json.dumps(cell, sort_keys=True, default=str)}"
+
+
+def cell_config(spec: SweepSpec, cell: dict) -> RunConfig:
+    """The run config of one cell (``[base]`` with the cell's grid values set)."""
+    try:
+        return config_from_dict(_cell_data(spec.base, cell))
+    except AgentsimError as e:
+        raise ConfigError(f"{_cell_where(spec, cell)}: {e.where}", e.message) from None
+
+
+def check_cell(cfg: RunConfig, _profiles: dict | None = None) -> None:
+    """Resolve everything a run of ``cfg`` resolves before it starts, without running it.
+
+    Builds the :class:`~agentsim.sim.runner.Simulation` (profile, engine limits, policy bundle and
+    parameters, generators) with closed-loop arrivals, and opens a replayed trace's importer (format
+    and file) without reading its records. Raises the AgentsimError the run would raise.
+    """
+    from agentsim.calibration.profile import resolve_profile
+    from agentsim.sim.runner import Simulation
+
+    cl = cfg.cluster
+    key = (cl.profile, cl.gpu, cl.model, cl.tp)
+    profiles = _profiles if _profiles is not None else {}
+    if key not in profiles:
+        profiles[key] = resolve_profile(cl.profile, cl.gpu, cl.model, cl.tp)
+    wl = cfg.workload
+    if wl.arrival == "trace":
+        from agentsim.traces.importers import get_importer
+
+        if not Path(wl.trace).is_file():
+            raise ConfigError("workload.trace", f"no such file: {wl.trace}")
+        get_importer(wl.trace, wl.trace_format)
+        cfg = replace(cfg, workload=replace(wl, arrival="closed"))
+    Simulation(cfg, profile=profiles[key])
+
+
+def _check_cells(spec: SweepSpec) -> None:
+    profiles: dict = {}
+    seen: set[str] = set()
+    for cell in spec.cells():
+        cfg = cell_config(spec, cell)
+        key = json.dumps(replace(cfg, seed=0).to_dict(), sort_keys=True, default=str)
+        if key in seen:  # cells differing only in seed resolve the same things
+            continue
+        seen.add(key)
+        try:
+            check_cell(cfg, profiles)
+        except AgentsimError as e:
+            raise ConfigError(f"{_cell_where(spec, cell)}: {e.where}", e.message) from None
+
+
+def cell_id(cell: dict) -> str:
+    """The directory name of a cell: a hash of its grid values (stable across ``[base]`` changes)."""
+    return f"{stable_id(json.dumps(cell, sort_keys=True, default=str)):016x}"
+
+
+def _file_stamp(p: str | None) -> list | None:
+    if not p:
+        return None
+    try:
+        st = Path(p).stat()
+    except OSError:
+        return None
+    return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def cell_key(cfg: RunConfig) -> str:
+    """What a cell's result depends on: the whole resolved config, agentsim's version, input files."""
+    import agentsim
+
+    d = {"config": cfg.to_dict(), "agentsim": agentsim.__version__,
+         "trace": _file_stamp(cfg.workload.trace), "profile": _file_stamp(cfg.cluster.profile)}
+    return f"{stable_id(json.dumps(d, sort_keys=True, default=str)):016x}"
+
+
+def _run_cell(base: dict, cell: dict, cell_dir: str) -> dict:
+    """Worker: simulate one cell, write it atomically, return its summary row.
+
+    Never raises for a failed run: returns ``{"_error": line, "_bad_input": bool}`` so the parent
+    reports one line (no chained tracebacks across processes).
+    """
+    try:
+        from agentsim.metrics import write_results
+        from agentsim.sim.runner import run
+
+        cfg = config_from_dict(_cell_data(base, cell))
+        r = run(cfg)
+        write_results(cell_dir, r.calls, r.programs, r.engines, r.summary,
+                      {**r.manifest, "stats": r.stats, "cell": cell, "cell_key": cell_key(cfg)})
+        return {**cell, **r.summary}
+    except AgentsimError as e:
+        return {"_error": str(e), "_bad_input": True}
+    except Exception as e:  # noqa: BLE001 - reported as one line naming the cell
+        return {"_error": f"{type(e).__name__}: {e}", "_bad_input": False}
+
+
+def _stored_key(cell_dir: Path) -> str | None:
+    try:
+        m = json.loads((cell_dir / "manifest.json").read_text())
+        json.loads((cell_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return m.get("cell_key") if isinstance(m, dict) else None
+
+
+def _write_marker(out: Path, spec: SweepSpec) -> None:
+    import agentsim
+
+    tmp = out / f".sweep.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"agentsim_sweep": 1, "agentsim": agentsim.__version__, "spec": str(spec.path),
+                               "grid": spec.grid}, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(out / "sweep.json")
 
 
 def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = None,
               ray_address: str | None = None, console=None) -> pd.DataFrame:
+    """Run the cells that are missing or stale, then write and return the combined table.
+
+    Raises OutputError (before any cell runs) when ``out`` or a cell directory holds files agentsim
+    did not write; ConfigError for ``workers < 1`` or a cell whose run finds bad input;
+    :class:`CellFailed` for any other failure of a cell (finished cells are kept: a rerun resumes).
+    """
+    from agentsim.outputs import check_result_dir, check_sweep_dir
+
+    if workers is not None and workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {workers}")
+    option = "--out" if out is not None else f"{spec.path}: sweep.out"
     out = Path(out or spec.out)
+    check_sweep_dir(out, option)
     cells_dir = out / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     todo: list[tuple[str, dict]] = []
+    stale = 0
     for cell in spec.cells():
         cid = cell_id(cell)
-        summ = cells_dir / cid / "summary.json"
-        if summ.exists():
-            rows[cid] = {**cell, **json.loads(summ.read_text())}
-        else:
-            todo.append((cid, cell))
-    if console is not None and rows:
-        console.print(f"resuming: {len(rows)} of {len(rows) + len(todo)} cells already done")
+        cdir = cells_dir / cid
+        if cdir.exists() or cdir.is_symlink():
+            check_result_dir(cdir, option + " cell")  # a cell directory holding user files is refused
+            stored = _stored_key(cdir)
+            if stored is not None and stored == cell_key(cell_config(spec, cell)):
+                rows[cid] = {**cell, **json.loads((cdir / "summary.json").read_text())}
+                continue
+            stale += 1
+        todo.append((cid, cell))
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    _write_marker(out, spec)
+    if console is not None:
+        total = len(rows) + len(todo)
+        if rows:
+            console.print(f"resuming: {len(rows)} of {total} cells already done", highlight=False, soft_wrap=True)
+        if stale:
+            console.print(f"stale: {stale} of {total} cells were computed with another config, agentsim version "
+                          "or input file; recomputing them", highlight=False, soft_wrap=True)
     if todo:
         if ray_address:
             _run_ray(spec, todo, cells_dir, ray_address, rows, console)
@@ -151,27 +308,58 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
     return table
 
 
+def _accept(spec: SweepSpec, cell: dict, row: dict) -> dict:
+    if "_error" in row:
+        where = _cell_where(spec, cell)
+        if row["_bad_input"]:
+            raise ConfigError(where, row["_error"])
+        raise CellFailed(f"{where}: {row['_error']} (finished cells are kept; rerun to resume)")
+    return row
+
+
 def _progress(console, total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=console is None)
+                    console=console, transient=True,
+                    disable=console is None or not console.is_terminal)
+
+
+def _ignore_sigint() -> None:
+    # workers leave Ctrl-C to the parent, which terminates them (no traceback per worker)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_local(spec, todo, cells_dir, workers, rows, console) -> None:
+    import multiprocessing
+
     workers = workers or os.cpu_count() or 1
     with _progress(console, len(todo)) as bar:
         task = bar.add_task("cells", total=len(todo))
-        if workers == 1:
+        if workers == 1 or len(todo) == 1:
             for cid, cell in todo:
-                rows[cid] = _run_cell(spec.base, cell, str(cells_dir / cid))
+                rows[cid] = _accept(spec, cell, _run_cell(spec.base, cell, str(cells_dir / cid)))
                 bar.advance(task)
             return
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            futs = {pool.submit(_run_cell, spec.base, cell, str(cells_dir / cid)): cid for cid, cell in todo}
-            for fut in as_completed(futs):
-                rows[futs[fut]] = fut.result()
+        cells = dict(todo)
+        pool = multiprocessing.Pool(min(workers, len(todo)), initializer=_ignore_sigint)
+        try:
+            results = pool.imap_unordered(_run_star, [(spec.base, cell, str(cells_dir / cid), cid)
+                                                      for cid, cell in todo])
+            for cid, row in results:
+                rows[cid] = _accept(spec, cells[cid], row)
                 bar.advance(task)
+            pool.close()
+        except BaseException:
+            pool.terminate()  # Ctrl-C or a failed cell: stop the others now (finished cells are on disk)
+            raise
+        finally:
+            pool.join()
+
+
+def _run_star(args: tuple) -> tuple[str, dict]:
+    base, cell, cell_dir, cid = args
+    return cid, _run_cell(base, cell, cell_dir)
 
 
 def _run_ray(spec, todo, cells_dir, address, rows, console) -> None:
@@ -181,15 +369,22 @@ def _run_ray(spec, todo, cells_dir, address, rows, console) -> None:
         raise ConfigError("--ray", "ray is not installed (pip install 'agentsim[ray]')") from None
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(_run_cell)
+    cells = dict(todo)
     refs = {remote.remote(spec.base, cell, str((cells_dir / cid).resolve())): cid for cid, cell in todo}
     with _progress(console, len(todo)) as bar:
         task = bar.add_task("cells", total=len(todo))
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                rows[refs[ref]] = ray.get(ref)
-                bar.advance(task)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    rows[refs[ref]] = _accept(spec, cells[refs[ref]], ray.get(ref))
+                    bar.advance(task)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
 
 
-__all__ = ["SweepSpec", "load_spec", "run_sweep", "cell_config", "cell_id", "load_config"]
+__all__ = ["SweepSpec", "CellFailed", "load_spec", "run_sweep", "cell_config", "cell_id", "cell_key", "check_cell",
+           "load_config"]
