@@ -23,7 +23,8 @@ def _options(**kw) -> dict:
 def import_cmd(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="mooncake | azure | tau2 | tracelab | native | auto."),
     src: Path = typer.Argument(..., metavar="FILE", help="The trace file (may be gzip-compressed)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Canonical Parquet file to write."),
+    out: Path = typer.Option(..., "-o", "--out", help="Canonical Parquet file to write (new, or a previous "
+                                                       "agentsim trace; anything else is refused)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines/records (and count them) "
                                                            "instead of failing before writing anything."),
     spread: bool = typer.Option(False, "--spread", help="mooncake: spread requests evenly within their ~3 s bucket."),
@@ -35,6 +36,7 @@ def import_cmd(
     """Import FILE (FORMAT) into canonical Parquet; nothing is written unless every record is valid."""
     from agentsim.traces.importers import import_trace
 
+    _check_out(out)
     res = import_trace(src, out, None if fmt == "auto" else fmt, skip_bad=skip_bad,
                        **_options(spread=spread or None, sessions=sessions or None, block_size=block_size,
                                   prefix=prefix))
@@ -75,7 +77,8 @@ def inspect_cmd(
 def export_cmd(
     src: Path = typer.Argument(..., metavar="FILE", help="A trace (canonical Parquet or any supported format)."),
     to: str = typer.Option(..., "--to", help="native (JSONL) | mooncake | azure."),
-    out: Path = typer.Option(..., "-o", "--out", help="File to write."),
+    out: Path = typer.Option(..., "-o", "--out", help="File to write (new, or a previous agentsim trace; "
+                                                       "anything else is refused)."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Input format (default: guessed)."),
 ) -> None:
     """Write a trace as agentsim JSONL, or back to the Mooncake / Azure formats (one-call programs)."""
@@ -83,6 +86,7 @@ def export_cmd(
     from agentsim.traces.importers import get_importer
 
     imp = get_importer(src, fmt)
+    _check_out(out)
     path = export(imp.meta, imp.programs(), out, to)
     typer.echo(f"exported {src} -> {path} [{to}]")
 
@@ -90,7 +94,8 @@ def export_cmd(
 @app.command("generate")
 def generate_cmd(
     generator: str = typer.Argument(..., help="A registered generator (react, chat, lats, team, ...)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Canonical Parquet file to write."),
+    out: Path = typer.Option(..., "-o", "--out", help="Canonical Parquet file to write (new, or a previous "
+                                                       "agentsim trace; anything else is refused)."),
     num_programs: int = typer.Option(100, "-n", "--num-programs", help="Programs to generate."),
     rate: Optional[float] = typer.Option(None, "--rate", help="Poisson arrivals (programs/s); default all at 0."),
     seed: int = typer.Option(0, "--seed", help="Run seed (same programs as `agentsim simulate --seed`)."),
@@ -113,9 +118,19 @@ def generate_cmd(
             params[k.strip()] = json.loads(v)
         except ValueError:
             params[k.strip()] = v
+    _check_out(out)
     meta, progs = generate_programs(generator, params, num_programs, rate=rate, seed=seed)
     path = write_trace(out, meta, progs)
     typer.echo(f"generated {num_programs:,} {generator} programs -> {path}")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse (exit 2, one line) an ``-o`` that is a directory or a file agentsim did not write;
+    a previous agentsim trace (canonical Parquet or agentsim JSONL) is replaced, and said so."""
+    from agentsim.outputs import REPLACE, check_output_file, is_agentsim_trace
+
+    if check_output_file(out, "--out", is_agentsim_trace) == REPLACE:
+        typer.echo(f"note: replacing the previous agentsim trace {out}", err=True)
 
 
 def _jsonable(x):
