@@ -34,6 +34,9 @@ SCENARIOS: dict[str, list[tuple[float, int, int]]] = {
     "two32": [(0.0, 32, 2), (0.0, 32, 2)],
     # a call that needs ceil(63 / 16) = 4 blocks
     "sixty": [(0.0, 60, 4)],
+    # V0 watermark: 60 + 39 or 60 + 40 prompt blocks of 16 tokens, one output token each
+    "blocks60+39": [(0.0, 60 * 16, 1), (0.0, 39 * 16, 1)],
+    "blocks60+40": [(0.0, 60 * 16, 1), (0.0, 40 * 16, 1)],
 }
 
 
@@ -209,12 +212,21 @@ def test_version_presets_and_budget_defaults():
 
 def test_v0_watermark_holds_back_admission():
     """V0 admits a prompt only if ``int(0.01 * num_gpu_blocks)`` blocks stay free afterwards
-    (``BlockSpaceManager.can_allocate``). 200 blocks of 16 (watermark 2), prompts of 16 * 99 tokens:
-    the first takes 99 blocks (101 free), the second would leave 2 - admitted; with 199 blocks
-    (watermark 1) the second would leave 1 = the watermark - admitted too; with 198 it waits."""
+    (``BlockSpaceManager.can_allocate``). 100 blocks of 16 tokens: watermark 1, no null block.
+    A's prompt takes 60 blocks (40 free). B of 39 blocks leaves 1 free: admitted with A, both done
+    in step 1. B of 40 blocks would leave 0: it waits for A (step 1) and runs in step 2. V1 (99
+    usable blocks, no watermark) admits the 39-block B; a 40-block B waits there too (39 free)."""
     from agentsim.sim.kv import v0_watermark_blocks
 
     assert [v0_watermark_blocks(n) for n in (99, 100, 199, 200)] == [0, 1, 1, 2]
+    v0 = {"scheduler": "v0", "num_gpu_blocks_override": 100, "block_size": 16}
+    _, c = _run("blocks60+39", v0)
+    assert _times(c["finish_at"]) == [1, 1]
+    _, c = _run("blocks60+40", v0)
+    assert _times(c["finish_at"]) == [1, 2]
+    v1 = {"scheduler": "v1", "num_gpu_blocks_override": 100, "block_size": 16}
+    assert _times(_run("blocks60+39", v1)[1]["finish_at"]) == [1, 1]
+    assert _times(_run("blocks60+40", v1)[1]["finish_at"]) == [1, 2]
 
 
 # ---------------------------------------------------------------------------- fast-forward
