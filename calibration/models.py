@@ -55,8 +55,8 @@ def model_dims_from_hf_config(cfg: dict, name: str, max_model_len: int | None = 
     for key in MOE_KEYS:
         v = cfg.get(key)
         if v not in (None, 0, False, 1) or (key == "ffn_config" and v):
-            raise ConfigError(f"{source}: {key}", f"= {v!r}: mixture-of-experts models are not supported "
-                                                  "(dense decoders only)")
+            raise ConfigError(f"{source}: {key}", f"mixture-of-experts model ({key} = {v!r}); agentsim prices "
+                                                  "dense decoders only")
 
     def need(key: str, default: int | None = None) -> int:
         v = cfg.get(key)
@@ -103,7 +103,7 @@ def load_hf_config(path: str | Path) -> ModelDims:
     Raises :class:`ConfigError` naming the file (and line for malformed JSON, key for a bad field)."""
     from agentsim.errors import ConfigError
 
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_dir():
         p = p / "config.json"
     try:
@@ -133,7 +133,7 @@ def resolve_model(spec: str, field: str = "cluster.model") -> ModelDims:
 
     if spec.lower() in MODELS:
         return MODELS[spec.lower()]
-    p = Path(spec)
+    p = Path(spec).expanduser()
     if p.suffix == ".json" or p.is_dir() or p.exists():
         dims = load_hf_config(p)
         for m in MODELS.values():
