@@ -17,20 +17,28 @@ Because one event loop does both, a burst of N requests is handled one after the
 token of the burst reaches its client only after the loop has worked through the requests queued
 before it (issue 14: with N = 1280 the earliest first token came at ~4.2 s vs 0.14 s for N = 10).
 
-Model: ``api_server_count`` workers share one first-come-first-served queue of jobs, each job
-holding one worker for its cost (:class:`agentsim.calibration.profile.FrontendCosts`):
+Model: ``api_server_count`` workers (event loops), each serving its jobs first come, first served,
+each job holding the worker for its cost (:class:`agentsim.calibration.profile.FrontendCosts`):
 
-1. intake, when the client sends the request: ``per_request_s + per_prompt_token_s * prompt``;
-   the request reaches the engine when it completes;
+1. intake, when the client sends the request: ``per_request_s + per_prompt_token_s * prompt``,
+   on the worker that is free first (the API server processes share one listening socket and the
+   loop that gets to ``accept`` first takes the connection; ``vllm/entrypoints/cli/serve.py``
+   ``run_multi_api_server``, ``vllm/entrypoints/launchers/launcher.py`` ``create_server_socket``);
+   the request reaches the engine when the job completes. The request then stays on that worker;
 2. first token, when the engine samples it: ``per_output_token_s``; the client sees its first token
    when the job completes;
-3. the remaining ``n - 1`` output tokens, when the engine finishes the request: the job holds a
-   worker for ``per_output_token_s * (n - 1)`` (the work that vLLM spreads over the decode steps),
-   and the client sees the last token ``per_output_token_s`` after the job starts (the earlier
-   tokens were processed while the engine decoded, so an idle frontend adds one token's cost, a
-   saturated one adds its queue).
+3. the remaining ``n - 1`` output tokens, when the engine finishes the request: the job holds the
+   worker for ``per_output_token_s * (n - 1)`` (the work vLLM spreads over the decode steps), and
+   the client sees the last token ``per_output_token_s`` after the job starts (the earlier tokens
+   were processed while the engine decoded, so an idle frontend adds one token's cost, a busy one
+   adds its queue).
 
-With every cost zero the runner does not build a frontend at all (runs are bit-identical).
+Jobs have fixed costs and each worker is FIFO, so a worker is a clock: a job queued at ``t`` starts
+at ``max(t, free_at)`` and the worker is next free at its end. A burst of ``N`` requests on ``c``
+workers with setup ``s`` therefore hands request ``k`` to the engine at ``(floor(k/c) + 1) * s``,
+and no first token reaches a client before ``floor(N/c) * s``.
+
+With every cost zero the runner builds no frontend at all (runs are bit-identical).
 """
 
 from __future__ import annotations
@@ -45,73 +53,66 @@ from agentsim.sim.engine import SimCall, delay_to
 
 
 class Frontend:
-    """``workers`` API server event loops sharing one FIFO job queue (a SimPy ``Resource``)."""
+    """``workers`` API server event loops, each a FIFO server of fixed-cost jobs (a clock)."""
 
     def __init__(self, env: simpy.Environment, costs: FrontendCosts, workers: int) -> None:
         if workers < 1:
             raise ValueError("a frontend needs at least one worker")
         self.env = env
         self.costs = costs
-        self.workers = simpy.Resource(env, capacity=workers)
-        self.busy_time = 0.0  # worker-seconds of frontend work done (all jobs)
+        self.free_at = [0.0] * workers  # when each worker has done every job queued so far
+        self.busy_time = 0.0  # worker-seconds of frontend work queued (all jobs)
 
-    def _job(self, cost: float, notify_after: float, on_notify: Callable[[float], None] | None):
-        """Hold one worker for ``cost`` s once it is free (FIFO); call ``on_notify(t)`` at
-        ``start + notify_after`` (``notify_after <= cost``)."""
+    def _queue(self, worker: int, cost: float) -> float:
+        """Queue a job of ``cost`` s on ``worker`` now; returns its start time."""
+        start = self.free_at[worker]
+        now = self.env.now
+        if start < now:
+            start = now
+        self.free_at[worker] = start + cost
+        self.busy_time += cost
+        return start
+
+    def _at(self, t: float, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` at simulated time ``t`` (now if ``t`` is not in the future)."""
         env = self.env
-        with self.workers.request() as req:
-            yield req
-            start = env.now
-            if notify_after > 0:
-                yield env.timeout(delay_to(env.now, start + notify_after))
-            if on_notify is not None:
-                on_notify(env.now)
-            rest = cost - notify_after
-            if rest > 0:
-                yield env.timeout(delay_to(env.now, start + cost))
-            self.busy_time += cost
+        ev = env.timeout(delay_to(env.now, t) if t > env.now else 0.0)
+        ev.callbacks.append(lambda _ev: fn())
 
-    def intake(self, num_prompt_tokens: int):
-        """A process body: the request's setup + tokenization job; returns when it is done."""
-        cost = self.costs.intake_seconds(num_prompt_tokens)
-        yield from self._job(cost, cost, None)
+    def intake(self, call: FrontendCall):
+        """A process body: the request's setup + tokenization on the first free worker (ties: the
+        lowest index); returns when it is done, and pins the request to that worker."""
+        now = self.env.now
+        free = self.free_at
+        w = min(range(len(free)), key=lambda i: (free[i] if free[i] > now else now, i))
+        call.worker = w
+        cost = self.costs.intake_seconds(call.num_prompt_tokens)
+        done = self._queue(w, cost) + cost
+        if done > now:
+            yield self.env.timeout(delay_to(now, done))
 
     def first_token(self, call: FrontendCall, engine_at: float) -> None:
-        """Queue the first token's detokenize/stream job (engine sampled it at ``engine_at``)."""
-        self.env.process(self._first_token(call, engine_at))
-
-    def _first_token(self, call: FrontendCall, engine_at: float):
-        env = self.env
-        if engine_at > env.now:
-            yield env.timeout(delay_to(env.now, engine_at))
+        """Queue the first token's detokenize/stream job when the engine samples it (``engine_at``)."""
+        if engine_at > self.env.now:
+            self._at(engine_at, lambda: self.first_token(call, engine_at))
+            return
         c = self.costs.per_output_token_s
+        seen_at = self._queue(call.worker, c) + c
 
-        def seen(t: float) -> None:
-            call.client_first_token_at = t
-            if call.finish_pending is not None and call.client_first_token_at >= 0:
+        def seen() -> None:
+            call.client_first_token_at = self.env.now
+            if call.finish_pending is not None:
                 pending, call.finish_pending = call.finish_pending, None
                 pending()
 
-        yield from self._job(c, c, seen)
+        self._at(seen_at, seen)
 
     def finish(self, call: FrontendCall, deliver: Callable[[], None]) -> None:
-        """Queue the job for the tokens after the first; ``deliver()`` runs once the client has
-        the last token (and, as a stream is ordered, not before it has the first one)."""
-        self.env.process(self._finish(call, deliver))
-
-    def _finish(self, call: FrontendCall, deliver: Callable[[], None]):
-        c = self.costs.per_output_token_s
-        rest = c * max(call.num_output_tokens - 1, 0)
-
-        def seen(t: float) -> None:
-            call.client_finish_at = t
-            if call.num_output_tokens <= 1 or call.client_first_token_at >= 0:
-                deliver()
-            else:
-                call.finish_pending = deliver  # the first token's job is still queued
-
-        if call.num_output_tokens <= 1:
-            # one token: its first-token job is the whole output; finish when it is delivered
+        """Queue the job for the tokens after the first; ``deliver()`` runs once the client has the
+        last token (and, as a stream is ordered, never before it has the first one)."""
+        n = call.num_output_tokens
+        if n <= 1:
+            # one token: its first-token job is the whole output
             def one() -> None:
                 call.client_finish_at = call.client_first_token_at
                 deliver()
@@ -121,7 +122,18 @@ class Frontend:
             else:
                 call.finish_pending = one
             return
-        yield from self._job(rest, min(c, rest), seen)
+        c = self.costs.per_output_token_s
+        rest = c * (n - 1)
+        seen_at = self._queue(call.worker, rest) + min(c, rest)
+
+        def seen() -> None:
+            call.client_finish_at = self.env.now
+            if call.client_first_token_at >= 0:
+                deliver()
+            else:
+                call.finish_pending = deliver  # the first token's job has not completed yet
+
+        self._at(seen_at, seen)
 
 
 class FrontendCall(SimCall):
@@ -131,10 +143,11 @@ class FrontendCall(SimCall):
     subclass turns that assignment into the first-token job, so the engine model needs no hook.
     """
 
-    __slots__ = ("frontend", "client_first_token_at", "client_finish_at", "finish_pending")
+    __slots__ = ("frontend", "worker", "client_first_token_at", "client_finish_at", "finish_pending")
 
     def __init__(self, *args, frontend: Frontend | None = None, **kw) -> None:
         self.frontend = None  # set after SimCall.__init__ (which assigns first_token_at = nan)
+        self.worker = 0
         self.client_first_token_at = -1.0
         self.client_finish_at = -1.0
         self.finish_pending = None

@@ -214,7 +214,7 @@ class Simulation:
                     # the engine's API server sets the request up and tokenizes it first
                     fe = self.frontends[engine.engine_id]
                     call.frontend = fe
-                    yield from fe.intake(call.num_prompt_tokens)
+                    yield from fe.intake(call)
                 engine.add_call(call)
                 yield call.done
                 call.done = None  # no call <-> event cycle for the collector to find
