@@ -123,6 +123,11 @@ def live(
         raise ConfigError("--endpoints", "give at least one URL")
     if config is not None and local_nodes is None and address is None and not eps:
         local_nodes = cfg.cluster.num_nodes
+    from agentsim.outputs import check_result_dir, describe
+
+    note = describe(out, check_result_dir(out))  # before any engine starts: never clobber the user's files
+    if note:
+        typer.echo(note, err=True)
     opt = LiveOptions(drain=cfg.sim.drain, drain_timeout=drain_timeout, flush_interval=flush_interval,
                       sample_interval=sample_interval, kill_engines=_parse_kills(kill_engine))
     settings = LiveSettings(local_nodes=local_nodes, address=address, endpoints=eps, model=model,
@@ -130,7 +135,10 @@ def live(
                             force_engine_scheduler=engine_scheduler, policy_imports=tuple(policy_import),
                             options=opt, log_to_driver=verbose, progress=None if quiet else _progress_printer())
 
+    signals: list[int] = []
+
     def _term(signum, frame):  # a SIGTERM ends the run like Ctrl-C: partial results, marked incomplete
+        signals.append(signum)
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _term)
@@ -140,6 +148,11 @@ def live(
         signal.signal(signal.SIGTERM, old)
     if not quiet:
         _print(result, cfg, out)
+    m = result.manifest
+    if not m.get("complete"):  # exit status: 130 Ctrl-C, 143 SIGTERM (128 + signal), 1 otherwise incomplete
+        if m.get("status") == "interrupted":
+            raise typer.Exit(128 + (signals[0] if signals else signal.SIGINT))
+        raise typer.Exit(1)
 
 
 def _progress_printer():
@@ -182,8 +195,6 @@ def _print(result, cfg, out: Path) -> None:
         typer.echo(line)
     status = "complete" if m.get("complete") else f"INCOMPLETE ({m.get('status')})"
     typer.echo(f"results: {out}/ ({status}; calls, programs, engines .parquet; summary.json; manifest.json)")
-    if not m.get("complete"):
-        raise typer.Exit(1)
 
 
 def compare_command(
