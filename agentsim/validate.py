@@ -30,6 +30,7 @@ from agentsim.config import RunConfig, load_config
 from agentsim.errors import AgentsimError, ConfigError
 
 FORMAT = "agentsim-validation"
+HEADLINE = ("duration", "output_throughput", "mean_ttft_ms", "mean_tpot_ms")
 OUT_FILES = ("validation.json", "validation.png")
 
 
@@ -290,3 +291,11 @@ def render(report: dict, console) -> None:
             err = "-" if v["rel_error"] is None else f"{v['rel_error']:+.1%}"
             t.add_row(f"{names[key]} ({units[key]})  [{key}]", f"{v['measured']:,.3f}", f"{v['simulated']:,.3f}", err)
         console.print(t)
+    worst = {}
+    for k in HEADLINE:
+        errs = [abs(r["metrics"][k]["rel_error"]) for r in report["runs"]
+                if k in r["metrics"] and r["metrics"][k]["rel_error"] is not None]
+        if errs:
+            worst[k] = max(errs)
+    if worst:
+        console.print("largest |error| over the files: " + ", ".join(f"{names[k]} {v:.1%}" for k, v in worst.items()))
