@@ -182,6 +182,49 @@ def check_output_file(path: str | Path, option: str = "--out", is_ours=None) -> 
     return NEW
 
 
+def check_resumable_dir(path: str | Path, marker: str, option: str = "--out") -> str:
+    """Classify a directory a resumable job appends to (``calibrate profile --out``): ``"new"``,
+    ``"empty"`` or ``"replace"`` (it holds the job's ``marker`` file, so it is resumed).
+
+    Raises :class:`OutputError` for a file, a symlink, or a non-empty directory without ``marker``.
+    """
+    p = Path(path)
+    where = _where(p, option)
+    if p.is_symlink():
+        raise OutputError(where, "is a symbolic link; give the directory itself")
+    if not p.exists():
+        return NEW
+    if not p.is_dir():
+        raise OutputError(where, "is an existing file, not a job directory; choose another path")
+    entries = sorted(e.name for e in os.scandir(p))
+    if not entries:
+        return EMPTY
+    if marker in entries:
+        return REPLACE
+    raise OutputError(where, f"holds files agentsim did not write (e.g. {entries[0]!r}) and no {marker}; "
+                             "refusing to touch it -- choose a new or empty directory")
+
+
+def is_agentsim_profile(path: str | Path) -> bool:
+    """True for a step-time profile JSON agentsim wrote (an object with ``name`` and ``step_time``)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(obj, dict) and "name" in obj and "step_time" in obj
+
+
+def is_parquet(path: str | Path) -> bool:
+    """True for a Parquet file (magic bytes ``PAR1`` at both ends)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(-4, os.SEEK_END)
+            return head == b"PAR1" and f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def is_agentsim_trace(path: str | Path) -> bool:
     """True for a canonical agentsim trace (Parquet with agentsim metadata) or agentsim JSONL."""
     p = Path(path)
@@ -202,4 +245,5 @@ def is_agentsim_trace(path: str | Path) -> bool:
 
 
 __all__ = ["OutputError", "RESULT_FILES", "SWEEP_ENTRIES", "NEW", "EMPTY", "REPLACE", "is_result_dir",
-           "check_result_dir", "check_sweep_dir", "check_output_file", "is_agentsim_trace", "describe"]
+           "check_result_dir", "check_sweep_dir", "check_output_file", "check_resumable_dir", "is_agentsim_trace",
+           "is_agentsim_profile", "is_parquet", "describe"]

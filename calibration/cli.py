@@ -109,6 +109,9 @@ def profile_cmd(
         raise ConfigError("--block-size", f"must be >= 1, got {block_size}")
     if not (Path(model) / "config.json").exists():
         raise ConfigError("--model", f"{model}: no config.json (expected a local model directory)")
+    from agentsim.outputs import check_resumable_dir
+
+    check_resumable_dir(out, "job.json")  # a directory holding other files is refused before vLLM starts
     cfg = EngineConfig(
         model=str(Path(model).resolve()), tp=tp, dtype=dtype, load_format=load_format, block_size=block_size,
         max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -133,6 +136,10 @@ def fit(
     if model_name is not None and (not model_name or "_" in model_name or "/" in model_name):
         raise ConfigError("--model-name", f"{model_name!r}: must be non-empty without '_' or '/' "
                                           f"(profile names are <gpu>_<model>_tp<N>)")
+    from agentsim.outputs import check_output_file, is_agentsim_profile, is_parquet
+
+    check_output_file(out, "--out", is_agentsim_profile)  # before fitting: never overwrite a user's file
+    check_output_file(out.with_name(out.stem + ".points.parquet"), "--out (raw points)", is_parquet)
     job = Job.load(job_dir)
     if len(job.points) < len(job.meta["grid"]):
         print(f"note: fitting {len(job.points)} of {len(job.meta['grid'])} grid points (the job is incomplete; "
