@@ -864,7 +864,7 @@ class Engine:
             times.append(t)
             dts.append(dt)
             ctx += nb
-        self._pending_chunk = (now, times, dts)
+        self._pending_chunk = (now, times, dts, n_prefill, len(decodes), nb)
         # nothing joins a chunk: arrivals wait in the inbox for its end, in both modes
         yield env.timeout(delay_to(now, times[-1]))
         self._pending_chunk = None
@@ -980,6 +980,17 @@ class Engine:
                 # the step in progress at ``until`` took its blocks when it was planned (before
                 # ``until``): step by step, the last sample counts them
                 in_progress = needs[m]
+        if self._pending_chunk is not None:
+            # a multi-step chunk still running at ``until`` delivered nothing yet; its finished
+            # steps still count as busy time
+            t0, times, dts, n_prefill, n_decode, nb = self._pending_chunk
+            self._pending_chunk = None
+            prev = t0
+            for j in range(bisect_left(times, until)):
+                self.busy_cum += dts[j]
+                self.num_steps += 1
+                self._account_step(prev, times[j], n_prefill if j == 0 else 0, n_decode if j == 0 else nb)
+                prev = times[j]
         if self.tiers is not None:
             self.tiers.finalize(until)  # calls held while their KV loads are unfinished calls too
         self._account_idle(until, until, self.pool.num_used + in_progress)

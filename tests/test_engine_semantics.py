@@ -34,6 +34,8 @@ SCENARIOS: dict[str, list[tuple[float, int, int]]] = {
     "two32": [(0.0, 32, 2), (0.0, 32, 2)],
     # a call that needs ceil(63 / 16) = 4 blocks
     "sixty": [(0.0, 60, 4)],
+    # two decoding calls leave 62 of 64 budget tokens; B's 63-token prompt arrives at 2.5
+    "budget": [(0.0, 16, 10), (0.0, 16, 10), (0.025, 63, 1)],
     # V0 watermark: 60 + 39 or 60 + 40 prompt blocks of 16 tokens, one output token each
     "blocks60+39": [(0.0, 60 * 16, 1), (0.0, 39 * 16, 1)],
     "blocks60+40": [(0.0, 60 * 16, 1), (0.0, 40 * 16, 1)],
@@ -102,6 +104,18 @@ def test_v0_chunked_prefill_mixes_decodes_first():
     _, c = _run("three", {"scheduler": "v0", "enable_chunked_prefill": True})
     assert _times(c["first_token_at"]) == [1, 4, 6]
     assert _times(c["finish_at"]) == [5, 5, 8]
+
+
+def test_v1_without_chunked_prefill_never_chunks_a_prompt():
+    """V1 with ``enable_chunked_prefill = false`` admits a prompt only whole (``schedule()``: "If
+    chunked_prefill is disabled, we can stop the scheduling here"). Budget 64: A1 and A2 decode
+    (2 tokens), B's 63-token prompt does not fit the 62 left and waits until both finish at 10;
+    its prefill is step 11. With chunked prefill B takes 62 tokens in step 4 and its last in step 5."""
+    eng = {"max_model_len": 64, "max_num_batched_tokens": 64}
+    _, c = _run("budget", dict(eng, enable_chunked_prefill=False))
+    assert _times(c["finish_at"]) == [10, 10, 11]
+    _, c = _run("budget", dict(eng, enable_chunked_prefill=True))
+    assert _times(c["finish_at"]) == [10, 10, 5]
 
 
 # ---------------------------------------------------------------------------- V0 multi-step
