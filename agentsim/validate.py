@@ -243,6 +243,8 @@ def plot(runs: Sequence[dict], out: Path) -> None:
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
+        ax.set_ylim(bottom=0)  # from zero: a 0.1 % difference must not look like a 10x one
+        ax.margins(x=0.15)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     if keys:
