@@ -350,20 +350,14 @@ class RunConfig:
     sim: SimOptions = field(default_factory=SimOptions)
     slo_ttft: float | None = param(None, "TTFT SLO for goodput", type=float, gt=0, unit="s")
     slo_tpot: float | None = param(None, "TPOT SLO for goodput", type=float, gt=0, unit="s")
+    duration_given: bool = param(True, "whether duration was set; when false a trace replays whole (the loader "
+                                       "sets it from the TOML and flags; True for a RunConfig built in Python)")
 
     def __post_init__(self) -> None:
         check_params(self, "")
         for name, cls in (("cluster", ClusterSpec), ("workload", WorkloadSpec), ("sim", SimOptions)):
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(name, f"must be a table, got {getattr(self, name)!r}")
-        # Set by config_from_dict: whether the user gave ``duration`` (a trace replays whole unless
-        # it is set). A RunConfig built in Python counts it as given (it bounds arrivals as before).
-        object.__setattr__(self, "_duration_given", True)
-
-    @property
-    def duration_given(self) -> bool:
-        """True when ``duration`` was set explicitly (in the TOML, a flag, or in Python)."""
-        return self.__dict__.get("_duration_given", True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -384,7 +378,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
         if cls is ClusterSpec and k == "engine":
             v = _build(EngineLimits, v, sub)
         elif cls is WorkloadSpec and k == "mix":
-            if not isinstance(v, list):
+            if not isinstance(v, (list, tuple)):
                 raise ConfigError(sub, "must be an array of tables [[workload.mix]]")
             v = tuple(_build(MixEntry, m, f"{sub}[{i}]") for i, m in enumerate(v))
         elif cls is RunConfig and k in _SECTIONS:
@@ -398,10 +392,14 @@ def _build(cls: type, data: dict, where: str) -> Any:
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    """A checked :class:`RunConfig` from a nested dict (a parsed TOML); raises ConfigError naming the field."""
-    cfg = _build(RunConfig, data, "")
-    object.__setattr__(cfg, "_duration_given", isinstance(data, dict) and "duration" in data)
-    return cfg
+    """A checked :class:`RunConfig` from a nested dict (a parsed TOML); raises ConfigError naming the field.
+
+    ``duration_given`` is derived from whether ``duration`` is present (unless the dict says it,
+    as ``RunConfig.to_dict()`` does), so ``config_from_dict(cfg.to_dict()) == cfg``.
+    """
+    if isinstance(data, dict) and "duration_given" not in data:
+        data = {**data, "duration_given": "duration" in data}
+    return _build(RunConfig, data, "")
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:

@@ -289,6 +289,11 @@ def test_duration_given_only_when_set():
     assert not config_from_dict({}).duration_given
     assert config_from_dict({"duration": 600.0}).duration_given
     assert RunConfig().duration_given   # built in Python: duration bounds arrivals as before
+    # the flag is part of the config (manifests and sweep cell keys tell the two replays apart)
+    for data in ({}, {"duration": 600.0}, {"workload": {"mix": [{"generator": "chat", "weight": 2}]}}):
+        cfg = config_from_dict(data)
+        assert config_from_dict(cfg.to_dict()) == cfg
+    assert config_from_dict({}).to_dict() != config_from_dict({"duration": 600.0}).to_dict()
 
 
 def test_run_in_which_nothing_arrives_is_refused(tmp_path):
