@@ -9,6 +9,7 @@ decision; a spec may override any of them: ``{"name": "vllm", "route": "least-lo
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -95,10 +96,42 @@ def make_component(decision: str, name: str, params: dict | None = None, where: 
         if k not in allowed:
             raise ConfigError(f"{where}.params.{decision}.{k}",
                               f"unknown parameter for {decision} policy {name!r} (known: {', '.join(allowed) or 'none'})")
+    for k, v in params.items():
+        params[k] = _check_type(entry, k, v, f"{where}.params.{decision}.{k}")
     try:
         return entry.factory(**params)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}.params.{decision}", f"{name}: {e}") from None
+
+
+# parameter annotations checked before a component is built (others, e.g. ``Any``, are the
+# component's own business): the type a value must have, and what an error calls it
+_ANNOTATED_TYPES = {"int": (int, "an integer"), "float": (float, "a finite number"), "bool": (bool, "true or false"),
+                    "str": (str, "a string"), "list": (list, "an array")}
+
+
+def _check_type(entry: Entry, key: str, value: Any, where: str) -> Any:
+    """``value`` checked against parameter ``key``'s annotation (``int``, ``float | None`` ...); an
+    int is accepted for a float; NaN and inf are refused. Raises ConfigError naming ``where``."""
+    ann = inspect.signature(entry.factory).parameters[key].annotation
+    parts = [p.strip() for p in str(ann).split("|")]
+    optional = "None" in parts
+    kinds = [p for p in parts if p != "None"]
+    if len(kinds) != 1 or kinds[0] not in _ANNOTATED_TYPES:
+        return value
+    t, word = _ANNOTATED_TYPES[kinds[0]]
+    if value is None and optional:
+        return value
+    if t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, t) and (t is bool or not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(where, f"must be {word}{' or omitted' if optional else ''}, got {value!r}")
+    return value
 
 
 def make_bundle(spec: str | dict | None) -> PolicyBundle:

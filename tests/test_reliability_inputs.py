@@ -386,3 +386,25 @@ def test_canonical_files_without_arrival_text_still_read(tmp_path):
     assert len(progs) == 5 and all(p.arrival_text == "" for p in progs)
     programs, _ = read_tables(tmp_path / "old.parquet")
     assert list(programs["arrival_text"]) == [""] * 5
+
+
+@pytest.mark.parametrize("decision,name,param,value,word", [
+    ("route", "autellix-lb", "threshold_tokens", "abc", "an integer"),       # was a TypeError mid-run
+    ("route", "prefix-affinity", "cache_threshold", math.nan, "a finite number"),
+    ("order", "plas", "preemptive", 1, "true or false"),
+    ("evict", "invocation-distance", "unit", math.inf, "a finite number"),
+])
+def test_policy_parameter_types_checked_before_the_run(decision, name, param, value, word):
+    from agentsim.policies.registry import make_bundle
+
+    spec = {"name": "vllm", decision: name, "params": {decision: {param: value}}}
+    with pytest.raises(ConfigError) as e:
+        make_bundle(spec)
+    assert e.value.where == f"policy.params.{decision}.{param}" and e.value.message.startswith(f"must be {word}")
+
+
+def test_every_policy_bundle_passes_its_own_parameter_checks():
+    from agentsim.policies.registry import bundles, make_bundle
+
+    for b in bundles():
+        assert make_bundle(b.name).name == b.name
