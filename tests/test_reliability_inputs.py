@@ -408,3 +408,20 @@ def test_every_policy_bundle_passes_its_own_parameter_checks():
 
     for b in bundles():
         assert make_bundle(b.name).name == b.name
+
+
+def test_cli_export_straight_from_a_raw_file_keeps_the_source_clock(tmp_path):
+    """An export streaming from a raw CSV/JSONL read the metadata before the importer had filled it
+    in (the first timestamp), so Azure dates restarted at 2023-11-14 and Mooncake at 0."""
+    src = tmp_path / "mixed.csv"
+    src.write_bytes(AZURE_MIXED.encode())
+    p = agentsim("trace", "export", src, "--to", "azure", "-o", tmp_path / "back.csv")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "back.csv").read_bytes() == src.read_bytes()
+    late = _mooncake_slice(tmp_path, n=30)
+    p = agentsim("trace", "export", late, "--to", "mooncake", "-o", tmp_path / "back.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "back.jsonl").read_text() == late.read_text()
+    p = agentsim("trace", "export", AZURE, "--to", "azure", "-o", tmp_path / "az.csv")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "az.csv").read_bytes() == gzip.decompress(AZURE.read_bytes())

@@ -13,6 +13,7 @@ temporary name and renamed, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -36,7 +37,17 @@ def _atomic_text(path: Path, write: Callable[[TextIO], None]) -> Path:
     return path
 
 
+def _primed(programs: Iterable[ProgramRecord]) -> Iterable[ProgramRecord]:
+    """``programs`` with the first one already read: an importer completes its ``meta`` (the
+    source's first timestamp, its digits ...) while producing the first program, so an export
+    streaming straight from a raw file must not read the metadata before that."""
+    it = iter(programs)
+    first = next(it, None)
+    return iter(()) if first is None else itertools.chain([first], it)
+
+
 def export_native(meta: dict, programs: Iterable[ProgramRecord], out: str | Path) -> Path:
+    programs = _primed(programs)
     def write(f: TextIO) -> None:
         m = {k: v for k, v in meta.items() if k not in ("format", "schema_version")}
         f.write(json.dumps({"agentsim_trace": SCHEMA_VERSION, "meta": m}, sort_keys=True) + "\n")
@@ -65,6 +76,7 @@ def _single_call(p: ProgramRecord, fmt: str):
 
 
 def export_mooncake(meta: dict, programs: Iterable[ProgramRecord], out: str | Path, block_size: int | None = None) -> Path:
+    programs = _primed(programs)
     bs = block_size or (meta.get("options") or {}).get("block_size") or 512
     t0 = meta.get("t0_ms", 0)   # traces imported before arrivals were relative hold absolute ms
 
@@ -86,6 +98,7 @@ def export_mooncake(meta: dict, programs: Iterable[ProgramRecord], out: str | Pa
 def export_azure(meta: dict, programs: Iterable[ProgramRecord], out: str | Path) -> Path:
     from agentsim.traces.azure import format_timestamp_ns
 
+    programs = _primed(programs)
     t0 = meta.get("t0_ns")
     digits = meta.get("timestamp_digits", 7)
     nl = meta.get("line_terminator", "\r\n")
