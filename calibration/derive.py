@@ -223,9 +223,12 @@ def build_profile(gpu: str, model: ModelDims | str, tp: int, created_at: str | N
                                         f"on {tp} x {gpu} ({kind.spec.memory_gib:.0f} GiB each)") from None
     limits = GridLimits(MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS, dims.max_model_len, capacity)
     coeffs, device, fit_err, grid = fit_layer_model(step_model, limits, assumptions)
-    measured = isinstance(step_model, H200StepModel) and not step_model.derived
-    if isinstance(step_model, LayerwiseStepModel):
-        measured = not step_model.derived
+    # measured-layers: the GPU's own tables, this model's own rows at this TP, nothing scaled
+    measured = isinstance(step_model, (H200StepModel, LayerwiseStepModel)) and not step_model.derived
+    layer_model = step_model.base if isinstance(step_model, GPUScaledStepModel) else step_model
+    files = getattr(layer_model, "files", None) or [
+        f"agentsim/calibration/data/vidur-a100/{f}" for f in
+        [layer_model.ops.source] + ([layer_model.all_reduce.source] if layer_model.all_reduce else [])]
     if isinstance(step_model, H200StepModel) and dims.name == "llama-3-8b" and tp == 1:
         fit_err["held_out_forward"] = forward_held_out(device)
     kinds = np.array([p.kind for p in grid])
@@ -233,8 +236,7 @@ def build_profile(gpu: str, model: ModelDims | str, tp: int, created_at: str | N
         "kind": "measured-layers" if measured else "derived",
         "measured": f"per-operator tables measured on {src}",
         "source": H200_SOURCE if src == "h200" else "microsoft/vidur @ 7d47513 (MIT), data/profiling/{compute,network}/a100",
-        "files": step_model.base.files if isinstance(step_model, GPUScaledStepModel) and hasattr(step_model.base, "files")
-        else getattr(step_model, "files", None) or ["agentsim/calibration/data/vidur-a100/"],
+        "files": files,
         "parts": notes,
         "assumptions": {
             **assumptions.to_dict(),
