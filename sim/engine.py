@@ -467,7 +467,10 @@ class Engine:
         Without chunked prefill, ``Scheduler._schedule_default`` (``vllm/core/scheduler.py``):
         prompts first, decodes only if no prompt was admitted. With it,
         ``_schedule_chunked_prefill``: running calls (decodes first), then new prompts. See the
-        module docstring for the rules; block counts follow ``vllm/core/block_manager.py``.
+        module docstring for the rules; block counts follow ``vllm/core/block_manager.py``. The
+        order policy ranks the waiting queue and may pick preemption victims among the calls not
+        yet scheduled; strict-priority preemption of running calls (``preemptive`` orders) is
+        V1-only here (V0's default FCFS policy has none).
         """
         chunked = self.limits.enable_chunked_prefill
         decodes: list = []
