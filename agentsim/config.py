@@ -320,6 +320,10 @@ class WorkloadSpec:
         check_params(self, "workload")
         if self.arrival == "trace":
             _check(bool(self.trace), "workload.trace", "arrival = 'trace' needs a trace file")
+            # a trace's programs are its own: a count meant for generated programs would be ignored
+            _check(self.num_programs is None, "workload.num_programs",
+                   "counts generated programs (closed or poisson arrivals); to replay part of a trace "
+                   "use workload.limit (--limit)")
         if not isinstance(self.mix, tuple):
             raise ConfigError("workload.mix", "must be an array of tables [[workload.mix]]")
         for i, m in enumerate(self.mix):

@@ -425,3 +425,9 @@ def test_cli_export_straight_from_a_raw_file_keeps_the_source_clock(tmp_path):
     p = agentsim("trace", "export", AZURE, "--to", "azure", "-o", tmp_path / "az.csv")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "az.csv").read_bytes() == gzip.decompress(AZURE.read_bytes())
+
+
+def test_num_programs_is_not_silently_ignored_for_a_trace():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"workload": {"arrival": "trace", "trace": str(AZURE), "num_programs": 10}})
+    assert e.value.where == "workload.num_programs" and "workload.limit" in e.value.message
