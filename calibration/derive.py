@@ -238,6 +238,12 @@ def build_profile(gpu: str, model: ModelDims | str, tp: int, created_at: str | N
         "source": H200_SOURCE if src == "h200" else "microsoft/vidur @ 7d47513 (MIT), data/profiling/{compute,network}/a100",
         "files": files,
         "parts": notes,
+        # DESIGN.md's three levels: which were measured, which derived or assumed
+        "levels": {
+            "gpu_physics": (f"measured ({src} tables)" if measured else f"derived from {src} tables"),
+            "engine_host": "assumed (assumptions.cpu_overhead_*), not measured; fit with `agentsim calibrate bench`",
+            "frontend": "not modelled (zero); fit with `agentsim calibrate bench`",
+        },
         "assumptions": {
             **assumptions.to_dict(),
             "activation_reserve_gib": 3.0,

@@ -1,7 +1,7 @@
 """An H200 step-time model from our H200 measurements (``data/h200-torch/``, README there), and the
 script that builds the shipped H200 profiles from it.
 
-    python -m agentsim.calibration.h200 [--out DIR] [--check]
+    python -m agentsim.calibration.h200 [--out DIR] [--check] [--derivation-check]
 
 :class:`H200StepModel` predicts one engine step's time on one H200 (per GPU of a TP group) as the sum
 of its parts, per transformer layer x layers, plus per-step terms:
