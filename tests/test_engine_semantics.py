@@ -186,6 +186,23 @@ def test_single_block_v1_engine_is_refused():
         Simulation(_cfg("sixty", {"num_gpu_blocks_override": 1}), profile=constant_profile(STEP))
 
 
+def test_live_engine_needs_room_beside_the_null_block_and_v1():
+    """vLLM refuses to start when one max_model_len request does not fit the blocks left after the
+    null block (``get_kv_cache_configs``): 1024 tokens in blocks of 32 need 32 blocks, so an override
+    of 32 is refused and 33 starts. V0 settings are simulator-only."""
+    from agentsim.live.runner import LiveSettings, engine_specs
+
+    def specs(**eng):
+        cfg = load_config(None, {"cluster.gpus_per_node": 1, "cluster.engine": dict(block_size=32, max_model_len=1024, **eng)})
+        return engine_specs(cfg, LiveSettings(local_nodes=1), "m", "t", None)
+
+    with pytest.raises(ConfigError, match="null block"):
+        specs(num_gpu_blocks_override=32)
+    assert specs(num_gpu_blocks_override=33)[0]["num_gpu_blocks_override"] == 33
+    with pytest.raises(ConfigError, match="simulator-only"):
+        specs(vllm_version="0.6")
+
+
 def test_kv_usage_counts_usable_blocks():
     """2 used blocks of num_gpu_blocks = 5: vLLM reports 2 / (5 - 1) = 0.50."""
     pool = BlockPool(5, LRUFreeQueue())
@@ -222,6 +239,8 @@ def test_version_presets_and_budget_defaults():
     assert (e.enable_prefix_caching, e.max_num_batched_tokens) == (True, 4096)
     with pytest.raises(ConfigError, match="vllm_version"):
         load_config(None, {"cluster.engine": {"vllm_version": "0.5"}})
+    with pytest.raises(ConfigError, match="cluster.engine.scheduler"):
+        load_config(None, {"cluster.engine": {"scheduler": "v2"}})
 
 
 def test_v0_watermark_holds_back_admission():
