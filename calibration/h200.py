@@ -512,6 +512,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in bad:
             print(f"differs from a rebuild: {name}", file=sys.stderr)
         return 1 if bad else 0
+    # Only agentsim profiles are ever replaced: any other file of the same name is refused.
+    for p in profiles:
+        target = args.out / f"{p.name}.json"
+        if target.exists():
+            try:
+                is_profile = json.loads(target.read_text()).get("format") == "agentsim-profile"
+            except (OSError, ValueError, AttributeError):
+                is_profile = False
+            if not is_profile:
+                print(f"error: {target}: exists and is not an agentsim profile; not overwritten", file=sys.stderr)
+                return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for p in profiles:
         p.save(args.out / f"{p.name}.json")

@@ -290,3 +290,12 @@ def test_derivation_recovers_measured_h200_steps():
         assert e["num_points"] == 46
         assert e["median_rel_error"] < 0.13 and e["p90_rel_error"] < 0.21 and e["max_rel_error"] < 0.26, (key, e)
         assert r[key]["profile"]["median_rel_error"] < 0.13, (key, r[key]["profile"])
+
+
+def test_h200_build_never_overwrites_a_file_it_did_not_write(tmp_path):
+    (tmp_path / "h200_llama-3-8b_tp1.json").write_text("my notes")
+    r = subprocess.run([sys.executable, "-m", "agentsim.calibration.h200", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "h200_llama-3-8b_tp1.json" in r.stderr
+    assert (tmp_path / "h200_llama-3-8b_tp1.json").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h200_llama-3-8b_tp1.json"]
