@@ -130,10 +130,13 @@ def report_rows(profile: Profile) -> list[ReportRow]:
     rows = []
     for label, shape in SHOW_SHAPES:
         kv = shape.decode_ctx_tokens + sum(c + k for c, k in shape.prefills)
+        # whole blocks per sequence, within the blocks vLLM V1 leaves beside its null block
+        bs = profile.kv_block_size
+        blocks = sum(-(-x // bs) for x in shape.decode_ctx) + sum(-(-(c + k) // bs) for c, k in shape.prefills)
         rows.append(ReportRow(
             label=label, shape=shape, predicted=profile.step_time(step_shape(shape)),
             hbm_roofline=hbm_roofline(profile, shape), flop_roofline=flop_roofline(profile, shape),
-            kv_tokens=kv, fits_kv=kv <= profile.kv_capacity_tokens,
+            kv_tokens=kv, fits_kv=blocks <= profile.kv_capacity_blocks - 1,
         ))
     return rows
 
