@@ -212,8 +212,11 @@ def cell_key(cfg: RunConfig) -> str:
     return f"{stable_id(json.dumps(d, sort_keys=True, default=str)):016x}"
 
 
-def _run_cell(base: dict, cell: dict, cell_dir: str) -> dict:
+def _run_cell(base: dict, cell: dict, cell_dir: str, key: str | None = None) -> dict:
     """Worker: simulate one cell, write it atomically, return its summary row.
+
+    ``key`` is the cell's :func:`cell_key` as the parent computed it (input files are stamped where
+    the sweep was started, not on a Ray node); computed here when not given.
 
     Never raises for a failed run: returns ``{"_error": line, "_bad_input": bool}`` so the parent
     reports one line (no chained tracebacks across processes).
@@ -225,7 +228,7 @@ def _run_cell(base: dict, cell: dict, cell_dir: str) -> dict:
         cfg = config_from_dict(_cell_data(base, cell))
         r = run(cfg)
         write_results(cell_dir, r.calls, r.programs, r.engines, r.summary,
-                      {**r.manifest, "stats": r.stats, "cell": cell, "cell_key": cell_key(cfg)})
+                      {**r.manifest, "stats": r.stats, "cell": cell, "cell_key": key or cell_key(cfg)})
         return {**cell, **r.summary}
     except AgentsimError as e:
         return {"_error": str(e), "_bad_input": True}
@@ -240,6 +243,14 @@ def _stored_key(cell_dir: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return m.get("cell_key") if isinstance(m, dict) else None
+
+
+def _upgrade(summary: dict) -> dict:
+    """A stored cell summary in today's key names (``agentsim.metrics.upgrade_summary``)."""
+    from agentsim import metrics
+
+    up = getattr(metrics, "upgrade_summary", None)
+    return up(summary) if up is not None else summary
 
 
 def _write_marker(out: Path, spec: SweepSpec) -> None:
@@ -269,15 +280,17 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
     cells_dir = out / "cells"
     rows: dict[str, dict] = {}
     todo: list[tuple[str, dict]] = []
+    keys: dict[str, str] = {}
     stale = 0
     for cell in spec.cells():
         cid = cell_id(cell)
         cdir = cells_dir / cid
+        keys[cid] = cell_key(cell_config(spec, cell))
         if cdir.exists() or cdir.is_symlink():
             check_result_dir(cdir, option + " cell")  # a cell directory holding user files is refused
             stored = _stored_key(cdir)
-            if stored is not None and stored == cell_key(cell_config(spec, cell)):
-                rows[cid] = {**cell, **json.loads((cdir / "summary.json").read_text())}
+            if stored is not None and stored == keys[cid]:
+                rows[cid] = {**cell, **_upgrade(json.loads((cdir / "summary.json").read_text()))}
                 continue
             stale += 1
         todo.append((cid, cell))
@@ -292,9 +305,9 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
                           "or input file; recomputing them", highlight=False, soft_wrap=True)
     if todo:
         if ray_address:
-            _run_ray(spec, todo, cells_dir, ray_address, rows, console)
+            _run_ray(spec, todo, cells_dir, ray_address, rows, console, keys)
         else:
-            _run_local(spec, todo, cells_dir, workers, rows, console)
+            _run_local(spec, todo, cells_dir, workers, rows, console, keys)
     order = [cell_id(c) for c in spec.cells()]
     table = pd.DataFrame([rows[c] for c in order])
     metrics = sorted(c for c in table.columns if c not in spec.grid)
@@ -330,7 +343,7 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_local(spec, todo, cells_dir, workers, rows, console) -> None:
+def _run_local(spec, todo, cells_dir, workers, rows, console, keys) -> None:
     import multiprocessing
 
     workers = workers or os.cpu_count() or 1
@@ -338,13 +351,13 @@ def _run_local(spec, todo, cells_dir, workers, rows, console) -> None:
         task = bar.add_task("cells", total=len(todo))
         if workers == 1 or len(todo) == 1:
             for cid, cell in todo:
-                rows[cid] = _accept(spec, cell, _run_cell(spec.base, cell, str(cells_dir / cid)))
+                rows[cid] = _accept(spec, cell, _run_cell(spec.base, cell, str(cells_dir / cid), keys[cid]))
                 bar.advance(task)
             return
         cells = dict(todo)
         pool = multiprocessing.Pool(min(workers, len(todo)), initializer=_ignore_sigint)
         try:
-            results = pool.imap_unordered(_run_star, [(spec.base, cell, str(cells_dir / cid), cid)
+            results = pool.imap_unordered(_run_star, [(spec.base, cell, str(cells_dir / cid), keys[cid], cid)
                                                       for cid, cell in todo])
             for cid, row in results:
                 rows[cid] = _accept(spec, cells[cid], row)
@@ -358,11 +371,11 @@ def _run_local(spec, todo, cells_dir, workers, rows, console) -> None:
 
 
 def _run_star(args: tuple) -> tuple[str, dict]:
-    base, cell, cell_dir, cid = args
-    return cid, _run_cell(base, cell, cell_dir)
+    base, cell, cell_dir, key, cid = args
+    return cid, _run_cell(base, cell, cell_dir, key)
 
 
-def _run_ray(spec, todo, cells_dir, address, rows, console) -> None:
+def _run_ray(spec, todo, cells_dir, address, rows, console, keys) -> None:
     try:
         import ray
     except ImportError:
@@ -370,7 +383,7 @@ def _run_ray(spec, todo, cells_dir, address, rows, console) -> None:
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(_run_cell)
     cells = dict(todo)
-    refs = {remote.remote(spec.base, cell, str((cells_dir / cid).resolve())): cid for cid, cell in todo}
+    refs = {remote.remote(spec.base, cell, str((cells_dir / cid).resolve()), keys[cid]): cid for cid, cell in todo}
     with _progress(console, len(todo)) as bar:
         task = bar.add_task("cells", total=len(todo))
         pending = list(refs)
