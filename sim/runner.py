@@ -13,7 +13,7 @@ import math
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -401,7 +401,8 @@ class Simulation:
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "backend": "sim",
-            "config": cfg.to_dict(),
+            # as run: the version defaults the engine resolved (a V0 token budget) written out
+            "config": replace(cfg, cluster=replace(cfg.cluster, engine=self.limits)).to_dict(),
             "seed": cfg.seed,
             "policy": self.bundle.name,
             "profile": {"name": self.profile.name, "source": self.profile.source,
