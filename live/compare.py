@@ -129,9 +129,10 @@ def _what_ran(run: dict) -> dict[str, Any]:
         out["engine limits"] = {k: v for k, v in (cl.get("engine") or {}).items()
                                 if k in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                                          "enable_prefix_caching", "enable_chunked_prefill")}
-    model = m.get("live_model") or cl.get("model")
-    if model is not None:
-        out["model"] = Path(str(model)).name if m.get("live_model") else model
+    if m.get("live_model"):
+        out["model"] = Path(str(m["live_model"])).name  # the model directory (or id) vLLM served
+    elif cl.get("model") is not None:
+        out["model"] = _sim_model(m, cl)
     if cfg.get("workload") is not None:
         out["workload"] = cfg.get("workload")
     if "duration" in cfg:
@@ -139,6 +140,21 @@ def _what_ran(run: dict) -> dict[str, Any]:
     if isinstance(cfg.get("sim"), dict) and "drain" in cfg["sim"]:
         out["drain"] = cfg["sim"]["drain"]
     return out
+
+
+def _sim_model(m: dict, cl: dict) -> str:
+    """The model a simulated run modelled: its profile's model (``--profile`` may name another
+    model than ``cluster.model``), else ``cluster.model``."""
+    prof = m.get("profile") or {}
+    spec = prof.get("source") or prof.get("name")
+    if spec:
+        try:
+            from agentsim.calibration.profile import resolve_profile
+
+            return resolve_profile(str(spec), str(cl.get("gpu")), str(cl.get("model")), int(cl.get("tp") or 1)).model.name
+        except Exception:  # noqa: BLE001 - a profile file moved since the run: fall back to the config
+            pass
+    return str(cl.get("model"))
 
 
 def mismatches(ra: dict, rb: dict) -> list[str]:

@@ -49,12 +49,15 @@ def test_live_defaults_on_a_local_two_node_cluster(tmp_path):
     p = agentsim("live", "--local-nodes", "2", "--out", str(out), cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "complete" in p.stdout and "TTFT" in p.stdout
+    # start-up is reported as it happens (on stderr): the cluster, then each engine when ready
+    assert "Ray cluster up" in p.stderr and "engine 0 on node 0 ready" in p.stderr, p.stderr[-3000:]
     r = M.read_results(out)
     M.check_schema(r["calls"], M.CALL_COLUMNS, "calls")
     M.check_schema(r["programs"], M.PROGRAM_COLUMNS, "programs")
     M.check_schema(r["engines"], M.ENGINE_COLUMNS, "engines")
     man = r["manifest"]
     assert man["complete"] is True and man["cluster"] == "local 2-node Ray cluster"
+    assert man["live_options"]["duration"] == 60.0 and (man["load_format"], man["dtype"]) == ("dummy", "float32")
     assert [e["node_id"] for e in man["engines"]] == [0, 1] and man["gpu"] == "no GPU"
     assert len(r["programs"]) == 8 and (r["programs"]["status"] == "finished").all()
     assert (r["calls"]["status"] == "finished").all()

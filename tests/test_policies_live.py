@@ -26,6 +26,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 STEP = 0.01
 
 
+# one tiny model directory per test process, removed when the process exits (no agentsim-tiny-* left)
+_TINY_DIR = tempfile.TemporaryDirectory(prefix="agentsim-tiny-")
+
+
 def make_scheduler(policy, blocks, max_num_seqs):
     """A real AgentsimScheduler on a tiny model config (no weights, no model runner)."""
     import torch
@@ -36,7 +40,7 @@ def make_scheduler(policy, blocks, max_num_seqs):
     from agentsim.live.scheduler import AgentsimScheduler
     from agentsim.live.tiny_model import make_tiny_llama
 
-    d = make_tiny_llama(tempfile.mkdtemp(prefix="agentsim-tiny-"))
+    d = make_tiny_llama(os.path.join(_TINY_DIR.name, "tiny"))
     args = EngineArgs(model=str(d), tokenizer=str(d), load_format="dummy", dtype="float32", max_model_len=1024,
                       block_size=16, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
                       scheduling_policy="priority",  # as the live engine actor starts vLLM

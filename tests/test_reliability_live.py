@@ -244,3 +244,17 @@ def test_simulate_title_names_the_profile_that_ran(tmp_path):
     assert "cpu-test" in head and "tiny-llama" in head and "a100" not in head, head
     assert max(len(ln) for ln in p.stdout.splitlines()) > 80 or "…" not in p.stdout
     assert not math.isnan(json.loads((tmp_path / "run" / "summary.json").read_text())["output_throughput"])
+
+
+def test_compare_takes_the_sim_model_from_its_profile(tmp_path):
+    """A sim run with `--profile` for model X and a live run serving X are the same model (no warning)."""
+    from agentsim.calibration.profile import shipped_profiles
+    from agentsim.live.compare import _what_ran
+
+    doc = json.loads(shipped_profiles()["a100-80gb_llama-3-8b_tp1"].read_text())
+    doc["name"], doc["model"]["name"] = "cpu_tiny-llama_tp1", "tiny-llama"
+    (tmp_path / "tiny.json").write_text(json.dumps(doc))
+    cfg = {"cluster": {"model": "llama-3-8b", "gpu": "a100-80gb", "tp": 1}}
+    sim = {"manifest": {"config": cfg, "profile": {"name": "cpu_tiny-llama_tp1", "source": str(tmp_path / "tiny.json")}}}
+    live = {"manifest": {"config": cfg, "live_model": str(tmp_path / "models" / "tiny-llama")}}
+    assert _what_ran(sim)["model"] == _what_ran(live)["model"] == "tiny-llama"
