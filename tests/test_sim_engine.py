@@ -78,7 +78,7 @@ def test_md1_mean_wait(rho, num_calls):
         "cluster.num_nodes": 1, "cluster.gpus_per_node": 1, "cluster.engine": {"max_num_seqs": 1},
         "workload.arrival": "poisson", "workload.rate": lam, "workload.generator": "react",
         "workload.params": {"calls_mean": 1, "output_tokens_mean": 1, "length_sigma": 0.0,
-                            "prompt_tokens_mean": 100, "observation_tokens_mean": 0},
+                            "prompt_tokens_mean": 100},  # one call: no observation
         "duration": num_calls / lam, "seed": 0,
     })
     r = Simulation(cfg, profile=constant_profile(service)).run()
