@@ -83,6 +83,15 @@ def _register_subapps() -> None:
         app.command("compare")(compare_command)
 
 
+def _register() -> None:
+    """Add the commands and sub-apps once (``run_cli`` may be called many times in one process)."""
+    from agentsim.commands import register_commands
+
+    if "simulate" not in {c.name or getattr(c.callback, "__name__", "") for c in app.registered_commands}:
+        register_commands(app)
+    _register_subapps()
+
+
 def _show_usage_error(e: BaseException) -> None:
     show = getattr(e, "show", None)
     if callable(show):
@@ -97,10 +106,7 @@ def run_cli(args: list[str] | None = None) -> int:
 
     usage_error = _usage_error_base()
     try:
-        from agentsim.commands import register_commands
-
-        register_commands(app)
-        _register_subapps()
+        _register()
         rv = app(args=args, prog_name="agentsim", standalone_mode=False)
     except AgentsimError as e:
         typer.echo(f"error: {e}", err=True)

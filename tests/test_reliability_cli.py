@@ -466,3 +466,26 @@ def test_sweep_never_touches_user_files(tmp_path):
     p = agentsim_cli("sweep", spec, "-o", tmp_path / "sw", "-j", "1")
     assert p.returncode == 2 and "notes.txt" in one_error_line(p)
     assert (cell / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("manifest,code", [
+    ({"complete": True, "status": "complete"}, 0),
+    ({"complete": False, "status": "drain timeout"}, 1),   # incomplete: exit 1, with or without -q
+    ({"complete": False, "status": "interrupted"}, 130),   # Ctrl-C: partial results written, 130
+])
+@pytest.mark.parametrize("quiet", [True, False])
+def test_live_exit_status_follows_the_run(tmp_path, monkeypatch, manifest, code, quiet):
+    """`agentsim live` through the real CLI wrapper, with the engines replaced by a finished result."""
+    from types import SimpleNamespace
+
+    from agentsim.cli import run_cli
+    from agentsim.live import runner
+
+    def fake_run_live(cfg, settings, out_dir=None):
+        m = {"policy": "vllm", "cluster": "test", "engines": [], "live_model": "tiny", **manifest}
+        return SimpleNamespace(manifest=m, summary={}, out_dir=out_dir)
+
+    monkeypatch.setattr(runner, "run_live", fake_run_live)
+    monkeypatch.setattr("agentsim.live.cli._print", lambda *a: None)
+    args = ["live", "--endpoints", "http://127.0.0.1:9", "-o", str(tmp_path / "run")] + (["-q"] if quiet else [])
+    assert run_cli(args) == code
