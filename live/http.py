@@ -189,7 +189,7 @@ def run_endpoints(cfg, settings, bundle, source, opt, out_dir) -> LiveResult:
             manifest = manifest_base(cfg, settings, clients[0].model)
             driver = LiveDriver(clients, bundle, block_size=cfg.cluster.engine.block_size, options=opt,
                                 out_dir=out_dir, seed=cfg.seed, manifest=manifest, kv_events=False,
-                                max_num_seqs=cfg.cluster.engine.max_num_seqs)
+                                max_num_seqs=cfg.cluster.engine.max_num_seqs, progress=settings.progress)
             return await driver.arun(source)
 
     return asyncio.run(main())
