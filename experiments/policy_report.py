@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -250,6 +251,24 @@ def load_success(path: str | None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status as the ``agentsim`` CLI: 2 bad input (one line), 1 a failed cell, 130 Ctrl-C."""
+    from agentsim.errors import AgentsimError
+    from agentsim.experiments.sweep import CellFailed
+
+    try:
+        return _main(argv)
+    except AgentsimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CellFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", choices=STUDIES + ("all",))
     ap.add_argument("--out", type=Path, default=None, help="runs directory (default: each spec's sweep.out)")
@@ -267,9 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}")
         return 2
-    args.figures.mkdir(parents=True, exist_ok=True)
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
     summary_path = args.figures / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if args.figures.exists() and not args.figures.is_dir():
+        raise ConfigError(f"--figures {args.figures}", "is a file, not a directory")
+    summary = {}
+    if summary_path.exists():  # merged with this run's studies: it must be a report this script wrote
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            summary = None
+        if not isinstance(summary, dict) or any(not isinstance(v, dict) or "runs" not in v for v in summary.values()):
+            raise ConfigError(f"--figures {summary_path}", "exists and is not a policy report summary; refusing to "
+                                                           "overwrite it -- choose another --figures directory")
+    args.figures.mkdir(parents=True, exist_ok=True)
     for study in (STUDIES if args.study == "all" else (args.study,)):
         table, out = run_study(study, args.out, args.workers)
         fig = plt.figure(figsize=(11, 4.2) if study in ("autellix", "toolgap", "topology") else (8, 3.8))

@@ -489,3 +489,19 @@ def test_live_exit_status_follows_the_run(tmp_path, monkeypatch, manifest, code,
     monkeypatch.setattr("agentsim.live.cli._print", lambda *a: None)
     args = ["live", "--endpoints", "http://127.0.0.1:9", "-o", str(tmp_path / "run")] + (["-q"] if quiet else [])
     assert run_cli(args) == code
+
+
+def test_policy_report_outcomes(tmp_path):
+    """`python -m agentsim.experiments.policy_report`: bad input is one line and exit 2, nothing written."""
+    def report(*args):
+        return subprocess.run([sys.executable, "-m", "agentsim.experiments.policy_report", *map(str, args)],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    p = report("autellix", "--workers", "0", "--figures", tmp_path / "fig")
+    assert p.returncode == 2 and "--workers" in one_error_line(p)
+    (tmp_path / "fig").mkdir()
+    (tmp_path / "fig" / "summary.json").write_text('{"mine": 1}')
+    p = report("autellix", "--figures", tmp_path / "fig", "--out", tmp_path / "runs")
+    assert p.returncode == 2 and "summary.json" in one_error_line(p)
+    assert os.listdir(tmp_path / "fig") == ["summary.json"] and not (tmp_path / "runs").exists()
+    assert (tmp_path / "fig" / "summary.json").read_text() == '{"mine": 1}'
