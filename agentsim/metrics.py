@@ -236,14 +236,16 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
     go to a hidden sibling ``.NAME.tmp-PID`` first; a new or empty path is then renamed into place,
     a previous result is swapped out by two renames and deleted. An empty directory that is the
     current directory cannot be renamed: the files are moved into it one by one, ``manifest.json``
-    last, so it is recognised as a result only once complete. A run that fails part-way leaves no
+    last, so it is recognised as a result only once complete (a live run re-writing its partial
+    results there replaces them the same way, the old manifest removed first; a *new* run into a
+    current directory holding a result is refused by the CLI). A run that fails part-way leaves no
     directory that looks like a result.
     """
     from agentsim.outputs import EMPTY, REPLACE, check_result_dir
 
     out_dir = Path(out_dir)
-    state = check_result_dir(out_dir, "")
-    in_place = state == EMPTY and _is_cwd(out_dir)
+    state = check_result_dir(out_dir, "", allow_cwd=True)
+    in_place = state in (EMPTY, REPLACE) and _is_cwd(out_dir)
     if in_place:
         tmp = out_dir / f".agentsim.tmp-{os.getpid()}"
     else:
@@ -258,21 +260,24 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
         (tmp / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(_jsonable(manifest), indent=2, sort_keys=True) + "\n")
         if in_place:  # again: the directory may have changed while the run ran
-            if any(e.name != tmp.name for e in os.scandir(out_dir)):
-                check_result_dir(out_dir, "")  # raises: it is no longer empty
-        else:
-            state = check_result_dir(out_dir, "")
-        if in_place:
+            others = [e.name for e in os.scandir(out_dir) if e.name != tmp.name]
+            if others and not (set(others) <= set(RESULT_FILES) and "manifest.json" in others):
+                check_result_dir(out_dir, "")  # raises: it holds something else now
+            # the current directory cannot be renamed: the old manifest goes first and the new one
+            # lands last, so the directory reads as a result only when it is whole again
+            (out_dir / "manifest.json").unlink(missing_ok=True)
             for name in RESULT_FILES:  # manifest.json is last
                 os.replace(tmp / name, out_dir / name)
             tmp.rmdir()
-        elif state == REPLACE:
-            old = _sibling(out_dir, "old")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            _rmtree(old)
-        else:  # new, or an empty directory (rename(2) replaces an empty directory)
-            tmp.rename(out_dir)
+        else:
+            state = check_result_dir(out_dir, "")  # again: the path may have changed while the run ran
+            if state == REPLACE:
+                old = _sibling(out_dir, "old")
+                out_dir.rename(old)
+                tmp.rename(out_dir)
+                _rmtree(old)
+            else:  # new, or an empty directory (rename(2) replaces an empty directory)
+                tmp.rename(out_dir)
     except BaseException:
         _rmtree(tmp)
         raise

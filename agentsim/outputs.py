@@ -77,12 +77,14 @@ def is_result_dir(path: str | Path) -> bool:
     return isinstance(manifest, dict) and "schema_version" in manifest
 
 
-def check_result_dir(path: str | Path, option: str = "--out") -> str:
+def check_result_dir(path: str | Path, option: str = "--out", allow_cwd: bool = False) -> str:
     """Classify a result-directory path: ``"new"``, ``"empty"`` or ``"replace"`` (a previous result).
 
     Raises :class:`OutputError` naming ``option`` and the path when writing there could lose
     something agentsim did not write: an existing file or symlink, a parent that is a file, a
     non-empty directory that is not a previous result, or the (non-empty) current directory.
+    ``allow_cwd`` accepts a current directory holding a previous result (the writer replaces it in
+    place, for a live run re-writing its own partial results; a new run is refused it up front).
     """
     p = Path(path)
     where = _where(p, option)
@@ -104,6 +106,8 @@ def check_result_dir(path: str | Path, option: str = "--out") -> str:
     if not entries:
         return EMPTY
     if _is_cwd_or_ancestor(p):
+        if allow_cwd and is_result_dir(p):
+            return REPLACE
         if is_result_dir(p):
             raise OutputError(where, "is the current directory and holds a previous result, which cannot be "
                                      "replaced atomically while a shell sits in it; run from its parent (-o NAME)")

@@ -505,3 +505,20 @@ def test_policy_report_outcomes(tmp_path):
     assert p.returncode == 2 and "summary.json" in one_error_line(p)
     assert os.listdir(tmp_path / "fig") == ["summary.json"] and not (tmp_path / "runs").exists()
     assert (tmp_path / "fig" / "summary.json").read_text() == '{"mine": 1}'
+
+
+def test_writer_rewrites_its_own_result_in_the_current_directory(tmp_path, monkeypatch):
+    """A live run flushing partial results into `-o .` replaces its own files (manifest last) and
+    still refuses once anything else appears there."""
+    monkeypatch.chdir(tmp_path)
+    frames = _frames()
+    write_results(".", *frames[:4], {"schema_version": 1, "flush": 1})
+    write_results(".", *frames[:4], {"schema_version": 1, "flush": 2})
+    assert is_result_dir(tmp_path) and json.loads((tmp_path / "manifest.json").read_text())["flush"] == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(["calls.parquet", "programs.parquet", "engines.parquet",
+                                                   "summary.json", "manifest.json"])
+    (tmp_path / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputError):
+        write_results(".", *frames[:4], {"schema_version": 1, "flush": 3})
+    assert snapshot(tmp_path) == before
