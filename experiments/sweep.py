@@ -112,6 +112,11 @@ def load_spec(path: str | Path, check: bool = True) -> SweepSpec:
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"{path}: grid.{k}", "must be a non-empty list")
+    try:  # an unknown key in [base] is named there, not in a grid cell
+        config_from_dict(base)
+    except AgentsimError as e:
+        if e.message.startswith("unknown field"):
+            raise ConfigError(f"{path}: base.{e.where}", e.message) from None
     spec = SweepSpec(path, Path(sweep.get("out", f"runs/{path.stem}")), base, grid)
     if check:
         _check_cells(spec)
