@@ -183,9 +183,9 @@ class ReAct:
 
     calls_mean: float = param(10.75, 'mean LLM calls per program', ge=1, unit='calls')
     max_calls: int = param(70, 'max calls', ge=1)
-    prompt_tokens_mean: float = param(735.0, 'mean prompt tokens', gt=0, unit='tokens')
-    output_tokens_mean: float = param(34.0, 'mean output tokens', gt=0, unit='tokens')
-    observation_tokens_mean: float = param(20.0, 'mean observation tokens', gt=0, unit='tokens')
+    prompt_tokens_mean: float = param(735.0, 'mean prompt tokens', ge=0, unit='tokens')
+    output_tokens_mean: float = param(34.0, 'mean output tokens', ge=0, unit='tokens')
+    observation_tokens_mean: float = param(20.0, 'mean observation tokens', ge=0, unit='tokens')
     system_share: float = param(0.7, SHARE_HELP, ge=0, lt=1)
     length_sigma: float = param(0.3, 'log-space sigma of lengths', ge=0)
     system_prompt: str = param("bfcl-tools", PROMPT_HELP, nonempty=True)
@@ -238,9 +238,9 @@ class SingleCall:
     ``max_output_tokens`` like the trace (7,930 / 1,000), which trims the mean by about 1%.
     """
 
-    prompt_tokens_mean: float = param(1147.0, 'mean prompt tokens', gt=0, unit='tokens')
+    prompt_tokens_mean: float = param(1147.0, 'mean prompt tokens', ge=0, unit='tokens')
     prompt_sigma: float = param(0.93, 'log-space sigma of prompt', ge=0)
-    output_tokens_mean: float = param(260.0, 'mean output tokens', gt=0, unit='tokens')
+    output_tokens_mean: float = param(260.0, 'mean output tokens', ge=0, unit='tokens')
     output_sigma: float = param(0.92, 'log-space sigma of output', ge=0)
     max_prompt_tokens: int = param(7930, 'max prompt tokens', ge=1, unit='tokens')
     max_output_tokens: int = param(1000, 'max output tokens', ge=1, unit='tokens')
@@ -270,8 +270,8 @@ class Chat:
 
     calls_mean: float = param(6.66, 'mean LLM calls per program', ge=1, unit='calls')
     max_calls: int = param(80, 'max calls', ge=1)
-    user_tokens_mean: float = param(256.0, 'mean user tokens', gt=0, unit='tokens')
-    output_tokens_mean: float = param(277.0, 'mean output tokens', gt=0, unit='tokens')
+    user_tokens_mean: float = param(256.0, 'mean user tokens', ge=0, unit='tokens')
+    output_tokens_mean: float = param(277.0, 'mean output tokens', ge=0, unit='tokens')
     system_tokens: int = param(64, 'system tokens', ge=1, unit='tokens')
     length_sigma: float = param(0.6, 'log-space sigma of lengths', ge=0)
     think_time_median: float = param(20.0, 'median human think time between turns', ge=0, unit='s')
