@@ -385,7 +385,11 @@ def _run_ray(spec, todo, cells_dir, address, rows, console, keys) -> None:
         import ray
     except ImportError:
         raise ConfigError("--ray", "ray is not installed (pip install 'agentsim[ray]')") from None
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError, RuntimeError ...
+        raise ConfigError("--ray", f"cannot join the Ray cluster at {address!r} ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
     remote = ray.remote(_run_cell)
     cells = dict(todo)
     refs = {remote.remote(spec.base, cell, str((cells_dir / cid).resolve()), keys[cid]): cid for cid, cell in todo}
