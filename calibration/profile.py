@@ -176,7 +176,7 @@ class Links:
     internode_GBps: float
 
 
-FRONTEND_FIELDS = ("per_request_s", "per_prompt_token_s", "per_output_token_s")
+FRONTEND_FIELDS = ("per_request_s", "per_prompt_token_s", "per_output_token_s", "transport_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +188,11 @@ class FrontendCosts:
     ``per_prompt_token_s``: tokenization / input processing per prompt token;
     ``per_output_token_s``: detokenization and streaming per output token
     (``vllm/v1/engine/output_processor.py`` ``OutputProcessor.process_outputs`` -> incremental
-    detokenizer, then the SSE chunk written by ``serving_completion.py``).
+    detokenizer, then the SSE chunk written by ``serving_completion.py``);
+    ``transport_s``: one-way delay between the API server and the engine core, paid by each request
+    on its way in and by its outputs on their way back, without holding a worker (V1's ZMQ sockets
+    between the two processes, ``vllm/v1/engine/core_client.py``; on a shared CPU, also the wait for
+    the other process to be scheduled).
 
     vLLM runs all of these on the API server's single asyncio event loop, one per API server process
     (``--api-server-count``), so they are modelled as first-come-first-served work on
@@ -199,10 +203,12 @@ class FrontendCosts:
     per_request_s: float = 0.0
     per_prompt_token_s: float = 0.0
     per_output_token_s: float = 0.0
+    transport_s: float = 0.0
 
     @property
     def enabled(self) -> bool:
-        return self.per_request_s > 0 or self.per_prompt_token_s > 0 or self.per_output_token_s > 0
+        return (self.per_request_s > 0 or self.per_prompt_token_s > 0 or self.per_output_token_s > 0
+                or self.transport_s > 0)
 
     def intake_seconds(self, num_prompt_tokens: int) -> float:
         """Frontend work before a request reaches the engine (setup + tokenization), seconds."""

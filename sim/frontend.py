@@ -38,6 +38,9 @@ at ``max(t, free_at)`` and the worker is next free at its end. A burst of ``N`` 
 workers with setup ``s`` therefore hands request ``k`` to the engine at ``(floor(k/c) + 1) * s``,
 and no first token reaches a client before ``floor(N/c) * s``.
 
+``transport_s`` delays the hand-off to the engine and the return of the first token and of the
+last token (before their jobs are queued) without holding a worker.
+
 With every cost zero the runner builds no frontend at all (runs are bit-identical).
 """
 
@@ -87,15 +90,20 @@ class Frontend:
         w = min(range(len(free)), key=lambda i: (free[i] if free[i] > now else now, i))
         call.worker = w
         cost = self.costs.intake_seconds(call.num_prompt_tokens)
-        done = self._queue(w, cost) + cost
+        done = self._queue(w, cost) + cost + self.costs.transport_s
         if done > now:
             yield self.env.timeout(delay_to(now, done))
 
     def first_token(self, call: FrontendCall, engine_at: float) -> None:
-        """Queue the first token's detokenize/stream job when the engine samples it (``engine_at``)."""
-        if engine_at > self.env.now:
-            self._at(engine_at, lambda: self.first_token(call, engine_at))
+        """Queue the first token's detokenize/stream job once it is back from the engine (it was
+        sampled at ``engine_at``)."""
+        back = engine_at + self.costs.transport_s
+        if back > self.env.now:
+            self._at(back, lambda: self._first_token(call))
             return
+        self._first_token(call)
+
+    def _first_token(self, call: FrontendCall) -> None:
         c = self.costs.per_output_token_s
         seen_at = self._queue(call.worker, c) + c
 
@@ -110,6 +118,13 @@ class Frontend:
     def finish(self, call: FrontendCall, deliver: Callable[[], None]) -> None:
         """Queue the job for the tokens after the first; ``deliver()`` runs once the client has the
         last token (and, as a stream is ordered, never before it has the first one)."""
+        tr = self.costs.transport_s
+        if tr > 0:
+            self._at(self.env.now + tr, lambda: self._finish(call, deliver))
+            return
+        self._finish(call, deliver)
+
+    def _finish(self, call: FrontendCall, deliver: Callable[[], None]) -> None:
         n = call.num_output_tokens
         if n <= 1:
             # one token: its first-token job is the whole output

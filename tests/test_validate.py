@@ -158,7 +158,7 @@ def test_frontend_handoff_times_follow_fifo_waves():
 def test_frontend_off_is_the_old_path_and_profile_roundtrip():
     d = BASE.to_dict()
     assert "frontend" not in d  # all zero: not written, profiles stay byte-identical
-    on = dataclasses.replace(BASE, frontend=FrontendCosts(0.001, 2e-6, 3e-5))
+    on = dataclasses.replace(BASE, frontend=FrontendCosts(0.001, 2e-6, 3e-5, 4e-4))
     assert profile_from_dict(on.to_dict()).frontend == on.frontend
     bad = {**on.to_dict(), "frontend": {"per_request_s": -1.0}}
     with pytest.raises(ConfigError, match="frontend.per_request_s"):
@@ -180,6 +180,22 @@ def test_frontend_output_cost_delays_first_and_last_token():
     b = replay(run, bench_config(None), dataclasses.replace(BASE, frontend=FrontendCosts(per_output_token_s=c)))
     assert b.ttfts[0] == pytest.approx(a.ttfts[0] + c, abs=1e-12)
     assert b.latencies[0] == pytest.approx(a.latencies[0] + c, abs=1e-12)
+
+
+def test_frontend_transport_delays_without_holding_a_worker():
+    """transport_s: the way in and the way back of a request (and of its outputs) add 2 x transport to
+    TTFT and E2E; it does not serialise a burst (no worker is held)."""
+    tr = 0.01
+    prof = dataclasses.replace(BASE, frontend=FrontendCosts(transport_s=tr))
+    run = bench_run([64], [20])
+    a = replay(run, bench_config(None), BASE)
+    b = replay(run, bench_config(None), prof)
+    assert b.ttfts[0] == pytest.approx(a.ttfts[0] + 2 * tr, abs=1e-12)
+    assert b.latencies[0] == pytest.approx(a.latencies[0] + 2 * tr, abs=1e-12)
+    burst = bench_run([64] * 50, [4] * 50)
+    a = replay(burst, bench_config(None), BASE)
+    b = replay(burst, bench_config(None), prof)
+    assert b.ttfts.tolist() == pytest.approx((a.ttfts + 2 * tr).tolist(), abs=1e-9)
 
 
 # ---------------------------------------------------------------------- agentsim validate
