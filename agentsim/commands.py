@@ -198,7 +198,7 @@ def register_commands(app: typer.Typer) -> None:
         """Simulate agent programs on a vLLM cluster and write Parquet results + manifest."""
         from agentsim.config import load_config
         from agentsim.metrics import write_results
-        from agentsim.outputs import check_result_dir, describe
+        from agentsim.outputs import preflight_result_dir
         from agentsim.sim.runner import run
 
         if rate is not None and arrival is None:
@@ -218,7 +218,7 @@ def register_commands(app: typer.Typer) -> None:
         }
         overrides.update(parse_set_options(set_))
         cfg = load_config(config, overrides)
-        note = describe(out, check_result_dir(out))  # before the run: never after the work is done
+        note = preflight_result_dir(out)  # before the run: never after the work is done
         if note:
             typer.echo(note, err=True)
         bar = _LazyProgress("simulating")

@@ -252,7 +252,12 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
         tmp = _sibling(out_dir, "tmp")
     if tmp.exists():
         _rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        from agentsim.outputs import OutputError
+
+        raise OutputError(str(out_dir), f"cannot write there ({e.strerror})") from None
     try:
         calls.to_parquet(tmp / "calls.parquet", index=False)
         programs.to_parquet(tmp / "programs.parquet", index=False)

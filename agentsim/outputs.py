@@ -55,6 +55,17 @@ def _is_cwd_or_ancestor(path: Path) -> bool:
     return p == cwd or p in cwd.parents
 
 
+def _check_parent(p: Path, where: str) -> None:
+    """The nearest existing ancestor of ``p`` must be a directory this process can write in."""
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(where, f"{parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputError(where, f"cannot write in {parent} (permission denied)")
+            return
+
+
 def is_result_dir(path: str | Path) -> bool:
     """True if ``path`` is a directory that agentsim wrote as a run result (and holds nothing else).
 
@@ -91,11 +102,7 @@ def check_result_dir(path: str | Path, option: str = "--out", allow_cwd: bool = 
     if p.is_symlink():
         raise OutputError(where, "is a symbolic link; give the directory itself")
     if not p.exists():
-        for parent in p.absolute().parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise OutputError(where, f"{parent} is a file, not a directory")
-                break
+        _check_parent(p, where)
         return NEW
     if not p.is_dir():
         raise OutputError(where, "is an existing file, not a result directory; choose another path")
@@ -104,6 +111,7 @@ def check_result_dir(path: str | Path, option: str = "--out", allow_cwd: bool = 
     except OSError as e:
         raise OutputError(where, f"cannot read the directory ({e.strerror})") from None
     if not entries:
+        _check_parent(p, where)
         return EMPTY
     if _is_cwd_or_ancestor(p):
         if allow_cwd and is_result_dir(p):
@@ -114,6 +122,7 @@ def check_result_dir(path: str | Path, option: str = "--out", allow_cwd: bool = 
         raise OutputError(where, "is the current directory (or holds it) and is not empty; "
                                  "name a new or empty directory, e.g. -o runs/NAME")
     if is_result_dir(p):
+        _check_parent(p, where)
         return REPLACE
     other = [e for e in entries if e not in RESULT_FILES] or entries
     raise OutputError(where, f"holds files agentsim did not write (e.g. {other[0]!r}); refusing to touch it "
@@ -127,6 +136,29 @@ def describe(path: str | Path, state: str) -> str | None:
     return None
 
 
+def preflight_result_dir(path: str | Path, option: str = "--out") -> str | None:
+    """:func:`check_result_dir`, then prove the directory the write will happen in is writable (a
+    hidden probe directory is made and removed there). Returns the stderr note (:func:`describe`).
+
+    For the CLI, before any work: a run is never computed only to find it cannot be written.
+    """
+    p = Path(path)
+    state = check_result_dir(p, option)
+    if state == EMPTY and _is_cwd_or_ancestor(p):
+        where_to = p
+    elif state == NEW:
+        where_to = next(a for a in p.absolute().parents if a.exists())
+    else:
+        where_to = p.absolute().parent
+    probe = where_to / f".agentsim-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise OutputError(_where(p, option), f"cannot write in {where_to} ({e.strerror})") from None
+    return describe(p, state)
+
+
 def check_sweep_dir(path: str | Path, option: str = "--out") -> str:
     """Classify a sweep output directory: ``"new"``, ``"empty"`` or ``"replace"`` (a previous sweep).
 
@@ -138,11 +170,7 @@ def check_sweep_dir(path: str | Path, option: str = "--out") -> str:
     if p.is_symlink():
         raise OutputError(where, "is a symbolic link; give the directory itself")
     if not p.exists():
-        for parent in p.absolute().parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise OutputError(where, f"{parent} is a file, not a directory")
-                break
+        _check_parent(p, where)
         return NEW
     if not p.is_dir():
         raise OutputError(where, "is an existing file, not a sweep directory; choose another path")
@@ -178,11 +206,7 @@ def check_output_file(path: str | Path, option: str = "--out", is_ours=None) -> 
             return REPLACE
         raise OutputError(where, "exists and was not written by agentsim; refusing to overwrite it "
                                  "-- choose a new path or remove it yourself")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(where, f"{parent} is a file, not a directory")
-            break
+    _check_parent(p, where)
     return NEW
 
 
@@ -250,4 +274,4 @@ def is_agentsim_trace(path: str | Path) -> bool:
 
 __all__ = ["OutputError", "RESULT_FILES", "SWEEP_ENTRIES", "NEW", "EMPTY", "REPLACE", "is_result_dir",
            "check_result_dir", "check_sweep_dir", "check_output_file", "check_resumable_dir", "is_agentsim_trace",
-           "is_agentsim_profile", "is_parquet", "describe"]
+           "is_agentsim_profile", "is_parquet", "describe", "preflight_result_dir"]

@@ -299,8 +299,13 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
                 continue
             stale += 1
         todo.append((cid, cell))
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    _write_marker(out, spec)
+    try:
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        _write_marker(out, spec)
+    except OSError as e:
+        from agentsim.outputs import OutputError
+
+        raise OutputError(f"{option} {out}", f"cannot write there ({e.strerror})") from None
     if console is not None:
         total = len(rows) + len(todo)
         if rows:

@@ -123,9 +123,9 @@ def live(
         raise ConfigError("--endpoints", "give at least one URL")
     if config is not None and local_nodes is None and address is None and not eps:
         local_nodes = cfg.cluster.num_nodes
-    from agentsim.outputs import check_result_dir, describe
+    from agentsim.outputs import preflight_result_dir
 
-    note = describe(out, check_result_dir(out))  # before any engine starts: never clobber the user's files
+    note = preflight_result_dir(out)  # before any engine starts: never clobber the user's files
     if note:
         typer.echo(note, err=True)
     opt = LiveOptions(drain=cfg.sim.drain, drain_timeout=drain_timeout, flush_interval=flush_interval,

@@ -525,3 +525,13 @@ def test_writer_rewrites_its_own_result_in_the_current_directory(tmp_path, monke
     with pytest.raises(OutputError):
         write_results(".", *frames[:4], {"schema_version": 1, "flush": 3})
     assert snapshot(tmp_path) == before
+
+
+def test_unwritable_output_refused_before_the_run(tmp_path):
+    """A path that cannot be created is one line and exit 2 before the work (not a traceback after it)."""
+    for args in (["simulate", "--duration", "100000", "-o", "/proc/agentsim-run"],
+                 ["sweep", _spec(tmp_path, "[grid]\nseed = [0]\n"), "-o", "/proc/agentsim-sweep"]):
+        t0 = time.monotonic()
+        p = agentsim_cli(*args)
+        assert p.returncode == 2 and "/proc/agentsim-" in one_error_line(p), p.stderr
+        assert time.monotonic() - t0 < 60
