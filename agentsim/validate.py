@@ -95,6 +95,19 @@ def lead_in(run: BenchRun) -> float:
     return max(0.0, run.duration - span)
 
 
+def check_fits(run: BenchRun, cfg: RunConfig, profile) -> None:
+    """Raise :class:`BenchError` naming the file and the request if a request is longer than the
+    engine's context (``max_model_len``) -- before any replay runs."""
+    from agentsim.bench import BenchError
+
+    max_len = cfg.cluster.engine.max_model_len or profile.model.max_model_len
+    for i, (a, b) in enumerate(zip(run.input_lens, run.output_lens)):
+        if a + max(b, 1) > max_len:
+            raise BenchError(f"{run.path}: input_lens[{i}]",
+                             f"{a} prompt + {b} output tokens exceed the engine's max_model_len {max_len} "
+                             "(set cluster.engine.max_model_len as the server had it)")
+
+
 def replay(run: BenchRun, cfg: RunConfig, profile=None, seed: int = 0) -> Replay:
     """Simulate ``run``'s requests under ``cfg`` (see :func:`bench_config`); ``profile`` overrides the
     config's. Raises :class:`ConfigError` for settings the simulator rejects (a request longer than
@@ -265,6 +278,8 @@ def validate(paths: Sequence[str | Path], config: str | Path | None = None, prof
     cfg = bench_config(config, profile)
     cl = cfg.cluster
     prof = resolve_profile(cl.profile, cl.gpu, cl.model, cl.tp)
+    for run in runs:
+        check_fits(run, cfg, prof)
     out = []
     for run in runs:
         rep = replay(run, cfg, prof, seed)

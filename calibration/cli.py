@@ -219,6 +219,10 @@ def bench_cmd(
     cfg = bench_config(config, profile)
     cl = cfg.cluster
     start = resolve_profile(cl.profile, cl.gpu, cl.model, cl.tp)
+    from agentsim.validate import check_fits
+
+    for run in [*runs, *held]:
+        check_fits(run, cfg, start)
     fit = calibrate_bench(start, runs, cfg, held, all_terms=all_terms, max_evaluations=max_evaluations)
     prof = with_provenance(fit, [str(p) for p in bench], [str(p) for p in (holdout or [])],
                            str(config) if config else None, cfg, start)

@@ -268,6 +268,10 @@ def test_bad_config_and_malformed_json_exit_2(tmp_path):
     assert p.returncode == 2 and f"{broken}:" in p.stderr and not out.exists()
     with pytest.raises(BenchError, match="output_lens"):
         load_bench(write(tmp_path / "x.json", {**GOOD, "output_lens": [1, 2, 3]}))
+    long = write(tmp_path / "long.json", {**GOOD, "input_lens": [10, 9000]})
+    p = agentsim("validate", long, "--out", out)
+    assert p.returncode == 2 and f"{long}: input_lens[1]" in p.stderr and "max_model_len" in p.stderr
+    assert not out.exists()
 
 
 def test_max_concurrency_limits_requests_in_flight():
