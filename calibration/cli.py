@@ -240,3 +240,6 @@ def bench_cmd(
             f"{m} {s[f'mean_abs_{m}']:.1%}" for m in OBJECTIVE if f"mean_abs_{m}" in s) + f"; max {s['max_abs']:.1%}")
         for f, e in zip(files, errs):
             print(f"  {f}: " + ", ".join(f"{m} {v:+.1%}" for m, v in e.items()))
+        if label != "train" and not held and (len(runs) - 1) * len(OBJECTIVE) < len(fit.terms):
+            print(f"  note: each leave-one-out fit had {(len(runs) - 1) * len(OBJECTIVE)} measured errors for "
+                  f"{len(fit.terms)} terms; fit on more files (one run per load) for a meaningful estimate")
