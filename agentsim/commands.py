@@ -246,6 +246,10 @@ def register_commands(app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Parallel worker processes, >= 1 "
                                                                             "(default: CPU count)."),
         ray_address: Optional[str] = typer.Option(None, "--ray", help="Run cells as Ray tasks on this cluster address."),
+        set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="Override a [base] config field for every cell: dotted KEY, VALUE as "
+                                            "TOML (e.g. --set duration=30); repeatable; cells computed with "
+                                            "another value are stale and rerun."),
         as_json: bool = typer.Option(False, "--json", help="Print the combined table as JSON (one object per cell)."),
     ) -> None:
         """Run a grid of simulations (policies x parameters x seeds); resumable, one combined table."""
@@ -254,7 +258,7 @@ def register_commands(app: typer.Typer) -> None:
 
         if workers is not None and workers < 1:
             raise ConfigError("--workers", f"must be >= 1, got {workers}")
-        sp = load_spec(spec)
+        sp = load_spec(spec, overrides=parse_set_options(set_))
         try:
             table = run_sweep(sp, out=out, workers=workers, ray_address=ray_address, console=err)
         except CellFailed as e:  # a fault in a run (not bad input): one line, exit 1

@@ -70,8 +70,11 @@ class SweepSpec:
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
 
-def load_spec(path: str | Path, check: bool = True) -> SweepSpec:
+def load_spec(path: str | Path, check: bool = True, overrides: dict | None = None) -> SweepSpec:
     """Read and validate a sweep spec (every cell, see :func:`check_cell`, unless ``check=False``).
+
+    ``overrides`` (dotted key -> value, ``sweep --set``) are set in ``[base]``; a key the grid
+    varies is refused (the grid would overwrite it).
 
     Raises ConfigError naming ``SPEC: section.key`` (or ``SPEC: grid cell {...}: field``).
     """
@@ -112,6 +115,15 @@ def load_spec(path: str | Path, check: bool = True) -> SweepSpec:
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"{path}: grid.{k}", "must be a non-empty list")
+    if overrides:
+        base = json.loads(json.dumps(base))
+        for k, v in overrides.items():
+            if any(k == g or k.startswith(g + ".") or g.startswith(k + ".") for g in grid):
+                raise ConfigError(f"--set {k}", f"the grid of {path} varies {k}; change [grid] instead")
+            try:
+                _set(base, k, v)
+            except ConfigError as e:
+                raise ConfigError(f"--set {k}", e.message) from None
     try:  # an unknown key in [base] is named there, not in a grid cell
         config_from_dict(base)
     except AgentsimError as e:

@@ -535,3 +535,22 @@ def test_unwritable_output_refused_before_the_run(tmp_path):
         p = agentsim_cli(*args)
         assert p.returncode == 2 and "/proc/agentsim-" in one_error_line(p), p.stderr
         assert time.monotonic() - t0 < 60
+
+
+def test_sweep_set_overrides_base_and_makes_cells_stale(tmp_path):
+    spec = _spec(tmp_path, f"""
+        [sweep]
+        out = "{tmp_path / 'sw'}"
+        [base]
+        duration = 5.0
+        [base.workload]
+        agents = 2
+        [grid]
+        seed = [0, 1]
+    """)
+    assert agentsim_cli("sweep", spec, "-j", "1").returncode == 0
+    p = agentsim_cli("sweep", spec, "-j", "1", "--set", "duration=6.0", "--json")
+    assert p.returncode == 0 and "stale: 2 of 2" in p.stderr
+    assert [r["duration_s"] for r in json.loads(p.stdout)] == [6.0, 6.0]
+    p = agentsim_cli("sweep", spec, "--set", "seed=3")
+    assert p.returncode == 2 and "--set seed" in one_error_line(p)
