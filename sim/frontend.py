@@ -146,7 +146,13 @@ class Frontend:
             if call.client_first_token_at >= 0:
                 deliver()
             else:
-                call.finish_pending = deliver  # the first token's job has not completed yet
+                # the first token's job has not completed yet (another worker's order): the last
+                # token is shown once the first one is
+                def ordered() -> None:
+                    call.client_finish_at = max(call.client_finish_at, call.client_first_token_at)
+                    deliver()
+
+                call.finish_pending = ordered
 
         self._at(seen_at, seen)
 
