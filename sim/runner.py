@@ -3,7 +3,10 @@
 Processes are named after their actors: ``agent`` (closed loop: one program after another),
 ``arrivals`` (Poisson or trace), ``program`` (steps one program's generator), and each engine's
 own loop (:mod:`agentsim.sim.engine`). The route policy is consulted once per LLM call, with the
-engines as read-only views; the bundle's hooks see program and call events.
+engines as read-only views; the bundle's hooks see program and call events. When the profile has
+frontend costs, each engine gets vLLM's API server in front of it (:mod:`agentsim.sim.frontend`): a
+call reaches the engine after its setup and tokenization, and its recorded first-token and finish
+times are when the client sees them.
 """
 
 from __future__ import annotations
