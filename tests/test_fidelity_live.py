@@ -23,8 +23,11 @@ other. The checks are:
 1. the run calibrated on is reproduced within ``FIT_TOL`` = 10 % on duration, output throughput,
    mean TTFT and mean TPOT (the fitter has six host/frontend terms for four numbers; it reached
    1-3 % on the stored burst);
-2. a repeat of the same load is within ``|calibrated run / repeat - 1| + FIT_TOL`` on each of those
-   metrics: no worse than the measured run-to-run difference plus the fit tolerance;
+2. a repeat of the same load is within ``(1 + FIT_TOL) * (1 + |calibrated run / repeat - 1|) - 1``
+   on each of those metrics: the fit's tolerance compounded with the measured run-to-run
+   difference. The repeat sends the same requests, so this checks that the replay of a file
+   depends on its requests and arrivals only (the same simulated figures for both runs), and shows
+   how far a single measured run can be from the next one: it is not a tighter test of the model;
 3. Poisson loads below the server's capacity: duration and output throughput within
    ``POISSON_TOL`` = 20 %. Their duration is mostly the arrival schedule (repeat spread 2-11 %) plus
    the last requests' latency, so a simulator that got the engine's capacity badly wrong (or the
@@ -99,9 +102,10 @@ def check_fitted_and_repeat(metrics: dict[str, dict], fitted: Path, repeats: lis
         d = json.loads(rep.read_text())
         for k in HEADLINE:
             noise = abs(base[k] / d[k] - 1)
+            bound = (1 + FIT_TOL) * (1 + noise) - 1
             err = metrics[rep.name][k]["rel_error"]
-            assert abs(err) <= noise + FIT_TOL, (
-                f"{rep.name} {k}: {err:+.1%} vs the measured repeat difference {noise:.1%} + {FIT_TOL:.0%}")
+            assert abs(err) <= bound, (
+                f"{rep.name} {k}: {err:+.1%}; the runs differ by {noise:.1%}, so the bound is {bound:.1%}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,20 +184,24 @@ def _bench(srv, model: Path, out: Path, n: int, rate: str, mc: int | None) -> Pa
 
 
 def _warm_up(url: str, n: int = 32) -> None:
-    """A burst of ``n`` completions first: the first batches of each size after start-up pay one-off
-    costs (in the stored session the first burst of 128 took 1.5 s, the next ones 0.93 s)."""
+    """Two bursts of ``n`` completions first: the first batches of each size after start-up pay
+    one-off costs (in one session the first burst of 128 took 1.5 s, the next ones 0.93 s)."""
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    body = json.dumps({"model": F.SERVED_NAME, "prompt": "warm up " * 16, "max_tokens": 32,
-                       "ignore_eos": True}).encode()
+    # streamed, as `vllm bench serve` asks: the streaming path has first-use costs of its own (after a
+    # non-streamed warm-up the first measured burst of 32 still took 0.55 s, the next 0.28 s)
+    body = json.dumps({"model": F.SERVED_NAME, "prompt": "warm up " * 16, "max_tokens": 32, "ignore_eos": True,
+                       "stream": True}).encode()
 
     def one(_: int) -> int:
         req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
-        return json.loads(urllib.request.urlopen(req, timeout=120).read())["usage"]["completion_tokens"]
+        text = urllib.request.urlopen(req, timeout=120).read().decode()
+        return sum(1 for line in text.splitlines() if line.startswith("data: {"))
 
-    with ThreadPoolExecutor(n) as pool:
-        assert list(pool.map(one, range(n))) == [32] * n
+    for _ in range(2):
+        with ThreadPoolExecutor(n) as pool:
+            assert all(chunks >= 1 for chunks in pool.map(one, range(n)))
 
 
 @pytest.mark.slow
