@@ -271,13 +271,20 @@ def load_of(f: Path) -> str:
     return f.stem.rsplit("_r", 1)[0]
 
 
-def validate(work: Path, data: Path, profile: Path, calibrate_on: tuple[str, ...]) -> dict:
+def pick_files(data: Path, calibrate_on: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
+    """(every result file in ``data``, the first repeats of the ``calibrate_on`` loads); exits 2 when
+    either is empty."""
     files = sorted(p for p in data.glob("*.json") if p.name != "profile.json")
     if not files:
         die(f"{data}: no bench result files (*.json)")
     cal = [f for f in files if load_of(f) in calibrate_on and f.stem.endswith("_r1")]
     if not cal:
         die(f"{data}: none of the calibration loads {', '.join(calibrate_on)} has a first repeat (NAME_r1.json)")
+    return files, cal
+
+
+def validate(work: Path, data: Path, profile: Path, calibrate_on: tuple[str, ...]) -> dict:
+    files, cal = pick_files(data, calibrate_on)
     cfg = write_config(work / "engine.toml", profile)
     calibrated = work / "calibrated.json"
     t = time.perf_counter()
@@ -347,6 +354,12 @@ def main() -> None:
             if n not in known:
                 die(f"{opt}: unknown load {n!r} (known: {', '.join(known)})")
     loads = {n: known[n] for n in args.loads.split(",")} if args.loads else (QUICK_LOADS if args.quick else LOADS)
+    calibrate_on = tuple(args.calibrate_on.split(",")) if args.calibrate_on else (
+        QUICK_CALIBRATE_ON if args.quick else CALIBRATE_ON)
+    if args.data is not None:
+        pick_files(args.data, calibrate_on)
+    elif not set(calibrate_on) & set(loads):
+        die(f"--calibrate-on: none of {', '.join(calibrate_on)} is among the loads measured ({', '.join(loads)})")
     work = args.out or Path(tempfile.mkdtemp(prefix="agentsim-fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work directory: {work}", flush=True)
@@ -358,8 +371,6 @@ def main() -> None:
         if args.measure_only:
             return
         profile = profile_engine(work, 2 if args.quick else args.profile_reps)
-    calibrate_on = tuple(args.calibrate_on.split(",")) if args.calibrate_on else (
-        QUICK_CALIBRATE_ON if args.quick else CALIBRATE_ON)
     validate(work, data, profile, calibrate_on)
 
 
