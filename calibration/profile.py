@@ -112,13 +112,17 @@ class StepTimeCoefficients:
     knee_tokens: float = 0.0
 
     def predict(self, num_prefill_tokens: int, prefill_attn_pairs: float, num_decode_seqs: int,
-                decode_ctx_tokens: int, num_prefill_seqs: int = 0, num_sampled: int = -1) -> float:
+                decode_ctx_tokens: int, num_prefill_seqs: int = 0, num_sampled: int = -1,
+                num_scheduled: int = -1) -> float:
         """Seconds for one engine step with the given batch features (see the class docstring);
-        ``num_sampled = -1`` means every scheduled sequence samples. Plain float arithmetic: this is
-        the simulator's hot path."""
+        ``num_sampled = -1`` means every sequence in the step samples; ``num_scheduled = -1`` means
+        every sequence in the step was scheduled for it (a V0 multi-step chunk schedules once, so its
+        steps 2..K pass 0: ``vllm/engine/llm_engine.py`` skips ``scheduler.schedule()`` while a
+        multi-step chunk is in flight). Plain float arithmetic: this is the simulator's hot path."""
         num_seqs = num_prefill_seqs + num_decode_seqs
         if num_sampled < 0:
             num_sampled = num_seqs
+        sched = num_seqs if num_scheduled < 0 else num_scheduled
         num_tokens = num_prefill_tokens + num_decode_seqs
         knee = self.knee_tokens
         return (
@@ -127,7 +131,7 @@ class StepTimeCoefficients:
             + self.per_prefill_attn_pair * prefill_attn_pairs
             + self.per_decode_seq * num_decode_seqs
             + self.per_decode_ctx_token * decode_ctx_tokens
-            + self.per_scheduled_seq * num_seqs
+            + self.per_scheduled_seq * sched
             + self.per_sampled_token * num_sampled
             + self.per_batched_token * (num_tokens if num_tokens > knee else knee)
         )
@@ -136,6 +140,7 @@ class StepTimeCoefficients:
         """Each term's seconds for ``batch`` (keys: the coefficient names; they sum to :meth:`predict`)."""
         num_seqs = batch.num_prefill_seqs + batch.num_decode_seqs
         sampled = num_seqs if batch.num_sampled < 0 else batch.num_sampled
+        sched = num_seqs if batch.num_scheduled < 0 else batch.num_scheduled
         num_tokens = batch.num_prefill_tokens + batch.num_decode_seqs
         return {
             "const": self.const,
@@ -143,7 +148,7 @@ class StepTimeCoefficients:
             "per_prefill_attn_pair": self.per_prefill_attn_pair * batch.prefill_attn_pairs,
             "per_decode_seq": self.per_decode_seq * batch.num_decode_seqs,
             "per_decode_ctx_token": self.per_decode_ctx_token * batch.decode_ctx_tokens,
-            "per_scheduled_seq": self.per_scheduled_seq * num_seqs,
+            "per_scheduled_seq": self.per_scheduled_seq * sched,
             "per_sampled_token": self.per_sampled_token * sampled,
             "per_batched_token": self.per_batched_token * max(num_tokens, self.knee_tokens),
         }
@@ -158,7 +163,9 @@ class BatchShape:
     ``num_decode_seqs``: sequences decoding one token; ``decode_ctx_tokens``: sum of their context lengths;
     ``num_prefill_seqs``: sequences with a prefill chunk this step;
     ``num_sampled``: sequences that sample a token at the end of this step (decodes + prefills that
-    finish their prompt); ``-1`` means "every scheduled sequence".
+    finish their prompt); ``-1`` means "every sequence in the step";
+    ``num_scheduled``: sequences the scheduler planned for this step (host work per scheduled
+    sequence); ``-1`` means "every sequence in the step" (0 for steps 2..K of a V0 multi-step chunk).
     """
 
     num_prefill_tokens: int = 0
@@ -167,6 +174,7 @@ class BatchShape:
     decode_ctx_tokens: int = 0
     num_prefill_seqs: int = 0
     num_sampled: int = -1
+    num_scheduled: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,13 +245,14 @@ class Profile:
         """Seconds for one engine step of shape ``batch`` (the one rule the engine model and
         calibration both use)."""
         return self.step_seconds(batch.num_prefill_tokens, batch.prefill_attn_pairs, batch.num_decode_seqs,
-                                 batch.decode_ctx_tokens, batch.num_prefill_seqs, batch.num_sampled)
+                                 batch.decode_ctx_tokens, batch.num_prefill_seqs, batch.num_sampled,
+                                 batch.num_scheduled)
 
     @property
     def step_seconds(self) -> Callable[..., float]:
         """:meth:`step_time` with the batch features as positional numbers: call it as
         ``step_seconds(num_prefill_tokens, prefill_attn_pairs, num_decode_seqs, decode_ctx_tokens,
-        num_prefill_seqs=0, num_sampled=-1) -> seconds`` (the simulator's hot path).
+        num_prefill_seqs=0, num_sampled=-1, num_scheduled=-1) -> seconds`` (the simulator's hot path).
 
         It is :meth:`StepTimeCoefficients.predict` of this profile's coefficients, handed out as a
         bound method so a call costs one Python call, not two."""

@@ -862,7 +862,8 @@ class Engine:
         times = [t]
         dts = [dt1]
         for _ in range(1, k):
-            dt = step_seconds(0, 0, nb, ctx, 0, nb)
+            # steps 2..K are not scheduled again: no per-scheduled-sequence host cost
+            dt = step_seconds(0, 0, nb, ctx, 0, nb, 0)
             t = t + dt
             times.append(t)
             dts.append(dt)

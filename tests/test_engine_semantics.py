@@ -148,6 +148,40 @@ def test_multi_step_delivers_tokens_in_chunks_of_k():
     assert _times(c1["finish_at"]) == [11, 6]
 
 
+def test_multi_step_charges_scheduling_once_per_chunk():
+    """Steps 2..K of a multi-step chunk are not scheduled again (``vllm/engine/llm_engine.py``
+    skips ``schedule()`` while a chunk is in flight), so the per-scheduled-sequence host cost is paid
+    on the chunk's first step only; the per-sampled-token cost every step (a token is sampled each
+    step). Hand count with const 10 ms, 1 ms per scheduled sequence, 0.5 ms per sampled token, one
+    call (16 + 9 tokens), K = 4: prefill step 11.5 ms (token 1); chunk 1: 11.5 + 3 x 10.5 ms (tokens
+    2-5); chunk 2: the same (tokens 6-9) -> 9 tokens at 11.5 + 2 x 43 = 97.5 ms.
+    """
+    import dataclasses
+
+    from agentsim.calibration.profile import StepTimeCoefficients
+
+    base = constant_profile(STEP)
+    prof = dataclasses.replace(base, coefficients=StepTimeCoefficients(
+        const=0.010, per_prefill_token=0.0, per_prefill_attn_pair=0.0, per_decode_seq=0.0,
+        per_decode_ctx_token=0.0, per_scheduled_seq=0.001, per_sampled_token=0.0005))
+    SCENARIOS["one9"] = [(0.0, 16, 9)]
+    try:
+        cfg = _cfg("one9", {"scheduler": "v0", "num_scheduler_steps": 4})
+        r = Simulation(cfg, profile=prof).run()
+    finally:
+        del SCENARIOS["one9"]
+    c = r.calls.iloc[0]
+    assert c["first_token_at"] == pytest.approx(0.0115)
+    assert c["finish_at"] == pytest.approx(0.0115 + 2 * (0.0115 + 3 * 0.0105))
+    # without multi-step every decode step is scheduled: 8 x 11.5 ms after the prefill
+    SCENARIOS["one9"] = [(0.0, 16, 9)]
+    try:
+        r1 = Simulation(_cfg("one9", {"scheduler": "v0"}), profile=prof).run()
+    finally:
+        del SCENARIOS["one9"]
+    assert r1.calls.iloc[0]["finish_at"] == pytest.approx(9 * 0.0115)
+
+
 def test_multi_step_needs_v0():
     with pytest.raises(ConfigError, match="num_scheduler_steps"):
         EngineLimits(num_scheduler_steps=4)
