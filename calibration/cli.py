@@ -52,11 +52,32 @@ def list_cmd() -> None:
 
 
 @app.command()
-def show(profile: str = typer.Argument(..., help="shipped profile name or path to a profile JSON")) -> None:
+def show(
+    profile: str = typer.Argument(None, help="shipped profile name or path to a profile JSON (or give --gpu/--model/--tp)"),
+    gpu: str = typer.Option(None, "--gpu", help="GPU kind (a100-80gb, h100-80gb, h200, b200, l40s, ...): with --model/--tp, "
+                                                "the profile a run would use (shipped, else derived)"),
+    model: str = typer.Option(None, "--model", help="shipped model name or a Hugging Face config.json path"),
+    tp: int = typer.Option(1, "--tp", min=1, help="tensor-parallel degree"),
+    save: Path = typer.Option(None, "--save", help="also write the profile as JSON (new file only), e.g. to fit it with calibrate bench"),
+) -> None:
     """Predicted step times (decode batch 1/32/128 at 1k/8k context, prefill 512/2k/8k) beside the HBM-bandwidth and FLOP rooflines, each step-time term's share for a few batches, and the KV capacity."""
+    from agentsim.calibration.profile import resolve_profile
     from agentsim.calibration.report import render_show
 
-    render_show(load_named_profile(profile), _console())
+    if profile is not None and (gpu or model):
+        raise ConfigError("PROFILE", "give a profile or --gpu/--model/--tp, not both")
+    if profile is not None:
+        prof = load_named_profile(profile)
+    elif gpu and model:
+        prof = resolve_profile(None, gpu, model, tp)  # shipped for (gpu, model, tp), else derived
+    else:
+        raise ConfigError("PROFILE", "missing: give a profile name/path, or --gpu and --model (and --tp)")
+    if save is not None and save.exists():
+        raise ConfigError(str(save), "exists: agentsim never overwrites a file with --save (choose a new path)")
+    render_show(prof, _console())
+    if save is not None:
+        prof.save(save)
+        print(f"wrote {save} ({prof.name}; {prof.provenance.get('kind', '?')})")
 
 
 @app.command()

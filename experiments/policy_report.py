@@ -1,4 +1,4 @@
-"""Run the policy studies (issue 5) and turn their sweeps into figures, tables and a PNG per study.
+"""Run the policy studies (experiments/specs/*.toml) and turn their sweeps into figures, tables and a PNG per study.
 
     python -m agentsim.experiments.policy_report autellix      # or scalesim, kvflow, toolgap, topology, all
     python -m agentsim.experiments.policy_report all --workers 2 --figures docs/figures/policies

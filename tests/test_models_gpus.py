@@ -299,3 +299,22 @@ def test_h200_build_never_overwrites_a_file_it_did_not_write(tmp_path):
     assert r.returncode == 2 and "h200_llama-3-8b_tp1.json" in r.stderr
     assert (tmp_path / "h200_llama-3-8b_tp1.json").read_text() == "my notes"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h200_llama-3-8b_tp1.json"]
+
+
+def test_calibrate_show_takes_gpu_model_tp_and_saves_a_derived_profile(tmp_path):
+    """``calibrate show --gpu --model --tp`` shows the profile a run would use (here derived: no
+    H100 tables are shipped) and ``--save`` writes it, never over an existing file."""
+    from agentsim.calibration.profile import load_profile
+
+    out = tmp_path / "h100.json"
+    cmd = [sys.executable, "-m", "agentsim", "calibrate", "show", "--gpu", "h100-80gb", "--model", "llama-3-8b",
+           "--save", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    p = load_profile(out)
+    assert p.provenance["kind"] == "derived" and p.gpu.name.lower().startswith("h100")
+    before = out.read_bytes()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "never overwrites" in r.stderr and out.read_bytes() == before
+    r = subprocess.run([sys.executable, "-m", "agentsim", "calibrate", "show"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr

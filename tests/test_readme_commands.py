@@ -4,7 +4,8 @@ Commands are taken from the README's ``bash`` (or unlabelled) code blocks — co
 joined, ``&&`` chains split, trailing comments dropped — and from ``# NAME.toml — agentsim ...``
 headers of TOML blocks. Each block whose first line is ``# NAME.toml`` (or ``# NAME.toml: ...``)
 is written to ``NAME.toml`` in a scratch directory, which links the repository's ``traces/`` and
-``experiments/`` so the README's paths resolve; the commands run there, in README order.
+``experiments/`` and ``tests/`` so the README's paths resolve; the commands run there, in README order,
+with shell globs expanded.
 
 The test says exactly which commands it changes or cannot run:
 
@@ -121,13 +122,13 @@ def _scratch(tmp: Path) -> Path:
     text = README.read_text()
     for name, body in readme_files(text).items():
         (tmp / name).write_text(body)
-    for d in ("traces", "experiments"):
+    for d in ("traces", "experiments", "tests"):
         (tmp / d).symlink_to(ROOT / d)
     return tmp
 
 
 def _run(cmd: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    argv = shlex.split(cmd)
+    argv = _expand(shlex.split(cmd), cwd)
     env = dict(os.environ, PYTHONHASHSEED="0", COLUMNS="200")
     while argv and re.match(r"^[A-Z_]+=", argv[0]):
         k, v = argv.pop(0).split("=", 1)
@@ -137,6 +138,20 @@ def _run(cmd: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     elif argv[:2] == ["python", "-m"]:
         argv = [sys.executable, *argv[1:]]
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _expand(argv: list[str], cwd: Path) -> list[str]:
+    """Shell globs (``tests/data/x/*_r1.json``) expanded as a shell would, sorted; a glob that
+    matches nothing fails the test (a shell would pass it on literally and the command would fail)."""
+    out = []
+    for a in argv:
+        if any(ch in a for ch in "*?[") and not a.startswith("-"):
+            hits = sorted(str(p.relative_to(cwd)) for p in cwd.glob(a))
+            assert hits, f"README glob {a!r} matches no file"
+            out.extend(hits)
+        else:
+            out.append(a)
+    return out
 
 
 def test_readme_commands_are_all_classified_and_found():
