@@ -55,20 +55,10 @@ class _LazyProgress:
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
-    """A value for a table: ``%`` for fractions (0-1), counts without decimals (``n``), anything
-    else with 3 significant digits at least (``0.0213``, ``4.56``, ``1,234.5``)."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if unit == "%":
-        return f"{v * 100:.1f}%"
-    if unit == "n":
-        return f"{v:,.0f}"
-    a = abs(v)
-    if a >= 100 or a == 0:
-        return f"{v:,.1f}"
-    if a >= 1:
-        return f"{v:,.2f}"
-    return f"{v:.3g}"
+    """A value for a table (see :func:`agentsim.metrics.format_value`)."""
+    from agentsim.metrics import format_value
+
+    return format_value(v, unit)
 
 
 def print_summary(summary: dict, title: str, stats: dict | None = None) -> None:

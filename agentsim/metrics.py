@@ -339,3 +339,21 @@ def _jsonable(x: Any) -> Any:
 
 def iter_rows(df: pd.DataFrame) -> Iterable[tuple]:
     return df.itertuples(index=False, name=None)
+
+
+def format_value(v: float | None, unit: str = "") -> str:
+    """A value for a printed table (``simulate``, ``sweep``, ``compare``): ``%`` for fractions (0-1),
+    counts without decimals (``n``), anything else with 3 significant digits at least (``0.0213``,
+    ``4.56``, ``1,234.5``); ``-`` for None or NaN."""
+    if v is None or v != v:
+        return "-"
+    if unit == "%":
+        return f"{v * 100:.1f}%"
+    if unit == "n":
+        return f"{v:,.0f}"
+    a = abs(v)
+    if a >= 100 or a == 0:
+        return f"{v:,.1f}"
+    if a >= 1:
+        return f"{v:,.2f}"
+    return f"{v:.3g}"

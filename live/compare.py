@@ -179,19 +179,10 @@ def mismatches(ra: dict, rb: dict) -> list[str]:
 
 
 def fmt_value(v: float, unit: str) -> str:
-    """A value in its row's unit with readable precision (3 significant digits at least)."""
-    if v != v:
-        return "-"
-    if unit == "%":
-        return f"{v * 100:.1f}%"
-    if unit == "n":
-        return f"{v:,.0f}"
-    a = abs(v)
-    if a >= 100 or a == 0:
-        return f"{v:,.1f}"
-    if a >= 1:
-        return f"{v:,.2f}"
-    return f"{v:.3g}"
+    """A value in its row's unit with readable precision (:func:`agentsim.metrics.format_value`)."""
+    from agentsim.metrics import format_value
+
+    return format_value(v, unit)
 
 
 def fmt_rel(r: float) -> str:
