@@ -434,24 +434,7 @@ class Engine:
                 if self._preemptive and self._try_preempt_for_head(now, decodes, prefills):
                     preempted = True
                 break
-            if self._dynamic:
-                self.waiting.pop(0)
-            else:
-                heapq.heappop(self.waiting)
-            if hit_blocks:
-                pool.touch(hit_blocks, now, call.program_id, call.agent_id)
-            call.blocks = hit_blocks
-            if need > 0:
-                call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(hit_blocks)))
-            call.num_computed = num_hit_tokens
-            if call.num_cached_tokens < 0:
-                call.num_cached_tokens = num_hit_tokens
-                call.scheduled_at = now
-            call.wait_time += now - call.enqueued_at
-            call.status = "running"
-            call._service_mark = self.busy_cum
-            running.append(call)
-            prefills.append((call, n))
+            self._admit(call, hit_blocks, need, num_hit_tokens, n, now, prefills)
             budget -= n
             n_prefill += n
             n_sampled += sampled
@@ -586,26 +569,32 @@ class Engine:
                 if self.tiers is not None and self.tiers.reclaim(call, short, now):
                     continue  # pinned KV released: look at the head again
                 break
-            if self._dynamic:
-                self.waiting.pop(0)
-            else:
-                heapq.heappop(self.waiting)
-            if hit_blocks:
-                pool.touch(hit_blocks, now, call.program_id, call.agent_id)
-            call.blocks = hit_blocks
-            need = required - len(hit_blocks)
-            if need > 0:
-                call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(hit_blocks)))
-            call.num_computed = num_hit_tokens
-            if call.num_cached_tokens < 0:
-                call.num_cached_tokens = num_hit_tokens
-                call.scheduled_at = now
-            call.wait_time += now - call.enqueued_at
-            call.status = "running"
-            call._service_mark = self.busy_cum
-            running.append(call)
-            prefills.append((call, n))
+            self._admit(call, hit_blocks, required - len(hit_blocks), num_hit_tokens, n, now, prefills)
             budget -= n
+
+    def _admit(self, call: SimCall, hit_blocks: list, need: int, num_hit_tokens: int, n: int, now: float,
+               prefills: list) -> None:
+        """Move the waiting queue's head into the running batch (V0 and V1 alike): take references on
+        its prefix-cache hits, allocate ``need`` new blocks, and schedule ``n`` of its tokens this step."""
+        if self._dynamic:
+            self.waiting.pop(0)
+        else:
+            heapq.heappop(self.waiting)
+        pool = self.pool
+        if hit_blocks:
+            pool.touch(hit_blocks, now, call.program_id, call.agent_id)
+        call.blocks = hit_blocks
+        if need > 0:
+            call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(hit_blocks)))
+        call.num_computed = num_hit_tokens
+        if call.num_cached_tokens < 0:
+            call.num_cached_tokens = num_hit_tokens
+            call.scheduled_at = now
+        call.wait_time += now - call.enqueued_at
+        call.status = "running"
+        call._service_mark = self.busy_cum
+        self.running.append(call)
+        prefills.append((call, n))
 
     def _lookup(self, call: SimCall) -> list[BlockView]:
         if not self.prefix_caching:
