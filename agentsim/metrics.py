@@ -241,7 +241,7 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
     current directory holding a result is refused by the CLI). A run that fails part-way leaves no
     directory that looks like a result.
     """
-    from agentsim.outputs import EMPTY, REPLACE, check_result_dir
+    from agentsim.outputs import EMPTY, REPLACE, check_result_dir, swap_in
 
     out_dir = Path(out_dir)
     state = check_result_dir(out_dir, "", allow_cwd=True)
@@ -275,14 +275,8 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
                 os.replace(tmp / name, out_dir / name)
             tmp.rmdir()
         else:
-            state = check_result_dir(out_dir, "")  # again: the path may have changed while the run ran
-            if state == REPLACE:
-                old = _sibling(out_dir, "old")
-                out_dir.rename(old)
-                tmp.rename(out_dir)
-                _rmtree(old)
-            else:  # new, or an empty directory (rename(2) replaces an empty directory)
-                tmp.rename(out_dir)
+            check_result_dir(out_dir, "")  # again: the path may have changed while the run ran
+            swap_in(tmp, out_dir)
     except BaseException:
         _rmtree(tmp)
         raise

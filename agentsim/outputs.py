@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from agentsim.errors import AgentsimError
@@ -88,6 +89,38 @@ def is_result_dir(path: str | Path) -> bool:
     return isinstance(manifest, dict) and "schema_version" in manifest
 
 
+def dir_entries(p: Path, where: str, kind: str) -> list[str] | None:
+    """The sorted entry names of an output directory ``p`` about to be written, or None if it does
+    not exist (its parent checked). Raises :class:`OutputError` (naming ``where``) for a symbolic
+    link, an existing file (not a ``kind``) or an unreadable directory."""
+    if p.is_symlink():
+        raise OutputError(where, "is a symbolic link; give the directory itself")
+    if not p.exists():
+        _check_parent(p, where)
+        return None
+    if not p.is_dir():
+        raise OutputError(where, f"is an existing file, not a {kind}; choose another path")
+    try:
+        return sorted(e.name for e in os.scandir(p))
+    except OSError as e:
+        raise OutputError(where, f"cannot read the directory ({e.strerror})") from None
+
+
+def swap_in(tmp: Path, dest: Path) -> None:
+    """Move the finished directory ``tmp`` to ``dest``: rename(2) for a new path or an empty directory
+    (it replaces an empty one); a non-empty ``dest`` -- which the caller has checked is a previous
+    agentsim output -- is swapped out by two renames and only then deleted, so ``dest`` is never
+    missing or half-written."""
+    if dest.exists() and any(True for _ in os.scandir(dest)):
+        named = dest if dest.name not in ("", ".", "..") else dest.resolve()
+        old = named.parent / f".{named.name}.old-{os.getpid()}"
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
+
+
 def check_result_dir(path: str | Path, option: str = "--out", allow_cwd: bool = False) -> str:
     """Classify a result-directory path: ``"new"``, ``"empty"`` or ``"replace"`` (a previous result).
 
@@ -99,17 +132,9 @@ def check_result_dir(path: str | Path, option: str = "--out", allow_cwd: bool = 
     """
     p = Path(path)
     where = _where(p, option)
-    if p.is_symlink():
-        raise OutputError(where, "is a symbolic link; give the directory itself")
-    if not p.exists():
-        _check_parent(p, where)
+    entries = dir_entries(p, where, "result directory")
+    if entries is None:
         return NEW
-    if not p.is_dir():
-        raise OutputError(where, "is an existing file, not a result directory; choose another path")
-    try:
-        entries = sorted(e.name for e in os.scandir(p))
-    except OSError as e:
-        raise OutputError(where, f"cannot read the directory ({e.strerror})") from None
     if not entries:
         _check_parent(p, where)
         return EMPTY
@@ -167,14 +192,9 @@ def check_sweep_dir(path: str | Path, option: str = "--out") -> str:
     """
     p = Path(path)
     where = _where(p, option)
-    if p.is_symlink():
-        raise OutputError(where, "is a symbolic link; give the directory itself")
-    if not p.exists():
-        _check_parent(p, where)
+    entries = dir_entries(p, where, "sweep directory")
+    if entries is None:
         return NEW
-    if not p.is_dir():
-        raise OutputError(where, "is an existing file, not a sweep directory; choose another path")
-    entries = sorted(e.name for e in os.scandir(p))
     if not entries:
         return EMPTY
     other = [e for e in entries if e not in SWEEP_ENTRIES and not e.startswith(".results.parquet.tmp")
@@ -274,4 +294,4 @@ def is_agentsim_trace(path: str | Path) -> bool:
 
 __all__ = ["OutputError", "RESULT_FILES", "SWEEP_ENTRIES", "NEW", "EMPTY", "REPLACE", "is_result_dir",
            "check_result_dir", "check_sweep_dir", "check_output_file", "check_resumable_dir", "is_agentsim_trace",
-           "is_agentsim_profile", "is_parquet", "describe", "preflight_result_dir"]
+           "is_agentsim_profile", "is_parquet", "describe", "preflight_result_dir", "dir_entries", "swap_in"]

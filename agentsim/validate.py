@@ -189,25 +189,24 @@ def is_validation_dir(path: Path) -> bool:
 
 def check_out_dir(path: Path) -> None:
     """Refuse (OutputError, one line) a path holding anything ``agentsim validate`` did not write."""
-    from agentsim.outputs import OutputError
+    from agentsim.outputs import OutputError, dir_entries
 
     where = f"--out {path}"
-    if path.is_symlink():
-        raise OutputError(where, "is a symbolic link; give the directory itself")
-    if not path.exists():
+    entries = dir_entries(path, where, "directory")
+    if entries is None:
         return
-    if not path.is_dir():
-        raise OutputError(where, "is an existing file, not a directory; choose another path")
-    if any(True for _ in os.scandir(path)) and not is_validation_dir(path):
+    if entries and not is_validation_dir(path):
         raise OutputError(where, "holds files agentsim validate did not write; refusing to touch it "
                                  "-- choose a new or empty directory")
-    if path.resolve() == Path.cwd().resolve() and any(True for _ in os.scandir(path)):
+    if entries and path.resolve() == Path.cwd().resolve():
         raise OutputError(where, "is the current directory and not empty; name a new directory")
 
 
 def write_out_dir(path: Path, report: dict, runs: Sequence[dict]) -> None:
     """Write ``validation.json`` and ``validation.png`` into ``path`` atomically (a hidden sibling,
-    then renamed; a previous validation is swapped out)."""
+    then :func:`agentsim.outputs.swap_in`; a previous validation is swapped out)."""
+    from agentsim.outputs import swap_in
+
     check_out_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -218,15 +217,7 @@ def write_out_dir(path: Path, report: dict, runs: Sequence[dict]) -> None:
         (tmp / "validation.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         plot(runs, tmp / "validation.png")
         check_out_dir(path)  # again: the path may have changed while the replays ran
-        if path.exists() and any(True for _ in os.scandir(path)):
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            if path.exists():
-                path.rmdir()
-            tmp.rename(path)
+        swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
