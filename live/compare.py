@@ -146,13 +146,16 @@ def _sim_model(m: dict, cl: dict) -> str:
     """The model a simulated run modelled: its profile's model (``--profile`` may name another
     model than ``cluster.model``), else ``cluster.model``."""
     prof = m.get("profile") or {}
+    if prof.get("model"):
+        return str(prof["model"])  # recorded by the run itself
     spec = prof.get("source") or prof.get("name")
-    if spec:
-        try:
-            from agentsim.calibration.profile import resolve_profile
+    if spec:  # a manifest written before the model was recorded: read the profile it names
+        from agentsim.calibration.profile import resolve_profile
+        from agentsim.errors import AgentsimError
 
+        try:
             return resolve_profile(str(spec), str(cl.get("gpu")), str(cl.get("model")), int(cl.get("tp") or 1)).model.name
-        except Exception:  # noqa: BLE001 - a profile file moved since the run: fall back to the config
+        except (AgentsimError, OSError, ValueError):  # the profile file moved since the run
             pass
     return str(cl.get("model"))
 

@@ -409,6 +409,7 @@ class Simulation:
             "seed": cfg.seed,
             "policy": self.bundle.name,
             "profile": {"name": self.profile.name, "source": self.profile.source,
+                        "model": self.profile.model.name, "gpu": self.profile.gpu.name,
                         "provenance": self.profile.provenance},
             "versions": _versions(),
             "git_revision": _git_revision(),

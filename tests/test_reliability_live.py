@@ -258,3 +258,10 @@ def test_compare_takes_the_sim_model_from_its_profile(tmp_path):
     sim = {"manifest": {"config": cfg, "profile": {"name": "cpu_tiny-llama_tp1", "source": str(tmp_path / "tiny.json")}}}
     live = {"manifest": {"config": cfg, "live_model": str(tmp_path / "models" / "tiny-llama")}}
     assert _what_ran(sim)["model"] == _what_ran(live)["model"] == "tiny-llama"
+    # a manifest that records the profile's model is read as is (the profile file need not exist)
+    recorded = {"manifest": {"config": cfg, "profile": {"name": "x", "source": str(tmp_path / "gone.json"),
+                                                         "model": "tiny-llama"}}}
+    assert _what_ran(recorded)["model"] == "tiny-llama"
+    # an old manifest whose profile file is gone falls back to the config's model
+    gone = {"manifest": {"config": cfg, "profile": {"name": "x", "source": str(tmp_path / "gone.json")}}}
+    assert _what_ran(gone)["model"] == "llama-3-8b"
