@@ -81,6 +81,10 @@ def _register_subapps() -> None:
         from agentsim.live.cli import compare_command
 
         app.command("compare")(compare_command)
+    if "study" not in {c.name for c in app.registered_commands}:
+        from agentsim.experiments.study_cli import register as register_study
+
+        register_study(app)
 
 
 def _register() -> None:

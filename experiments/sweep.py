@@ -22,6 +22,12 @@ whole resolved run config, the agentsim version and the size/mtime of the files 
 ``[base]``, another agentsim version or a changed input file are *stale*: the rerun says how many
 on stderr and recomputes them. ``out/sweep.json`` marks the directory as a sweep;
 ``out/results.parquet`` has one row per cell: the grid values plus the run summary.
+
+Linked keys: a grid key naming several dotted keys joined by commas takes a list of lists, zipped
+instead of crossed (``"cluster.num_nodes,workload.agents" = [[1, 200], [2, 400]]``: agents scaled with
+the nodes). A ``[quick]`` table holds the small grid of a study's ``--quick`` run (``load_spec(...,
+quick=True)``): ``[quick.grid]`` replaces those grid keys' values, ``[quick.base]`` sets dotted keys in
+``[base]``; an ordinary sweep ignores it.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from agentsim.workload import stable_id
 #: keys of the ``[sweep]`` table
 SWEEP_KEYS = ("out",)
 #: top-level entries of a spec
-SPEC_SECTIONS = ("sweep", "base", "base_config", "grid")
+SPEC_SECTIONS = ("sweep", "base", "base_config", "grid", "quick")
 
 
 class CellFailed(Exception):
@@ -63,15 +69,30 @@ class SweepSpec:
 
     @property
     def grid_keys(self) -> list[str]:
-        return list(self.grid)
+        """The dotted config keys the grid sets (a linked key ``"a,b"`` gives ``a`` and ``b``)."""
+        return [k for g in self.grid for k in _split_key(g)]
 
     def cells(self) -> list[dict]:
         keys = list(self.grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+        cells = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            cell: dict = {}
+            for k, v in zip(keys, values):
+                names = _split_key(k)
+                cell.update(zip(names, v) if len(names) > 1 else {k: v})
+            cells.append(cell)
+        return cells
 
 
-def load_spec(path: str | Path, check: bool = True, overrides: dict | None = None) -> SweepSpec:
+def _split_key(key: str) -> list[str]:
+    """The dotted keys of a grid key (several for a linked key ``"a,b"``)."""
+    return [k.strip() for k in key.split(",")] if "," in key else [key]
+
+
+def load_spec(path: str | Path, check: bool = True, overrides: dict | None = None, quick: bool = False) -> SweepSpec:
     """Read and validate a sweep spec (every cell, see :func:`check_cell`, unless ``check=False``).
+
+    ``quick`` applies the spec's ``[quick]`` table (the small grid of a study's ``--quick`` run).
 
     ``overrides`` (dotted key -> value, ``sweep --set``) are set in ``[base]``; a key the grid
     varies is refused (the grid would overwrite it).
@@ -112,13 +133,31 @@ def load_spec(path: str | Path, check: bool = True, overrides: dict | None = Non
     grid = data.get("grid", {})
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{path}: grid", "needs at least one key with a list of values")
+    quick_t = data.get("quick", {})
+    if not isinstance(quick_t, dict) or set(quick_t) - {"grid", "base"}:
+        raise ConfigError(f"{path}: quick", "must be a table with [quick.grid] and/or [quick.base] only")
+    if quick:
+        qgrid = quick_t.get("grid", {})
+        for k in qgrid:
+            if k not in grid:
+                raise ConfigError(f"{path}: quick.grid.{k}", "is not a key of [grid]")
+        grid = {**grid, **qgrid}
+        qbase = quick_t.get("base", {})
+        if qbase:
+            base = json.loads(json.dumps(base))
+            for k, v in qbase.items():
+                _set(base, k, v)
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"{path}: grid.{k}", "must be a non-empty list")
+        n = len(_split_key(k))
+        if n > 1 and any(not isinstance(x, list) or len(x) != n for x in v):
+            raise ConfigError(f"{path}: grid.{k}", f"a linked key takes lists of {n} values each")
     if overrides:
         base = json.loads(json.dumps(base))
         for k, v in overrides.items():
-            if any(k == g or k.startswith(g + ".") or g.startswith(k + ".") for g in grid):
+            if any(k == g or k.startswith(g + ".") or g.startswith(k + ".") for g in
+                   (x for key in grid for x in _split_key(key))):
                 raise ConfigError(f"--set {k}", f"the grid of {path} varies {k}; change [grid] instead")
             try:
                 _set(base, k, v)
@@ -280,12 +319,20 @@ def _write_marker(out: Path, spec: SweepSpec) -> None:
 
 
 def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = None,
-              ray_address: str | None = None, console=None) -> pd.DataFrame:
+              ray_address: str | None = None, console=None, progress=None, keep_going: bool = False) -> pd.DataFrame:
     """Run the cells that are missing or stale, then write and return the combined table.
+
+    ``console`` (rich, stderr) shows a progress bar: cells done / total, failures, elapsed time and
+    ETA (the mean time per finished cell so far times the cells left, the estimate rich's
+    ``TimeRemainingColumn`` makes). ``progress(done, total, message)`` is also called once before the
+    first cell and after every cell (``done`` counts reused cells too). With ``keep_going`` a cell that
+    fails (not bad input) does not stop the sweep: it is left out of the table and listed in
+    ``table.attrs["failed"]`` as ``"<cell id> <grid values>: <error>"``.
 
     Raises OutputError (before any cell runs) when ``out`` or a cell directory holds files agentsim
     did not write; ConfigError for ``workers < 1`` or a cell whose run finds bad input;
-    :class:`CellFailed` for any other failure of a cell (finished cells are kept: a rerun resumes).
+    :class:`CellFailed` for any other failure of a cell unless ``keep_going`` (finished cells are
+    kept: a rerun resumes).
     """
     from agentsim.outputs import check_result_dir, check_sweep_dir
 
@@ -318,29 +365,82 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
         from agentsim.outputs import OutputError
 
         raise OutputError(f"{option} {out}", f"cannot write there ({e.strerror})") from None
+    total = len(rows) + len(todo)
     if console is not None:
-        total = len(rows) + len(todo)
         if rows:
             console.print(f"resuming: {len(rows)} of {total} cells already done", highlight=False, soft_wrap=True)
         if stale:
             console.print(f"stale: {stale} of {total} cells were computed with another config, agentsim version "
                           "or input file; recomputing them", highlight=False, soft_wrap=True)
+    tracker = _Tracker(spec, console, total, len(rows), progress, keep_going, out)
     if todo:
-        if ray_address:
-            _run_ray(spec, todo, cells_dir, ray_address, rows, console, keys)
-        else:
-            _run_local(spec, todo, cells_dir, workers, rows, console, keys)
-    order = [cell_id(c) for c in spec.cells()]
+        with tracker:
+            if ray_address:
+                _run_ray(spec, todo, cells_dir, ray_address, rows, tracker, keys)
+            else:
+                _run_local(spec, todo, cells_dir, workers, rows, tracker, keys)
+    else:
+        tracker.report("all cells reused")
+    order = [cell_id(c) for c in spec.cells() if cell_id(c) in rows]
     table = pd.DataFrame([rows[c] for c in order])
-    metrics = sorted(c for c in table.columns if c not in spec.grid)
-    table = table[list(spec.grid) + metrics]
-    for k in spec.grid:
-        if k in table and table[k].map(type).nunique() > 1:
-            table[k] = table[k].astype(str)
-    tmp = out / ".results.parquet.tmp"
-    table.to_parquet(tmp, index=False)
-    tmp.replace(out / "results.parquet")
+    if len(table):
+        metrics = sorted(c for c in table.columns if c not in spec.grid_keys)
+        table = table[spec.grid_keys + metrics]
+        for k in spec.grid_keys:
+            if k in table and table[k].map(type).nunique() > 1:
+                table[k] = table[k].astype(str)
+        tmp = out / ".results.parquet.tmp"
+        table.to_parquet(tmp, index=False)
+        tmp.replace(out / "results.parquet")
+    table.attrs["failed"] = list(tracker.failed)
     return table
+
+
+class _Tracker:
+    """Progress of one sweep: the rich bar (cells done / total, failures, elapsed, ETA), the
+    ``progress`` callback, and the failed cells of a ``keep_going`` sweep."""
+
+    def __init__(self, spec, console, total: int, reused: int, progress, keep_going: bool, out: Path) -> None:
+        self.spec, self.console, self.total, self.done = spec, console, total, reused
+        self.progress, self.keep_going, self.name = progress, keep_going, out.name
+        self.failed: list[str] = []
+        self.bar = self.task = None
+
+    def __enter__(self) -> "_Tracker":
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("sweep {task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("cells, {task.fields[failed]} failed"), TimeElapsedColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True,
+                            disable=self.console is None or not self.console.is_terminal)
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.name, total=self.total, completed=self.done, failed=0)
+        self.report("started")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def report(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total, message)
+
+    def accept(self, cid: str, cell: dict, row: dict, rows: dict) -> None:
+        """Record a finished cell (its row, or its failure); raise as :func:`_accept` unless keep_going."""
+        self.done += 1
+        try:
+            rows[cid] = _accept(self.spec, cell, row)
+            message = f"cell {cid} done"
+        except CellFailed:
+            if not self.keep_going:
+                raise
+            message = f"{cid} {json.dumps(cell, sort_keys=True, default=str)}: {row['_error']}"
+            self.failed.append(message)
+            message = "FAILED " + message
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, failed=len(self.failed))
+        self.report(message)
 
 
 def _accept(spec: SweepSpec, cell: dict, row: dict) -> dict:
@@ -352,44 +452,32 @@ def _accept(spec: SweepSpec, cell: dict, row: dict) -> dict:
     return row
 
 
-def _progress(console, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True,
-                    disable=console is None or not console.is_terminal)
-
-
 def _ignore_sigint() -> None:
     # workers leave Ctrl-C to the parent, which terminates them (no traceback per worker)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_local(spec, todo, cells_dir, workers, rows, console, keys) -> None:
+def _run_local(spec, todo, cells_dir, workers, rows, tracker, keys) -> None:
     import multiprocessing
 
     workers = workers or os.cpu_count() or 1
-    with _progress(console, len(todo)) as bar:
-        task = bar.add_task("cells", total=len(todo))
-        if workers == 1 or len(todo) == 1:
-            for cid, cell in todo:
-                rows[cid] = _accept(spec, cell, _run_cell(spec.base, cell, str(cells_dir / cid), keys[cid]))
-                bar.advance(task)
-            return
-        cells = dict(todo)
-        pool = multiprocessing.Pool(min(workers, len(todo)), initializer=_ignore_sigint)
-        try:
-            results = pool.imap_unordered(_run_star, [(spec.base, cell, str(cells_dir / cid), keys[cid], cid)
-                                                      for cid, cell in todo])
-            for cid, row in results:
-                rows[cid] = _accept(spec, cells[cid], row)
-                bar.advance(task)
-            pool.close()
-        except BaseException:
-            pool.terminate()  # Ctrl-C or a failed cell: stop the others now (finished cells are on disk)
-            raise
-        finally:
-            pool.join()
+    if workers == 1 or len(todo) == 1:
+        for cid, cell in todo:
+            tracker.accept(cid, cell, _run_cell(spec.base, cell, str(cells_dir / cid), keys[cid]), rows)
+        return
+    cells = dict(todo)
+    pool = multiprocessing.Pool(min(workers, len(todo)), initializer=_ignore_sigint)
+    try:
+        results = pool.imap_unordered(_run_star, [(spec.base, cell, str(cells_dir / cid), keys[cid], cid)
+                                                  for cid, cell in todo])
+        for cid, row in results:
+            tracker.accept(cid, cells[cid], row, rows)
+        pool.close()
+    except BaseException:
+        pool.terminate()  # Ctrl-C or a failed cell: stop the others now (finished cells are on disk)
+        raise
+    finally:
+        pool.join()
 
 
 def _run_star(args: tuple) -> tuple[str, dict]:
@@ -397,7 +485,7 @@ def _run_star(args: tuple) -> tuple[str, dict]:
     return cid, _run_cell(base, cell, cell_dir, key)
 
 
-def _run_ray(spec, todo, cells_dir, address, rows, console, keys) -> None:
+def _run_ray(spec, todo, cells_dir, address, rows, tracker, keys) -> None:
     try:
         import ray
     except ImportError:
@@ -410,19 +498,16 @@ def _run_ray(spec, todo, cells_dir, address, rows, console, keys) -> None:
     remote = ray.remote(_run_cell)
     cells = dict(todo)
     refs = {remote.remote(spec.base, cell, str((cells_dir / cid).resolve()), keys[cid]): cid for cid, cell in todo}
-    with _progress(console, len(todo)) as bar:
-        task = bar.add_task("cells", total=len(todo))
-        pending = list(refs)
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    rows[refs[ref]] = _accept(spec, cells[refs[ref]], ray.get(ref))
-                    bar.advance(task)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                tracker.accept(refs[ref], cells[refs[ref]], ray.get(ref), rows)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
 
 
 __all__ = ["SweepSpec", "CellFailed", "load_spec", "run_sweep", "cell_config", "cell_id", "cell_key", "check_cell",
