@@ -255,9 +255,76 @@ class EngineLimits:
             self.scheduler, self.enable_chunked_prefill, self.num_scheduler_steps, max_model_len))
 
 
+ROLES = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Links KV moves over between engines (:mod:`agentsim.sim.network`), per GPU and direction.
+
+    Bandwidths default to the profile's GPU kind (``Profile.links``: NVLink, PCIe, and the per-GPU NIC
+    as ``internode_GBps``, :data:`agentsim.calibration.hardware.GPUS`); an engine of TP ``t`` has ``t``
+    GPUs, so ``t`` times the per-GPU figure. Latencies are one-way, per transfer.
+    """
+
+    intra_node: str = param("nvlink", "link between engines of one node: nvlink (NVLink/NVSwitch) or pcie",
+                            choices=("nvlink", "pcie"))
+    nvlink_GBps: float | None = param(None, "NVLink bandwidth per GPU and direction (default: the GPU kind's)",
+                                      type=float, gt=0, unit="GB/s")
+    pcie_GBps: float | None = param(None, "PCIe bandwidth per GPU and direction (default: the GPU kind's)",
+                                    type=float, gt=0, unit="GB/s")
+    nic_GBps: float | None = param(None, "inter-node NIC (IB/RoCE) bandwidth per GPU and direction (default: the "
+                                   "GPU kind's, 25 GB/s = 200 Gb/s on A100)", type=float, gt=0, unit="GB/s")
+    intra_node_latency: float = param(1e-5, "one-way latency of a transfer within a node", ge=0, unit="s")
+    inter_node_latency: float = param(2e-5, "one-way latency of a transfer between nodes", ge=0, unit="s")
+
+    def __post_init__(self) -> None:
+        check_params(self, "cluster.network")
+
+
+@dataclass(frozen=True)
+class DisaggSpec:
+    """Engine roles for prefill/decode disaggregation and cross-engine KV fetch (:mod:`agentsim.sim.disagg`).
+
+    ``roles`` (one per engine id, engines numbered node by node) or ``node_roles`` (one per node, for all
+    its engines); engines not named are ``mixed``. With a ``prefill`` or ``decode`` engine a call is
+    prefilled (``max_tokens = 1``) on a prefill-capable engine, its KV moves to a decode-capable one,
+    which decodes it (vLLM's P/D proxy, ``examples/online_serving/disaggregated_serving``).
+    """
+
+    roles: tuple = param((), "role per engine id: prefill, decode or mixed (unlisted engines: mixed)", type=tuple)
+    node_roles: tuple = param((), "role per node id, for every engine of the node (unlisted nodes: mixed)",
+                              type=tuple)
+    transfer: str = param("layerwise", "P->D KV transfer: layerwise (pipelined with the prefill's layers) or "
+                          "whole (after the prefill)", choices=("layerwise", "whole"))
+    prefix_fetch: str = param("off", "cross-engine prefix fetch policy (agentsim.policies.kvfetch): off, "
+                              "cheaper (fetch when the transfer beats recompute), always",
+                              choices=("off", "cheaper", "always"))
+    fetch_margin: float = param(1.0, "cheaper: fetch when transfer time x margin < recompute time", gt=0)
+
+    def __post_init__(self) -> None:
+        check_params(self, "cluster.disagg")
+        for name in ("roles", "node_roles"):
+            for i, r in enumerate(getattr(self, name)):
+                _check(r in ROLES, f"cluster.disagg.{name}[{i}]", f"must be one of {', '.join(ROLES)}, got {r!r}")
+        _check(not (self.roles and self.node_roles), "cluster.disagg.node_roles",
+               "give roles per engine (roles) or per node (node_roles), not both")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """What a routing decision costs (a central router, e.g. vLLM's P/D proxy or llm-d's gateway)."""
+
+    decision_cost: float = param(0.0, "router compute time per routing decision", ge=0, unit="s")
+    rtt: float = param(0.0, "network round trip client -> router per decision", ge=0, unit="s")
+
+    def __post_init__(self) -> None:
+        check_params(self, "cluster.router")
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
-    """Nodes x GPUs, GPU kind, model, tensor parallelism and engine limits."""
+    """Nodes x GPUs, GPU kind, model, tensor parallelism, engine limits, links, roles and router."""
 
     num_nodes: int = param(1, "nodes", ge=1, unit="nodes")
     gpus_per_node: int = param(4, "GPUs per node", ge=1, unit="GPUs")
@@ -269,6 +336,9 @@ class ClusterSpec:
     profile: str | None = param(None, "profile name or JSON path (default: shipped for gpu/model/tp)", type=str,
                                 nonempty=True)
     engine: EngineLimits = field(default_factory=EngineLimits)
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    disagg: DisaggSpec = field(default_factory=DisaggSpec)
+    router: RouterSpec = field(default_factory=RouterSpec)
 
     def __post_init__(self) -> None:
         check_params(self, "cluster")
@@ -277,6 +347,30 @@ class ClusterSpec:
         if self.engines_per_node is not None:
             _check(self.engines_per_node * self.tp <= self.gpus_per_node, "cluster.engines_per_node",
                    f"{self.engines_per_node} engines x TP {self.tp} need more than {self.gpus_per_node} GPUs per node")
+        for name, cls in (("network", NetworkSpec), ("disagg", DisaggSpec), ("router", RouterSpec)):
+            _check(isinstance(getattr(self, name), cls), f"cluster.{name}", "must be a table")
+        d = self.disagg
+        _check(len(d.node_roles) <= self.num_nodes, "cluster.disagg.node_roles",
+               f"{len(d.node_roles)} roles for {self.num_nodes} node(s): node {self.num_nodes} does not exist")
+        _check(len(d.roles) <= self.num_engines, "cluster.disagg.roles",
+               f"{len(d.roles)} roles for {self.num_engines} engine(s) ({self.num_nodes} node(s) x "
+               f"{self.num_engines_per_node}): engine {self.num_engines} does not exist")
+        roles = self.engine_roles
+        if any(r != "mixed" for r in roles):
+            _check(any(r in ("prefill", "mixed") for r in roles), "cluster.disagg",
+                   "no engine can prefill (every engine is decode-only); give at least one prefill or mixed engine")
+            _check(any(r in ("decode", "mixed") for r in roles), "cluster.disagg",
+                   "no engine can decode (every engine is prefill-only); give at least one decode or mixed engine")
+
+    @property
+    def engine_roles(self) -> tuple[str, ...]:
+        """The role of each engine id (``mixed`` unless ``disagg.roles`` / ``disagg.node_roles`` say otherwise)."""
+        d = self.disagg
+        per = self.num_engines_per_node
+        if d.node_roles:
+            return tuple(d.node_roles[i // per] if i // per < len(d.node_roles) else "mixed"
+                         for i in range(self.num_engines))
+        return tuple(d.roles) + ("mixed",) * (self.num_engines - len(d.roles))
 
     @property
     def num_engines_per_node(self) -> int:
@@ -368,6 +462,7 @@ class RunConfig:
 
 
 _SECTIONS = {"cluster": ClusterSpec, "workload": WorkloadSpec, "sim": SimOptions}
+_CLUSTER_SECTIONS = {"engine": EngineLimits, "network": NetworkSpec, "disagg": DisaggSpec, "router": RouterSpec}
 
 
 def _build(cls: type, data: dict, where: str) -> Any:
@@ -379,8 +474,8 @@ def _build(cls: type, data: dict, where: str) -> Any:
         if k not in known:
             raise ConfigError(f"{where}.{k}" if where else k, f"unknown field (known: {', '.join(known)})")
         sub = f"{where}.{k}" if where else k
-        if cls is ClusterSpec and k == "engine":
-            v = _build(EngineLimits, v, sub)
+        if cls is ClusterSpec and k in _CLUSTER_SECTIONS:
+            v = _build(_CLUSTER_SECTIONS[k], v, sub)
         elif cls is WorkloadSpec and k == "mix":
             if not isinstance(v, (list, tuple)):
                 raise ConfigError(sub, "must be an array of tables [[workload.mix]]")
