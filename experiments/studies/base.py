@@ -37,7 +37,8 @@ def run_specs(out: Path, opts: StudyOptions, specs: list[tuple[str, object]]) ->
 
     Progress (``opts.progress``) counts cells over all the sweeps. Failed cells do not stop the study:
     they are returned as ``"<sweep>/<cell id> {grid values}: error"`` lines and left out of the tables.
-    Each table has the sweep's grid values, the run summary and ``_cell`` (the cell's directory).
+    Each table has the sweep's grid values, the run summary, ``_cell`` (the cell's directory) and
+    ``_values`` (the cell's grid values as in the spec: a policy table stays a dict).
     """
     from agentsim.experiments.sweep import cell_id, run_sweep
 
@@ -58,6 +59,8 @@ def run_specs(out: Path, opts: StudyOptions, specs: list[tuple[str, object]]) ->
         ids = [cell_id(c) for c in spec.cells() if cell_id(c) not in bad]
         t = t.copy()
         t["_cell"] = [str(sweep_out / "cells" / cid) for cid in ids] if len(t) else []
+        by_id = {cell_id(c): c for c in spec.cells()}
+        t["_values"] = [by_id[cid] for cid in ids] if len(t) else []  # the grid values as written (dicts kept)
         tables[name] = t
         offset += len(spec.cells())
     return tables, failed
