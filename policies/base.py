@@ -115,6 +115,17 @@ class ShapePolicy(Protocol):
         """Topology name for a multi-agent task (see agentsim.traces.shapes.TEAM_TOPOLOGIES)."""
 
 
+class KVFetchPolicy(Protocol):
+    """Cross-engine prefix fetch (``cluster.disagg.prefix_fetch``; :mod:`agentsim.policies.kvfetch`).
+
+    ``options``: one :class:`agentsim.policies.kvfetch.FetchOption` per engine whose prefix cache holds
+    more of ``call``'s prompt blocks than the target engine's (blocks, bytes, transfer seconds as queued
+    now, recompute seconds); returns the index of the option to fetch from, or None to recompute.
+    """
+
+    def choose(self, call: CallView, target_engine_id: int, options: Sequence[Any], now: float) -> int | None: ...
+
+
 HOOKS = (
     "on_program_start",   # (program_id, agent_id, kind, now)
     "on_program_end",     # (program_id, now)
