@@ -38,9 +38,10 @@ def run_specs(out: Path, opts: StudyOptions, specs: list[tuple[str, object]]) ->
     Progress (``opts.progress``) counts cells over all the sweeps. Failed cells do not stop the study:
     they are returned as ``"<sweep>/<cell id> {grid values}: error"`` lines and left out of the tables.
     Each table has the sweep's grid values, the run summary, ``_cell`` (the cell's directory) and
-    ``_values`` (the cell's grid values as in the spec: a policy table stays a dict).
+    ``_values`` (the cell's grid values as in the spec: a policy table stays a dict) and ``_config``
+    (the cell's whole run config as a nested dict, ``RunConfig.to_dict``).
     """
-    from agentsim.experiments.sweep import cell_id, run_sweep
+    from agentsim.experiments.sweep import cell_config, cell_id, run_sweep
 
     total = sum(len(s.cells()) for _, s in specs)
     offset = 0
@@ -61,6 +62,7 @@ def run_specs(out: Path, opts: StudyOptions, specs: list[tuple[str, object]]) ->
         t["_cell"] = [str(sweep_out / "cells" / cid) for cid in ids] if len(t) else []
         by_id = {cell_id(c): c for c in spec.cells()}
         t["_values"] = [by_id[cid] for cid in ids] if len(t) else []  # the grid values as written (dicts kept)
+        t["_config"] = [cell_config(spec, by_id[cid]).to_dict() for cid in ids] if len(t) else []
         tables[name] = t
         offset += len(spec.cells())
     return tables, failed
