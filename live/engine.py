@@ -56,6 +56,7 @@ class EngineSpec:
     kv_events: bool = True
     scheduler: dict | None = None       # {"policy": spec, "log": path, "force_free_queue": bool}
     data_plane_host: str | None = "127.0.0.1"  # ZMQ socket for generate calls: an address, "node", or None (Ray)
+    kv_transfer_config: dict | None = None  # vLLM KVTransferConfig fields (P/D roles, agentsim.live.pd)
     seed: int = 0
     env: dict = field(default_factory=dict)
 
@@ -74,6 +75,7 @@ class _StatSink:
         self.decode_tokens = 0        # cumulative generated tokens
         self.cached_tokens = 0        # cumulative prompt tokens from the prefix cache
         self.queried_tokens = 0
+        self.external_tokens = 0      # cumulative prompt tokens loaded by a KV connector (P/D decode side)
         self.busy_time = 0.0          # cumulative seconds with work in the engine
         self.num_steps = 0
         self.num_preemptions = 0
@@ -99,6 +101,7 @@ class _StatSink:
         if it is not None:
             pts = getattr(it, "prompt_token_stats", None)
             self.prefill_tokens += int(pts.computed if pts is not None else it.num_prompt_tokens)
+            self.external_tokens += int(getattr(pts, "external_kv_transfer", 0) or 0)
             self.decode_tokens += int(it.num_generation_tokens)
             self.num_preemptions += int(getattr(it, "num_preempted_reqs", 0))
 
@@ -108,7 +111,7 @@ class _StatSink:
             "kv_usage": self.kv_usage, "prefill_tokens": self.prefill_tokens,
             "decode_tokens": self.decode_tokens, "busy_time": self.busy_time, "num_steps": self.num_steps,
             "cached_tokens": self.cached_tokens, "queried_tokens": self.queried_tokens,
-            "num_preemptions": self.num_preemptions,
+            "num_preemptions": self.num_preemptions, "external_tokens": self.external_tokens,
             "gpu_util": self.gpu_util() if self.gpu_util is not None else None,
         }
 
@@ -175,6 +178,10 @@ class EngineHost:
         )
         if s.max_num_batched_tokens is not None:
             kw["max_num_batched_tokens"] = s.max_num_batched_tokens
+        if s.kv_transfer_config:
+            from vllm.config import KVTransferConfig
+
+            kw["kv_transfer_config"] = KVTransferConfig(**s.kv_transfer_config)
         if s.num_gpu_blocks_override is not None:
             kw["num_gpu_blocks_override"] = s.num_gpu_blocks_override
         if s.gpu_memory_utilization is not None:
@@ -365,6 +372,7 @@ class EngineHost:
             "last_token_at": float(getattr(m, "last_token_ts", 0.0) or 0.0),
             "num_preemptions": int(getattr(m, "num_preemptions", 0) or 0),
             "finish_reason": comp.finish_reason,
+            "kv_transfer_params": getattr(final, "kv_transfer_params", None),
             "events": self._drain(),
             "stats": self.sink.snapshot(),
         }
