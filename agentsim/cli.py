@@ -85,6 +85,10 @@ def _register_subapps() -> None:
         from agentsim.experiments.study_cli import register as register_study
 
         register_study(app)
+    if "report" not in {c.name for c in app.registered_commands}:
+        from agentsim.report import report_command
+
+        app.command("report")(report_command)
 
 
 def _register() -> None:

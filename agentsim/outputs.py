@@ -35,6 +35,9 @@ from agentsim.errors import AgentsimError
 RESULT_FILES = ("calls.parquet", "programs.parquet", "engines.parquet", "summary.json", "manifest.json")
 #: Entries a sweep directory holds (``agentsim.experiments.sweep``).
 SWEEP_ENTRIES = ("sweep.json", "results.parquet", "cells")
+#: What ``agentsim report DIR`` writes into a run, sweep or study directory by default (``report.html``;
+#: ``report.md`` with its figures in ``report_files/``): accepted there beside the directory's own files.
+REPORT_ENTRIES = ("report.html", "report.md", "report_files")
 
 NEW, EMPTY, REPLACE = "new", "empty", "replace"
 
@@ -80,7 +83,7 @@ def is_result_dir(path: str | Path) -> bool:
         names = {e.name for e in os.scandir(p)}
     except OSError:
         return False
-    if "manifest.json" not in names or not names <= set(RESULT_FILES):
+    if "manifest.json" not in names or not names <= set(RESULT_FILES) | set(REPORT_ENTRIES):
         return False
     try:
         manifest = json.loads((p / "manifest.json").read_text())
@@ -149,7 +152,7 @@ def check_result_dir(path: str | Path, option: str = "--out", allow_cwd: bool = 
     if is_result_dir(p):
         _check_parent(p, where)
         return REPLACE
-    other = [e for e in entries if e not in RESULT_FILES] or entries
+    other = [e for e in entries if e not in RESULT_FILES and e not in REPORT_ENTRIES] or entries
     raise OutputError(where, f"holds files agentsim did not write (e.g. {other[0]!r}); refusing to touch it "
                              "-- choose a new or empty directory")
 
@@ -197,7 +200,8 @@ def check_sweep_dir(path: str | Path, option: str = "--out") -> str:
         return NEW
     if not entries:
         return EMPTY
-    other = [e for e in entries if e not in SWEEP_ENTRIES and not e.startswith(".results.parquet.tmp")
+    other = [e for e in entries if e not in SWEEP_ENTRIES and e not in REPORT_ENTRIES
+             and not e.startswith(".results.parquet.tmp")
              and not e.startswith(".sweep.json.tmp")]
     if other:
         raise OutputError(where, f"holds files agentsim did not write (e.g. {other[0]!r}); refusing to touch it "
@@ -292,6 +296,6 @@ def is_agentsim_trace(path: str | Path) -> bool:
         return False
 
 
-__all__ = ["OutputError", "RESULT_FILES", "SWEEP_ENTRIES", "NEW", "EMPTY", "REPLACE", "is_result_dir",
+__all__ = ["OutputError", "RESULT_FILES", "SWEEP_ENTRIES", "REPORT_ENTRIES", "NEW", "EMPTY", "REPLACE", "is_result_dir",
            "check_result_dir", "check_sweep_dir", "check_output_file", "check_resumable_dir", "is_agentsim_trace",
            "is_agentsim_profile", "is_parquet", "describe", "preflight_result_dir", "dir_entries", "swap_in"]

@@ -27,7 +27,7 @@ from typing import List, Optional
 import typer
 
 from agentsim.errors import ConfigError
-from agentsim.outputs import OutputError, dir_entries
+from agentsim.outputs import REPORT_ENTRIES, OutputError, dir_entries
 
 #: the marker file of a study directory (written before any cell runs)
 MARKER = ".agentsim-study"
@@ -59,7 +59,7 @@ def check_study_dir(out: Path, name: str) -> list[str]:
         raise OutputError(where, f"holds the results of study {owner!r}, not {name!r}; choose another directory")
     ours = set((prev or {}).get("tables", {}).values()) | set((prev or {}).get("figures", []))
     for e in entries:
-        if e in ("study.json", MARKER, "cells") or e in ours or e.startswith("."):
+        if e in ("study.json", MARKER, "cells") or e in ours or e in REPORT_ENTRIES or e.startswith("."):
             continue
         if e.endswith((".csv", ".png")) and prev is None:  # written by an interrupted run of this study
             continue
