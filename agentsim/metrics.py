@@ -16,6 +16,7 @@ import json
 import math
 import os
 from array import array
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,12 +34,13 @@ CALL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("num_prompt_tokens", "i"), ("num_cached_tokens", "i"), ("num_computed_prompt_tokens", "i"),
     ("num_output_tokens", "i"), ("num_generated_tokens", "i"), ("num_preemptions", "i"),
     ("num_retries", "i"), ("service_time", "f"), ("status", "s"),
+    ("kv_transfer_bytes", "i"), ("kv_transfer_time", "f"),
 )
 PROGRAM_COLUMNS: tuple[tuple[str, str], ...] = (
     ("program_id", "i"), ("agent_id", "i"), ("kind", "s"), ("arrival_at", "f"), ("end_at", "f"),
     ("latency", "f"), ("num_calls", "i"), ("num_tool_calls", "i"), ("num_prompt_tokens", "i"),
     ("num_output_tokens", "i"), ("llm_time", "f"), ("tool_time", "f"), ("critical_path_time", "f"),
-    ("token_latency", "f"), ("status", "s"),
+    ("token_latency", "f"), ("status", "s"), ("coordination_overhead", "f"),
 )
 ENGINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("engine_id", "i"), ("node_id", "i"), ("time", "f"), ("num_running", "i"), ("num_waiting", "i"),
@@ -47,6 +49,98 @@ ENGINE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 _DTYPES = {"i": "int64", "f": "float64", "s": "string"}
+
+
+class CallStatus(StrEnum):
+    """Where an LLM call is (vLLM's ``RequestStatus``, ``vllm/v1/request.py``, in agentsim's words).
+
+    The values are the strings ``calls.parquet`` has always held in ``status``, so old results
+    read the same; a member compares equal to its string. In an engine: ``NEW`` (made, not yet
+    queued), ``WAITING``, ``LOADING`` (its KV coming back from a CPU tier), ``RUNNING``,
+    ``PREEMPTED``, ``FINISHED``. In a result row: ``FINISHED``; ``UNFINISHED`` (still in flight when
+    the run ended); ``FAILED`` (live: its engine died past the retries, or it did not fit);
+    ``RUNNING`` (live partial results only: in flight at the flush).
+    """
+
+    NEW = "new"
+    WAITING = "waiting"
+    LOADING = "loading"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    UNFINISHED = "unfinished"
+    FAILED = "failed"
+
+
+def call_row(call: Any, engine_id: int, node_id: int, status: str) -> tuple:
+    """One call's row of :data:`CALL_COLUMNS`, for the simulator and the live driver alike.
+
+    ``call`` has the :class:`~agentsim.policies.base.CallView` fields plus ``scheduled_at``,
+    ``first_token_at``, ``finish_at`` (seconds of the run's clock, NaN until they happen),
+    ``num_cached_tokens`` (negative = not looked up yet, written as 0),
+    ``num_computed_prompt_tokens``, ``num_generated``, ``num_preemptions``, ``num_retries`` and
+    ``service_time`` (s). The formulas are ``vllm bench serve``'s (``vllm/benchmarks/serve.py``
+    ``calculate_metrics``): TTFT = first token - arrival; TPOT = (finish - first token) /
+    (generated tokens - 1), NaN for one token; E2E = finish - arrival; queue_time = first scheduled
+    - arrival. A time that has not happened makes its latency NaN.
+    """
+    arrival = call.arrival_at
+    first = call.first_token_at
+    finish = call.finish_at
+    n = call.num_generated
+    cached = call.num_cached_tokens
+    return (
+        call.call_id, call.program_id, call.agent_id, call.thread_id, call.program_kind, engine_id, node_id,
+        arrival, call.scheduled_at, first, finish,
+        call.scheduled_at - arrival, first - arrival, (finish - first) / (n - 1) if n > 1 else math.nan,
+        finish - arrival,
+        call.num_prompt_tokens, cached if cached > 0 else 0, call.num_computed_prompt_tokens,
+        call.num_output_tokens, n, call.num_preemptions, call.num_retries, call.service_time, str(status),
+    )
+
+
+def program_row(run: Any) -> tuple:
+    """One program's row of :data:`PROGRAM_COLUMNS` from an :class:`agentsim.programs.ProgramRun`.
+
+    latency = end_at - arrival_at and critical_path_time (the run's critical path, seconds) for a
+    finished program, NaN otherwise; token_latency = latency / num_output_tokens (Autellix's
+    program-level token latency, arXiv:2502.13965 §6), NaN without output tokens.
+    """
+    p = run.prog
+    done = run.status == "finished"
+    lat = run.end_at - p.arrival_at if done else math.nan
+    return (
+        p.program_id, p.agent_id, p.kind, p.arrival_at, run.end_at, lat, run.num_calls, run.num_tool_calls,
+        run.prompt_tokens, run.output_tokens, run.llm_time, run.tool_time, run.critical_path if done else math.nan,
+        lat / run.output_tokens if run.output_tokens else math.nan, str(run.status),
+    )
+
+
+def git_revision() -> str | None:
+    """The commit agentsim runs from (``git rev-parse HEAD`` beside this file), None outside a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_manifest(backend: str, config: dict, seed: int, versions: dict, **fields: Any) -> dict:
+    """The ``manifest.json`` of a run, for every backend: schema version, backend (``sim``/``live``),
+    the config as run, seed, the versions of agentsim, Python and ``versions`` (the backend's own
+    packages), the git revision, then ``fields`` (the backend's own keys)."""
+    import platform
+
+    import agentsim
+
+    return {
+        "schema_version": SCHEMA_VERSION, "backend": backend, "config": config, "seed": seed,
+        "versions": {"agentsim": agentsim.__version__, "python": platform.python_version(), **versions},
+        "git_revision": git_revision(), **fields,
+    }
 
 
 class ColumnStore:
@@ -117,6 +211,9 @@ SUMMARY_KEYS: tuple[tuple[str, str, str], ...] = (
     ("mean_kv_usage", "fraction", "mean KV-cache usage over the engine samples"),
     ("mean_busy_fraction", "fraction", "mean share of time an engine was running a step"),
     ("request_goodput", "calls/s", "finished calls within the TTFT/TPOT SLOs / duration_s (with an SLO)"),
+    ("total_kv_transfer_bytes", "bytes", "KV bytes moved between engines for finished calls (P/D, prefix fetch)"),
+    ("mean_kv_transfer_time_ms", "ms", "mean kv_transfer_time of finished calls that moved KV"),
+    ("mean_coordination_overhead_s", "s", "mean router time (decision cost + RTT) per finished program"),
 )
 
 #: summary.json keys before units were part of the names (agentsim <= 0.1.0 results) -> today's
@@ -212,6 +309,13 @@ def summarize(calls: pd.DataFrame, programs: pd.DataFrame, engines: pd.DataFrame
     else:
         out["mean_kv_usage"] = math.nan
         out["mean_busy_fraction"] = math.nan
+    if "kv_transfer_bytes" in done:
+        moved = done[done["kv_transfer_bytes"] > 0]
+        out["total_kv_transfer_bytes"] = float(done["kv_transfer_bytes"].sum())
+        out["mean_kv_transfer_time_ms"] = float(moved["kv_transfer_time"].mean()) * 1e3 if len(moved) else 0.0
+    if "coordination_overhead" in pdone:
+        co = pdone["coordination_overhead"].to_numpy(dtype=float)
+        out["mean_coordination_overhead_s"] = float(co.mean()) if len(co) else math.nan
     if slo_ttft is not None or slo_tpot is not None:
         ok = np.ones(len(done), dtype=bool)
         if slo_ttft is not None:

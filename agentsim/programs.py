@@ -1,0 +1,269 @@
+"""The one program driver: the only code that steps a program generator, for every backend.
+
+A program body (:mod:`agentsim.workload`) is a generator that yields requests -- :class:`LLMCall`,
+:class:`ToolCall`, :class:`Parallel` -- and receives their results. :func:`drive` steps it: it sends
+each result in, normalises :class:`Parallel` branches into *strands*, gives every call its thread
+id, adds up the critical path and keeps the program's statistics (:class:`ProgramRun`, whose
+:meth:`ProgramRun.row` is the ``programs.parquet`` row). A backend supplies only the three
+operations that take time, as an :class:`ProgramOps` adapter:
+
+- ``llm_call(req, strand, thread_id)`` runs one LLM call and returns its :class:`CallResult`;
+- ``tool_call(req, strand)`` waits out one tool call (the simulator: ``req.duration`` of simulated
+  time; live: a real sleep);
+- ``all_of(branches)`` runs ``[(strand, generator), ...]`` concurrently and returns their return
+  values in branch order.
+
+Each operation returns an iterable that :func:`drive` delegates to with ``yield from``, so the
+driver is itself a generator run by the backend's own kernel, as SimPy's ``Process._resume`` is
+the one stepper of every SimPy process and ``simpy/rt.py`` reuses it for wall-clock time by
+overriding one method:
+
+============================ ============================================ =============================
+adapter                      operations yield                              the driver runs inside
+============================ ============================================ =============================
+``sim/runner.py`` Simulation SimPy events (``call.done``, ``env.timeout``) a SimPy process
+``live/driver.py`` LiveDriver asyncio futures (``coroutine.__await__()``)  an asyncio task
+``policies/oracle.py``       nothing (answers at once)                     :func:`run_now`
+``traces/record.py``         nothing (answers at once)                     :func:`run_now`
+============================ ============================================ =============================
+
+Where the four steppers used to differ, this is the one behaviour (issue 9):
+
+- **Branches**: a :class:`Parallel` branch that is a request (``LLMCall``/``ToolCall``/``Parallel``)
+  runs as a one-request strand; any other branch must be a generator (it has ``send``) and runs as
+  a sub-program; anything else raises :class:`ProgramYieldError`.
+- **Thread ids**: a strand runs on its parent's thread, except that a bare ``LLMCall`` branch runs
+  on its own ``thread_id``; a call's thread is its own ``LLMCall.thread_id`` when non-zero, else its
+  strand's (the simulator's rule; the live driver used the call's own id only).
+- **When counts move**: ``num_calls``/``num_tool_calls`` and the token and time sums count a call
+  once its result has reached the program (the simulator's rule; live counted a call before
+  dispatch, so a failed call was counted).
+- **Token and tool-time counts**: ``num_prompt_tokens`` sums the calls' prompt lengths,
+  ``num_output_tokens`` the tokens each call returned (``CallResult.output.num_tokens``: the tokens
+  vLLM generated live; the forced length in the simulator, where they are equal);
+  ``tool_time`` and the critical path add the tool's declared ``ToolCall.duration`` in every
+  backend (live used to add its measured sleep, which oversleeps by the event loop's latency; the
+  program's measured ``latency`` still shows that).
+- **A bad yield** raises :class:`ProgramYieldError` (a ``TypeError``) naming the program, its kind
+  and the value (the simulator stops; the live driver records the program as failed).
+- **The critical path** of a strand is the sum of its calls' E2E latencies
+  (``finish_at - arrival_at``) and tool durations, a :class:`Parallel` adding its slowest branch
+  (Autellix's critical path, arXiv:2502.13965 §4.2).
+- **The body**: :func:`program_body` -- the program's own ``body``, else its generator's ``body``,
+  or for a team generator ``team_body`` with the topology the shape policy picks (recorded in
+  ``prog.meta["topology"]``) or, without a shape policy, the task's default topology.
+
+Nothing here imports simpy, ray or vllm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generator, Iterable, Protocol
+
+from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramContext, ToolCall
+
+__all__ = [
+    "ProgramYieldError", "ProgramOps", "Strand", "ProgramRun", "program_context", "program_body", "drive",
+    "run_now", "walk",
+]
+
+_REQUESTS = (LLMCall, ToolCall, Parallel)
+
+
+class ProgramYieldError(TypeError):
+    """A program yielded something that is not a request (or a Parallel branch that is neither a
+    request nor a generator)."""
+
+
+class ProgramOps(Protocol):
+    """What a backend supplies to :func:`drive`: three operations, each an iterable to ``yield from``."""
+
+    def llm_call(self, req: LLMCall, strand: Strand, thread_id: int) -> Iterable:
+        """Run ``req`` as a call of thread ``thread_id``; the iterable returns its :class:`CallResult`."""
+
+    def tool_call(self, req: ToolCall, strand: Strand) -> Iterable:
+        """Wait ``req.duration`` seconds (the backend's clock); the iterable returns anything."""
+
+    def all_of(self, branches: list[tuple[Strand, Generator]]) -> Iterable:
+        """Run the branch generators concurrently; the iterable returns their return values in order."""
+
+
+class Strand:
+    """One sequential thread of a program: the body itself or one :class:`Parallel` branch.
+
+    ``run``: the program's :class:`ProgramRun`; ``thread_id``: the thread its calls default to;
+    ``data``: free for the adapter (the recorder keeps the strand's dependency frontier there).
+    """
+
+    __slots__ = ("run", "thread_id", "data")
+
+    def __init__(self, run: ProgramRun, thread_id: int = 0, data: Any = None) -> None:
+        self.run = run
+        self.thread_id = thread_id
+        self.data = data
+
+
+class ProgramRun:
+    """One program being run: its context, body and statistics (the ``programs.parquet`` row).
+
+    Counts are integers; ``llm_time``, ``tool_time`` and ``critical_path`` are seconds of the
+    backend's clock; ``end_at`` is NaN until the backend ends the program; ``status`` is
+    ``"running"``, then ``"finished"``, ``"failed"`` or ``"unfinished"``.
+    """
+
+    __slots__ = ("prog", "pc", "body", "num_calls", "num_tool_calls", "prompt_tokens", "output_tokens",
+                 "llm_time", "tool_time", "critical_path", "status", "end_at", "error")
+
+    def __init__(self, prog: Program, pc: ProgramContext, body: Generator | None = None) -> None:
+        self.prog = prog
+        self.pc = pc
+        self.body = body
+        self.num_calls = 0
+        self.num_tool_calls = 0
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+        self.llm_time = 0.0
+        self.tool_time = 0.0
+        self.critical_path = float("nan")
+        self.status = "running"
+        self.end_at = float("nan")
+        self.error: str | None = None
+
+    def row(self) -> tuple:
+        """This program's row of ``metrics.PROGRAM_COLUMNS`` (:func:`agentsim.metrics.program_row`)."""
+        from agentsim.metrics import program_row
+
+        return program_row(self)
+
+    def __repr__(self) -> str:
+        return f"ProgramRun({self.prog.program_id}, {self.prog.kind}, {self.status})"
+
+
+def program_context(prog: Program, seed: int) -> ProgramContext:
+    """The :class:`ProgramContext` a program body gets: the program's own RNG stream
+    (``prog.meta["rng"]``, set by :class:`~agentsim.traces.source.ProgramSource`), else the run
+    ``seed``'s stream for this program id (:func:`~agentsim.traces.source.program_rng`)."""
+    rng = prog.meta.get("rng")
+    if rng is None:
+        from agentsim.traces.source import program_rng
+
+        rng = program_rng(seed, prog.program_id)
+    return ProgramContext(prog.program_id, prog.agent_id, prog.kind, rng)
+
+
+def program_body(prog: Program, pc: ProgramContext, shape: Any = None, now: float = 0.0) -> Generator:
+    """The body generator of ``prog`` (see the module docstring, **The body**).
+
+    ``shape``: the bundle's shape policy (``shape(task, now) -> topology``) or None for the task's
+    default topology; ``now``: the time the program starts (seconds), passed to the shape policy.
+    """
+    if prog.body is not None:
+        return prog.body(pc)
+    spec = prog.meta["generator"]
+    if getattr(spec, "is_team", False):
+        task = spec.task(pc.rng)
+        if shape is None:
+            return spec.team_body(pc, task, task.default_topology)
+        topology = shape.shape(task, now)
+        prog.meta["topology"] = topology
+        return spec.team_body(pc, task, topology)
+    return spec.body(pc)
+
+
+def _one(request: Any) -> Generator:
+    """A one-request strand (a Parallel branch that is a bare request)."""
+    result = yield request
+    return result
+
+
+def _bad(prog: Program, what: str, value: Any) -> ProgramYieldError:
+    return ProgramYieldError(f"program {prog.program_id} ({prog.kind}) {what} {value!r}; "
+                             "expected LLMCall, ToolCall or Parallel" + (" or a generator" if "branch" in what else ""))
+
+
+def drive(gen: Generator, strand: Strand, ops: ProgramOps) -> Generator[Any, Any, tuple[float, Any]]:
+    """Step one program (or branch) generator to its end through ``ops``.
+
+    A generator for the backend to run (``yield from`` in a SimPy process, awaited in asyncio,
+    :func:`run_now` for adapters that answer at once); it returns ``(critical path seconds, the
+    body's return value)`` and updates ``strand.run``'s statistics. Raises
+    :class:`ProgramYieldError` for a bad yield; whatever an operation raises passes through.
+    """
+    run = strand.run
+    result = None
+    crit = 0.0
+    send = gen.send
+    while True:
+        try:
+            req = send(result)
+        except StopIteration as stop:
+            return crit, stop.value
+        kind = type(req)
+        if kind is LLMCall or isinstance(req, LLMCall):
+            res: CallResult = yield from ops.llm_call(req, strand, req.thread_id or strand.thread_id)
+            e2e = res.finish_at - res.arrival_at
+            run.num_calls += 1
+            run.prompt_tokens += req.context.num_tokens
+            run.output_tokens += res.output.num_tokens
+            run.llm_time += e2e
+            crit += e2e
+            result = res
+        elif kind is ToolCall or isinstance(req, ToolCall):
+            yield from ops.tool_call(req, strand)
+            run.num_tool_calls += 1
+            run.tool_time += req.duration
+            crit += req.duration
+            result = None
+        elif isinstance(req, Parallel):
+            branches = []
+            for b in req.branches:
+                if isinstance(b, _REQUESTS):
+                    tid = b.thread_id if isinstance(b, LLMCall) else strand.thread_id
+                    branches.append((Strand(run, tid), _one(b)))
+                elif hasattr(b, "send"):
+                    branches.append((Strand(run, strand.thread_id), b))
+                else:
+                    raise _bad(run.prog, "yielded a Parallel branch", b)
+            subs = [(s, drive(b, s, ops)) for s, b in branches]
+            outs = yield from ops.all_of(subs)
+            crit += max((o[0] for o in outs), default=0.0)
+            result = [o[1] for o in outs]
+        else:
+            raise _bad(run.prog, "yielded", req)
+
+
+def run_now(gen: Generator) -> Any:
+    """Run a generator whose operations answer at once (never yield) to its end; return its value.
+
+    Raises ``RuntimeError`` if it yields (an operation that would have to wait).
+    """
+    try:
+        value = gen.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError(f"an operation yielded {value!r}; run_now runs only operations that answer at once")
+
+
+def answer(value: Any = None) -> Generator:
+    """An operation's iterable that returns ``value`` at once (for adapters without a clock)."""
+    return value
+    yield  # noqa: unreachable - makes this a generator
+
+
+def walk(body: Generator, run: ProgramRun, ops: ProgramOps, data: Any = None) -> Any:
+    """Drive ``body`` with an adapter that answers at once; branches run one after the other in
+    the order the adapter's ``all_of`` chooses. Returns the body's return value; ``run.critical_path``
+    is set."""
+    crit, value = run_now(drive(body, Strand(run, 0, data), ops))
+    run.critical_path = crit
+    return value
+
+
+def run_all_now(branches: list[tuple[Strand, Generator]], reverse: bool = False) -> list:
+    """``all_of`` for adapters that answer at once: each branch in turn (last first with
+    ``reverse``), results in branch order."""
+    out: list = [None] * len(branches)
+    order = range(len(branches))
+    for i in (reversed(order) if reverse else order):
+        out[i] = run_now(branches[i][1])
+    return out
