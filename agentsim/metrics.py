@@ -95,6 +95,8 @@ def call_row(call: Any, engine_id: int, node_id: int, status: str) -> tuple:
         finish - arrival,
         call.num_prompt_tokens, cached if cached > 0 else 0, call.num_computed_prompt_tokens,
         call.num_output_tokens, n, call.num_preemptions, call.num_retries, call.service_time, str(status),
+        # KV moved to the call's engine (agentsim.sim.disagg); 0 where nothing moves (live engines today)
+        getattr(call, "kv_transfer_bytes", 0), getattr(call, "kv_transfer_time", 0.0),
     )
 
 
@@ -112,6 +114,7 @@ def program_row(run: Any) -> tuple:
         p.program_id, p.agent_id, p.kind, p.arrival_at, run.end_at, lat, run.num_calls, run.num_tool_calls,
         run.prompt_tokens, run.output_tokens, run.llm_time, run.tool_time, run.critical_path if done else math.nan,
         lat / run.output_tokens if run.output_tokens else math.nan, str(run.status),
+        getattr(run, "coordination_overhead", 0.0),  # router time of its calls (s; agentsim.sim.disagg)
     )
 
 
@@ -327,11 +330,12 @@ def summarize(calls: pd.DataFrame, programs: pd.DataFrame, engines: pd.DataFrame
 
 
 # --------------------------------------------------------------------------- result files
-RESULT_FILES = ("calls.parquet", "programs.parquet", "engines.parquet", "summary.json", "manifest.json")
+RESULT_FILES = ("calls.parquet", "programs.parquet", "engines.parquet", "links.parquet", "summary.json",
+                "manifest.json")  # links.parquet only where links are modelled (agentsim.sim.network)
 
 
 def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFrame, engines: pd.DataFrame,
-                  summary: dict, manifest: dict) -> Path:
+                  summary: dict, manifest: dict, links: pd.DataFrame | None = None) -> Path:
     """Write a run's result directory atomically; never touch a path holding anything else.
 
     ``out_dir`` must be new, empty, or a previous agentsim result (see :mod:`agentsim.outputs`);
@@ -365,6 +369,8 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
         calls.to_parquet(tmp / "calls.parquet", index=False)
         programs.to_parquet(tmp / "programs.parquet", index=False)
         engines.to_parquet(tmp / "engines.parquet", index=False)
+        if links is not None:  # per-link utilisation (agentsim.sim.network.LINK_COLUMNS)
+            links.to_parquet(tmp / "links.parquet", index=False)
         (tmp / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, sort_keys=True) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(_jsonable(manifest), indent=2, sort_keys=True) + "\n")
         if in_place:  # again: the directory may have changed while the run ran
@@ -375,7 +381,8 @@ def write_results(out_dir: str | Path, calls: pd.DataFrame, programs: pd.DataFra
             # lands last, so the directory reads as a result only when it is whole again
             (out_dir / "manifest.json").unlink(missing_ok=True)
             for name in RESULT_FILES:  # manifest.json is last
-                os.replace(tmp / name, out_dir / name)
+                if (tmp / name).exists():  # links.parquet is optional
+                    os.replace(tmp / name, out_dir / name)
             tmp.rmdir()
         else:
             check_result_dir(out_dir, "")  # again: the path may have changed while the run ran
