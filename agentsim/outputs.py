@@ -32,7 +32,8 @@ from pathlib import Path
 from agentsim.errors import AgentsimError
 
 #: Files a result directory holds (``agentsim.metrics.write_results`` writes exactly these).
-RESULT_FILES = ("calls.parquet", "programs.parquet", "engines.parquet", "summary.json", "manifest.json")
+RESULT_FILES = ("calls.parquet", "programs.parquet", "engines.parquet", "links.parquet", "summary.json",
+                "manifest.json")  # links.parquet only where links are modelled (agentsim.sim.network)
 #: Entries a sweep directory holds (``agentsim.experiments.sweep``).
 SWEEP_ENTRIES = ("sweep.json", "results.parquet", "cells")
 #: What ``agentsim report DIR`` writes into a run, sweep or study directory by default (``report.html``;
