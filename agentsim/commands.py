@@ -222,7 +222,7 @@ def register_commands(app: typer.Typer) -> None:
         if cut:
             typer.echo(cut, err=True)
         write_results(out, result.calls, result.programs, result.engines, result.summary,
-                      {**result.manifest, "stats": result.stats})
+                      {**result.manifest, "stats": result.stats}, links=result.links)
         if as_json:
             print_json(result.summary)
         elif not quiet:
