@@ -77,6 +77,7 @@ class LiveCall:
             queue, ttft, tpot, e2e, self.num_prompt_tokens, self.num_cached_tokens,
             self.num_prompt_tokens - self.num_cached_tokens if done else 0, self.num_output_tokens,
             self.num_generated, self.num_preemptions, self.num_retries, self.service_time, self.status,
+            0, 0.0,  # kv_transfer_bytes, kv_transfer_time: no KV moves between live engines yet
         )
 
 
