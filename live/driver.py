@@ -241,7 +241,7 @@ class _Program:
         tl = lat / self.output_tokens if self.output_tokens else float("nan")
         return (p.program_id, p.agent_id, p.kind, p.arrival_at, self.end_at, lat, self.num_calls,
                 self.num_tool_calls, self.prompt_tokens, self.output_tokens, self.llm_time, self.tool_time,
-                self.critical_path, tl, self.status)
+                self.critical_path, tl, self.status, 0.0)  # coordination_overhead: not measured live
 
 
 class ProgramFailed(Exception):
