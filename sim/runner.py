@@ -47,6 +47,7 @@ class RunResult:
     summary: dict
     manifest: dict
     stats: dict = field(default_factory=dict)
+    links: pd.DataFrame | None = None   # per-link utilisation series (agentsim.sim.network.LINK_COLUMNS)
 
 
 class _ProgramStats:
@@ -142,6 +143,10 @@ class Simulation:
         from agentsim.sim.tiers import attach_mechanisms
 
         self.mechanisms = attach_mechanisms(self)
+        # KV movement between engines and router cost (agentsim.sim.disagg); None: the ordinary path
+        from agentsim.sim.disagg import make_disagg
+
+        self.disagg = make_disagg(self)
 
     # ------------------------------------------------------------------ processes
     def _agent(self, agent_id: int):
@@ -194,6 +199,7 @@ class Simulation:
             prog.program_id, prog.agent_id, prog.kind, prog.arrival_at, end, latency, st.num_calls,
             st.num_tool_calls, st.prompt_tokens, st.output_tokens, st.llm_time, st.tool_time, crit,
             latency / st.output_tokens if st.output_tokens else math.nan, "finished",
+            self.disagg.coordination.pop(prog.program_id, 0.0) if self.disagg is not None else 0.0,
         ))
 
     def _drive(self, gen, st: _ProgramStats, thread_id: int):
@@ -212,14 +218,18 @@ class Simulation:
                 call = self._make_call(req, prog, thread_id)
                 for fn in self._hooks["on_call_arrive"]:
                     fn(call, env.now)
-                engine = self.engines[self._route(call, self.engines, env.now)]
-                if self.frontends is not None:
-                    # the engine's API server sets the request up and tokenizes it first
-                    fe = self.frontends[engine.engine_id]
-                    call.frontend = fe
-                    yield from fe.intake(call)
-                engine.add_call(call)
-                yield call.done
+                if self.disagg is not None:
+                    # router cost, P/D pair or prefix fetch (agentsim.sim.disagg); returns the decode engine
+                    engine = yield from self.disagg.serve(call)
+                else:
+                    engine = self.engines[self._route(call, self.engines, env.now)]
+                    if self.frontends is not None:
+                        # the engine's API server sets the request up and tokenizes it first
+                        fe = self.frontends[engine.engine_id]
+                        call.frontend = fe
+                        yield from fe.intake(call)
+                    engine.add_call(call)
+                    yield call.done
                 call.done = None  # no call <-> event cycle for the collector to find
                 st.num_calls += 1
                 st.prompt_tokens += call.num_prompt_tokens
@@ -320,7 +330,7 @@ class Simulation:
             call.num_prompt_tokens, cached,
             call.num_computed_prompt_tokens,
             call.num_output_tokens, call.num_generated, call.num_preemptions, call.num_retries,
-            call.service_time, status,
+            call.service_time, status, call.kv_transfer_bytes, call.kv_transfer_time,
         ))
 
     # ------------------------------------------------------------------ run
@@ -375,14 +385,16 @@ class Simulation:
                 self._record_call(c, "unfinished")
         else:
             for e in self.engines:
-                for c in list(e.running) + [w if isinstance(w, SimCall) else w[3] for w in e.waiting] + list(e.inbox):
-                    self._record_call(c, "unfinished")
+                for c in list(e.running) + [w if isinstance(w, SimCall) else w[-1] for w in e.waiting] + list(e.inbox):
+                    # a disaggregated call still in its prefill leg is recorded as the call itself
+                    self._record_call(getattr(c, "parent", c), "unfinished")
         for st in sorted(self._active.values(), key=lambda s: s.prog.program_id):
             p = st.prog
             self.programs.append((
                 p.program_id, p.agent_id, p.kind, p.arrival_at, math.nan, math.nan, st.num_calls,
                 st.num_tool_calls, st.prompt_tokens, st.output_tokens, st.llm_time, st.tool_time, math.nan,
                 math.nan, "unfinished",
+                self.disagg.coordination.get(p.program_id, 0.0) if self.disagg is not None else 0.0,
             ))
         wall = time.perf_counter() - wall0
         calls = self.calls.to_frame().sort_values("call_id", kind="stable").reset_index(drop=True)
@@ -390,6 +402,14 @@ class Simulation:
         # engines emit samples when they apply steps (a fast-forward window emits at its end)
         engines = self.samples.to_frame().sort_values(["time", "engine_id"], kind="stable").reset_index(drop=True)
         summary = summarize(calls, programs, engines, until, cfg.slo_ttft, cfg.slo_tpot)
+        links = None
+        if self.disagg is not None:
+            from agentsim.sim.network import LINK_COLUMNS
+
+            store = ColumnStore(LINK_COLUMNS)
+            for row in self.disagg.link_rows(cfg.sim.sample_interval, until):
+                store.append(row)
+            links = store.to_frame()
         stats = {
             "wall_time_s": wall,
             "num_steps": sum(e.num_steps for e in self.engines),
@@ -400,6 +420,7 @@ class Simulation:
             "num_engines": len(self.engines),
             "num_trace_programs": self.source.num_in_trace,
             "num_programs_cut": self.source.num_cut,
+            **(self.disagg.stats() if self.disagg is not None else {}),
         }
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -415,7 +436,7 @@ class Simulation:
             "git_revision": _git_revision(),
             "complete": True,
         }
-        return RunResult(cfg, calls, programs, engines, summary, manifest, stats)
+        return RunResult(cfg, calls, programs, engines, summary, manifest, stats, links)
 
 
 def run(cfg: RunConfig, progress: Callable[[float, float], None] | None = None) -> RunResult:
