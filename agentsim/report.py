@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 import math
 import os
@@ -624,6 +625,9 @@ def build_sweep(d: Path) -> Report:
         raise ConfigError(f"{d / 'sweep.json'}: grid", "missing or not an object")
     keys = list(grid)
     cells = _cell_manifests(d / "cells")
+    if all(isinstance(v, list) for v in grid.values()):  # the grid's order (a cell not in it goes last)
+        order = {_cell_sort_key(dict(zip(keys, vals))): i for i, vals in enumerate(itertools.product(*grid.values()))}
+        cells.sort(key=lambda cm: order.get(_cell_sort_key(cm[1].get("cell")), len(order)))
     spec = str(marker.get("spec", "SPEC.toml"))
     notes = []
     if (d / "results.parquet").is_file():
@@ -658,6 +662,10 @@ def build_sweep(d: Path) -> Report:
     rep.notes = notes + fnotes
     _add_cell_provenance(rep, cells, d)
     return rep
+
+
+def _cell_sort_key(cell: Any) -> str:
+    return json.dumps(cell, sort_keys=True, default=str)
 
 
 def _read_parquet_all(p: Path) -> pd.DataFrame:
