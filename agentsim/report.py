@@ -467,22 +467,25 @@ def sweep_figures(table: pd.DataFrame, grid_keys: list[str]) -> tuple[list[Figur
     nrows = math.ceil(len(metrics) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows + 0.6), squeeze=False)
     for ax, m in zip(axes.flat, metrics):
-        for gkey, g in groups:
+        for gi, (gkey, g) in enumerate(groups):
             gkey = gkey if isinstance(gkey, tuple) else (gkey,)
             label = ", ".join(f"{k}={v}" for k, v in zip(series_keys, gkey)) or m
             xs = g[x].astype(str) if xcat else g[x]
             agg = g[m].groupby(xs, sort=not xcat).agg(["mean", "min", "max"])
             if xcat:
                 agg = agg.reindex([v for v in xorder if v in agg.index])
-                pos = np.array([xorder.index(v) for v in agg.index], float)
+                # series side by side around each category (0.08 of a category apart)
+                pos = np.array([xorder.index(v) for v in agg.index], float) + (gi - (len(groups) - 1) / 2) * 0.08
             else:
                 pos = agg.index.to_numpy(float)
             yerr = np.vstack([agg["mean"] - agg["min"], agg["max"] - agg["mean"]])
             ax.errorbar(pos, agg["mean"], yerr=yerr if np.nanmax(yerr, initial=0) > 0 else None, marker="o",
-                        ms=4, lw=1.3, capsize=3, label=label)
+                        ms=6 if xcat else 4, lw=1.3, ls="none" if xcat else "-", capsize=3, label=label)
         if xcat:
             ax.set_xticks(range(len(xorder)), xorder, rotation=20, ha="right", fontsize=8)
-        ax.set_title(m, fontsize=10)
+        unit = _unit_of(m)
+        ax.set_title(f"{m} ({unit})" if unit and not m.endswith(f"_{unit}") else m, fontsize=10)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
