@@ -76,6 +76,7 @@ class _StatSink:
         self.cached_tokens = 0        # cumulative prompt tokens from the prefix cache
         self.queried_tokens = 0
         self.external_tokens = 0      # cumulative prompt tokens loaded by a KV connector (P/D decode side)
+        self.kv_transfer: dict = {}   # cumulative KV connector counters (agentsim.live.kvconnector.STAT_KEYS)
         self.busy_time = 0.0          # cumulative seconds with work in the engine
         self.num_steps = 0
         self.num_preemptions = 0
@@ -96,6 +97,11 @@ class _StatSink:
             if pcs is not None:
                 self.queried_tokens += int(getattr(pcs, "queries", 0))
                 self.cached_tokens += int(getattr(pcs, "hits", 0))
+            kcs = getattr(sched, "kv_connector_stats", None)
+            if isinstance(kcs, dict):
+                for k, v in kcs.items():
+                    if isinstance(v, (int, float)):
+                        self.kv_transfer[k] = self.kv_transfer.get(k, 0) + v
             self.num_steps += 1
             self._last_busy = self.num_running + self.num_waiting > 0
         if it is not None:
@@ -112,6 +118,7 @@ class _StatSink:
             "decode_tokens": self.decode_tokens, "busy_time": self.busy_time, "num_steps": self.num_steps,
             "cached_tokens": self.cached_tokens, "queried_tokens": self.queried_tokens,
             "num_preemptions": self.num_preemptions, "external_tokens": self.external_tokens,
+            "kv_transfer": dict(self.kv_transfer),
             "gpu_util": self.gpu_util() if self.gpu_util is not None else None,
         }
 
