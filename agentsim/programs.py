@@ -10,8 +10,8 @@ operations that take time, as an :class:`ProgramOps` adapter:
 - ``llm_call(req, strand, thread_id)`` runs one LLM call and returns its :class:`CallResult`;
 - ``tool_call(req, strand)`` waits out one tool call (the simulator: ``req.duration`` of simulated
   time; live: a real sleep);
-- ``all_of(branches)`` runs ``[(strand, generator), ...]`` concurrently and returns their return
-  values in branch order.
+- ``all_of(branches, strand)`` runs ``strand``'s branches ``[(strand, generator), ...]``
+  concurrently and returns their return values in branch order.
 
 Each operation returns an iterable that :func:`drive` delegates to with ``yield from``, so the
 driver is itself a generator run by the backend's own kernel, as SimPy's ``Process._resume`` is
@@ -84,15 +84,17 @@ class ProgramOps(Protocol):
     def tool_call(self, req: ToolCall, strand: Strand) -> Iterable:
         """Wait ``req.duration`` seconds (the backend's clock); the iterable returns anything."""
 
-    def all_of(self, branches: list[tuple[Strand, Generator]]) -> Iterable:
-        """Run the branch generators concurrently; the iterable returns their return values in order."""
+    def all_of(self, branches: list[tuple[Strand, Generator]], strand: Strand) -> Iterable:
+        """Run the branch generators (branches of ``strand``) concurrently; the iterable returns their
+        return values in branch order."""
 
 
 class Strand:
     """One sequential thread of a program: the body itself or one :class:`Parallel` branch.
 
     ``run``: the program's :class:`ProgramRun`; ``thread_id``: the thread its calls default to;
-    ``data``: free for the adapter (the recorder keeps the strand's dependency frontier there).
+    ``data``: free for the adapter, copied from parent to branch (the recorder keeps the strand's
+    dependency frontier there).
     """
 
     __slots__ = ("run", "thread_id", "data")
@@ -106,15 +108,17 @@ class Strand:
 class ProgramRun:
     """One program being run: its context, body and statistics (the ``programs.parquet`` row).
 
+    ``prog`` may be None for a bare body walked without a backend (the oracle, the recorder).
+
     Counts are integers; ``llm_time``, ``tool_time`` and ``critical_path`` are seconds of the
     backend's clock; ``end_at`` is NaN until the backend ends the program; ``status`` is
     ``"running"``, then ``"finished"``, ``"failed"`` or ``"unfinished"``.
     """
 
     __slots__ = ("prog", "pc", "body", "num_calls", "num_tool_calls", "prompt_tokens", "output_tokens",
-                 "llm_time", "tool_time", "critical_path", "status", "end_at", "error")
+                 "llm_time", "tool_time", "critical_path", "status", "end_at", "error", "coordination_overhead")
 
-    def __init__(self, prog: Program, pc: ProgramContext, body: Generator | None = None) -> None:
+    def __init__(self, prog: Program | None, pc: ProgramContext, body: Generator | None = None) -> None:
         self.prog = prog
         self.pc = pc
         self.body = body
@@ -128,6 +132,7 @@ class ProgramRun:
         self.status = "running"
         self.end_at = float("nan")
         self.error: str | None = None
+        self.coordination_overhead = 0.0  # router time of its calls (s), set by a backend that models it
 
     def row(self) -> tuple:
         """This program's row of ``metrics.PROGRAM_COLUMNS`` (:func:`agentsim.metrics.program_row`)."""
@@ -176,8 +181,9 @@ def _one(request: Any) -> Generator:
     return result
 
 
-def _bad(prog: Program, what: str, value: Any) -> ProgramYieldError:
-    return ProgramYieldError(f"program {prog.program_id} ({prog.kind}) {what} {value!r}; "
+def _bad(run: ProgramRun, what: str, value: Any) -> ProgramYieldError:
+    p = run.prog if run.prog is not None else run.pc
+    return ProgramYieldError(f"program {p.program_id} ({p.kind}) {what} {value!r}; "
                              "expected LLMCall, ToolCall or Parallel" + (" or a generator" if "branch" in what else ""))
 
 
@@ -219,17 +225,17 @@ def drive(gen: Generator, strand: Strand, ops: ProgramOps) -> Generator[Any, Any
             for b in req.branches:
                 if isinstance(b, _REQUESTS):
                     tid = b.thread_id if isinstance(b, LLMCall) else strand.thread_id
-                    branches.append((Strand(run, tid), _one(b)))
+                    branches.append((Strand(run, tid, strand.data), _one(b)))
                 elif hasattr(b, "send"):
-                    branches.append((Strand(run, strand.thread_id), b))
+                    branches.append((Strand(run, strand.thread_id, strand.data), b))
                 else:
-                    raise _bad(run.prog, "yielded a Parallel branch", b)
+                    raise _bad(run, "yielded a Parallel branch", b)
             subs = [(s, drive(b, s, ops)) for s, b in branches]
-            outs = yield from ops.all_of(subs)
+            outs = yield from ops.all_of(subs, strand)
             crit += max((o[0] for o in outs), default=0.0)
             result = [o[1] for o in outs]
         else:
-            raise _bad(run.prog, "yielded", req)
+            raise _bad(run, "yielded", req)
 
 
 def run_now(gen: Generator) -> Any:

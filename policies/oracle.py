@@ -2,7 +2,8 @@
 
 A program body is a deterministic generator of its RNG stream and of the results it is sent (a call's
 output segment is fixed when the call is built), so stepping a *copy* of it with stand-in results
-lists the calls it will make, without running anything. Parallel branches are stepped one after the
+lists the calls it will make, without running anything: :func:`plan_body` is an adapter of the one
+program driver (:func:`agentsim.programs.drive`). Parallel branches are stepped one after the
 other; a branch that draws from the shared RNG while it runs (``fanout`` workers) may then draw in a
 different order than in a real run, so the plan of such a program is close, not exact -- every shape
 in ``traces/shapes.py`` prepares its branches' requests before yielding them and is planned exactly.
@@ -13,9 +14,10 @@ Pure workload logic (no simpy, ray or vllm): the simulator and the live driver c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generator
+from typing import Generator
 
-from agentsim.workload import CallResult, LLMCall, Parallel, Segment, ToolCall
+from agentsim.programs import ProgramRun, Strand, answer, run_all_now, walk
+from agentsim.workload import CallResult, LLMCall, ProgramContext, Segment, ToolCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,41 +40,38 @@ class ProgramPlan:
         return sum(c.num_output_tokens for c in self.calls)
 
 
-def _walk(gen: Generator, plan: ProgramPlan, max_calls: int) -> Any:
-    result = None
-    while True:
-        try:
-            req = gen.send(result)
-        except StopIteration as stop:
-            return stop.value
-        if isinstance(req, LLMCall):
-            if len(plan.calls) >= max_calls:
-                raise RuntimeError(f"program plan exceeds {max_calls} calls")
-            plan.calls.append(PlannedCall(req.context.num_tokens, req.num_output_tokens, req.agent_id, req.thread_id))
-            seg = req.output_seg_id if req.output_seg_id is not None else -len(plan.calls)
-            result = CallResult(-1, Segment(seg, req.num_output_tokens), 0.0, 0.0, 0.0, -1)
-        elif isinstance(req, ToolCall):
-            plan.tool_time += req.duration
-            result = None
-        elif isinstance(req, Parallel):
-            out = []
-            for b in req.branches:
-                if hasattr(b, "send"):
-                    out.append(_walk(b, plan, max_calls))
-                else:
-                    out.append(_walk(_single(b), plan, max_calls))
-            result = out
-        else:
-            raise TypeError(f"program yielded {req!r}")
+class _Planner:
+    """The oracle's adapter of the program driver (:mod:`agentsim.programs`): every request is
+    answered at once, a call with a stand-in result whose output segment is the one the call
+    names; Parallel branches run one after the other."""
 
+    def __init__(self, plan: ProgramPlan, max_calls: int) -> None:
+        self.plan = plan
+        self.max_calls = max_calls
 
-def _single(request: Any) -> Generator:
-    result = yield request
-    return result
+    def llm_call(self, req: LLMCall, strand: Strand, thread_id: int):
+        calls = self.plan.calls
+        if len(calls) >= self.max_calls:
+            raise RuntimeError(f"program plan exceeds {self.max_calls} calls")
+        calls.append(PlannedCall(req.context.num_tokens, req.num_output_tokens, req.agent_id, thread_id))
+        seg = req.output_seg_id if req.output_seg_id is not None else -len(calls)
+        return answer(CallResult(-1, Segment(seg, req.num_output_tokens), 0.0, 0.0, 0.0, -1))
+
+    def tool_call(self, req: ToolCall, strand: Strand):
+        return answer()
+
+    def all_of(self, branches: list, strand: Strand):
+        return answer(run_all_now(branches))
 
 
 def plan_body(body: Generator, max_calls: int = 1_000_000) -> ProgramPlan:
-    """Step a (fresh, unstarted) program body generator to the end; return its plan."""
+    """Step a (fresh, unstarted) program body generator to the end; return its plan.
+
+    Raises ``RuntimeError`` past ``max_calls`` calls and
+    :class:`~agentsim.programs.ProgramYieldError` (a ``TypeError``) for a bad yield.
+    """
     plan = ProgramPlan()
-    _walk(body, plan, max_calls)
+    run = ProgramRun(None, ProgramContext(-1, -1, "plan", None))
+    walk(body, run, _Planner(plan, max_calls))
+    plan.tool_time = run.tool_time
     return plan

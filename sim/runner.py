@@ -13,29 +13,27 @@ from __future__ import annotations
 
 import gc
 import math
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 import simpy
 
-import agentsim
 from agentsim.calibration.profile import Profile, resolve_profile
 from agentsim.config import RunConfig
 from agentsim.errors import ConfigError
 from agentsim.metrics import (
-    CALL_COLUMNS, ENGINE_COLUMNS, PROGRAM_COLUMNS, SCHEMA_VERSION, ColumnStore, summarize,
+    CALL_COLUMNS, ENGINE_COLUMNS, PROGRAM_COLUMNS, CallStatus, ColumnStore, call_row, run_manifest,
+    summarize,
 )
+from agentsim.programs import ProgramRun, Strand, drive, program_body, program_context
 from agentsim.policies.registry import make_bundle
 from agentsim.sim.engine import Engine, SimCall
 from agentsim.sim.kv import call_fits, num_call_blocks, num_reserved_blocks, v0_watermark_blocks
 from agentsim.sim.frontend import Frontend, FrontendCall
-from agentsim.traces.source import ProgramSource, program_rng
-from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall
+from agentsim.traces.source import ProgramSource
+from agentsim.workload import CallResult, LLMCall, Program, Segment, ToolCall
 
 
 @dataclass
@@ -50,27 +48,13 @@ class RunResult:
     links: pd.DataFrame | None = None   # per-link utilisation series (agentsim.sim.network.LINK_COLUMNS)
 
 
-class _ProgramStats:
-    __slots__ = ("prog", "num_calls", "num_tool_calls", "prompt_tokens", "output_tokens", "llm_time", "tool_time")
-
-    def __init__(self, prog: Program) -> None:
-        self.prog = prog
-        self.num_calls = 0
-        self.num_tool_calls = 0
-        self.prompt_tokens = 0
-        self.output_tokens = 0
-        self.llm_time = 0.0
-        self.tool_time = 0.0
-
-
-def _one(request: Any):
-    """A one-request program body (a Parallel branch that is a bare request)."""
-    result = yield request
-    return result
-
-
 class Simulation:
-    """One simulated run; ``run()`` returns a :class:`RunResult`."""
+    """One simulated run; ``run()`` returns a :class:`RunResult`.
+
+    It is the SimPy adapter of the program driver (:mod:`agentsim.programs`): ``llm_call``,
+    ``tool_call`` and ``all_of`` yield SimPy events, and :func:`agentsim.programs.drive` steps each
+    program's generator inside the program's SimPy process.
+    """
 
     def __init__(self, cfg: RunConfig, profile: Profile | None = None,
                  on_step: Callable[[Engine], None] | None = None,
@@ -134,7 +118,7 @@ class Simulation:
             self.frontends = [Frontend(self.env, self.profile.frontend, lim.api_server_count)
                               for _ in self.engines]
         self._next_call_id = 0
-        self._active: dict[int, _ProgramStats] = {}
+        self._active: dict[int, ProgramRun] = {}
         self._hooks = {name: self.bundle.hooks(name) for name in (
             "on_program_start", "on_program_end", "on_call_arrive", "on_call_finish", "on_tool_start", "on_tool_end")}
         self._route = self.bundle.route.route
@@ -171,97 +155,65 @@ class Simulation:
             yield from self._program(prog)
 
     def _program(self, prog: Program):
+        """One program's SimPy process: its body stepped by :func:`agentsim.programs.drive`."""
         env = self.env
-        rng = prog.meta.get("rng") or program_rng(self.cfg.seed, prog.program_id)
-        pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, rng)
-        spec = prog.meta.get("generator")
-        if prog.body is not None:
-            body = prog.body(pc)
-        elif getattr(spec, "is_team", False):
-            task = spec.task(rng)
-            topology = self.bundle.shape.shape(task, env.now)
-            prog.meta["topology"] = topology
-            body = spec.team_body(pc, task, topology)
-        else:
-            body = spec.body(pc)
-        st = _ProgramStats(prog)
-        self._active[prog.program_id] = st
+        pc = program_context(prog, self.cfg.seed)
+        run = ProgramRun(prog, pc, program_body(prog, pc, self.bundle.shape, env.now))
+        self._active[prog.program_id] = run
         start = env.now
         for fn in self._hooks["on_program_start"]:
             fn(prog.program_id, prog.agent_id, prog.kind, start)
-        crit, _ = yield from self._drive(body, st, 0)
+        run.critical_path, _ = yield from drive(run.body, Strand(run), self)
         del self._active[prog.program_id]
-        end = env.now
+        run.end_at = end = env.now
         for fn in self._hooks["on_program_end"]:
             fn(prog.program_id, end)
-        latency = end - prog.arrival_at
-        self.programs.append((
-            prog.program_id, prog.agent_id, prog.kind, prog.arrival_at, end, latency, st.num_calls,
-            st.num_tool_calls, st.prompt_tokens, st.output_tokens, st.llm_time, st.tool_time, crit,
-            latency / st.output_tokens if st.output_tokens else math.nan, "finished",
-            self.disagg.coordination.pop(prog.program_id, 0.0) if self.disagg is not None else 0.0,
-        ))
+        run.status = "finished"
+        if self.disagg is not None:
+            run.coordination_overhead = self.disagg.coordination.pop(prog.program_id, 0.0)
+        self.programs.append(run.row())
 
-    def _drive(self, gen, st: _ProgramStats, thread_id: int):
-        """Step one program (or branch) generator; returns (critical path time, return value)."""
+    # ------------------------------------------------------------------ program operations (SimPy)
+    def llm_call(self, req: LLMCall, strand: Strand, thread_id: int):
+        """Route ``req`` to an engine (through its API server when the profile has one) and wait
+        for it to finish; returns its :class:`CallResult` (times in simulated seconds)."""
         env = self.env
-        prog = st.prog
-        result = None
-        crit = 0.0
-        while True:
-            try:
-                req = gen.send(result)
-            except StopIteration as stop:
-                return crit, stop.value
-            kind = type(req)
-            if kind is LLMCall:
-                call = self._make_call(req, prog, thread_id)
-                for fn in self._hooks["on_call_arrive"]:
-                    fn(call, env.now)
-                if self.disagg is not None:
-                    # router cost, P/D pair or prefix fetch (agentsim.sim.disagg); returns the decode engine
-                    engine = yield from self.disagg.serve(call)
-                else:
-                    engine = self.engines[self._route(call, self.engines, env.now)]
-                    if self.frontends is not None:
-                        # the engine's API server sets the request up and tokenizes it first
-                        fe = self.frontends[engine.engine_id]
-                        call.frontend = fe
-                        yield from fe.intake(call)
-                    engine.add_call(call)
-                    yield call.done
-                call.done = None  # no call <-> event cycle for the collector to find
-                st.num_calls += 1
-                st.prompt_tokens += call.num_prompt_tokens
-                st.output_tokens += call.num_output_tokens
-                e2e = call.finish_at - call.arrival_at
-                st.llm_time += e2e
-                crit += e2e
-                result = CallResult(call.call_id, Segment(call.output_seg_id, call.num_output_tokens),
-                                    call.arrival_at, call.first_token_at, call.finish_at, engine.engine_id)
-            elif kind is ToolCall:
-                for fn in self._hooks["on_tool_start"]:
-                    fn(prog.program_id, prog.agent_id, req.name, req.estimate, env.now)
-                if req.duration > 0:
-                    yield env.timeout(req.duration)
-                for fn in self._hooks["on_tool_end"]:
-                    fn(prog.program_id, prog.agent_id, req.name, env.now)
-                st.num_tool_calls += 1
-                st.tool_time += req.duration
-                crit += req.duration
-                result = None
-            elif kind is Parallel:
-                procs = []
-                for b in req.branches:
-                    sub = b if hasattr(b, "send") else _one(b)
-                    tid = getattr(b, "thread_id", thread_id) if not hasattr(b, "send") else thread_id
-                    procs.append(env.process(self._drive(sub, st, tid)))
-                yield env.all_of(procs)
-                crit += max((p.value[0] for p in procs), default=0.0)
-                result = [p.value[1] for p in procs]
-            else:
-                raise TypeError(f"program {prog.program_id} ({prog.kind}) yielded {req!r}; "
-                                "expected LLMCall, ToolCall or Parallel")
+        call = self._make_call(req, strand.run.prog, thread_id)
+        for fn in self._hooks["on_call_arrive"]:
+            fn(call, env.now)
+        if self.disagg is not None:
+            # router cost, P/D pair or prefix fetch (agentsim.sim.disagg); returns the decode engine
+            engine = yield from self.disagg.serve(call)
+        else:
+            engine = self.engines[self._route(call, self.engines, env.now)]
+            if self.frontends is not None:
+                # the engine's API server sets the request up and tokenizes it first
+                fe = self.frontends[engine.engine_id]
+                call.frontend = fe
+                yield from fe.intake(call)
+            engine.add_call(call)
+            yield call.done
+        call.done = None  # no call <-> event cycle for the collector to find
+        return CallResult(call.call_id, Segment(call.output_seg_id, call.num_output_tokens),
+                          call.arrival_at, call.first_token_at, call.finish_at, engine.engine_id)
+
+    def tool_call(self, req: ToolCall, strand: Strand):
+        """Wait ``req.duration`` simulated seconds, between the bundle's tool hooks."""
+        env = self.env
+        prog = strand.run.prog
+        for fn in self._hooks["on_tool_start"]:
+            fn(prog.program_id, prog.agent_id, req.name, req.estimate, env.now)
+        if req.duration > 0:
+            yield env.timeout(req.duration)
+        for fn in self._hooks["on_tool_end"]:
+            fn(prog.program_id, prog.agent_id, req.name, env.now)
+
+    def all_of(self, branches: list, strand: Strand):
+        """Each branch in its own SimPy process; their values in branch order once all are done."""
+        env = self.env
+        procs = [env.process(gen) for _, gen in branches]
+        yield env.all_of(procs)
+        return [p.value for p in procs]
 
     def _make_call(self, req: LLMCall, prog: Program, thread_id: int) -> SimCall:
         cid = self._next_call_id
@@ -290,7 +242,7 @@ class Simulation:
         cls = SimCall if self.frontends is None else FrontendCall
         call = cls(
             cid, prog.program_id, prog.agent_id if req.agent_id is None else req.agent_id,
-            req.thread_id or thread_id, prog.kind, self.env.now, prog.arrival_at, req.context,
+            thread_id, prog.kind, self.env.now, prog.arrival_at, req.context,
             req.num_output_tokens, seg, req.hints, req.parent_call_ids, self.env.event(),
         )
         if self.frontends is not None:
@@ -304,7 +256,7 @@ class Simulation:
                 fn(call, call.finish_at)
             call.frontend.finish(call, lambda: self._deliver(call))
             return
-        self._record_call(call, "finished")
+        self._record_call(call, CallStatus.FINISHED)
         for fn in self._hooks["on_call_finish"]:
             fn(call, call.finish_at)
         call.done.succeed()
@@ -313,25 +265,12 @@ class Simulation:
         """The client has the last token: record the call with the times the client saw."""
         del self._fe_calls[call.call_id]
         call.set_client_times()
-        self._record_call(call, "finished")
+        self._record_call(call, CallStatus.FINISHED)
         call.done.succeed()
 
-    def _record_call(self, call: SimCall, status: str) -> None:
+    def _record_call(self, call: SimCall, status: CallStatus) -> None:
         e = call.engine
-        ttft = call.first_token_at - call.arrival_at
-        tpot = (call.finish_at - call.first_token_at) / (call.num_output_tokens - 1) \
-            if call.num_output_tokens > 1 else math.nan
-        cached = max(call.num_cached_tokens, 0)
-        self.calls.append((
-            call.call_id, call.program_id, call.agent_id, call.thread_id, call.program_kind,
-            e.engine_id if e else -1, e.node_id if e else -1,
-            call.arrival_at, call.scheduled_at, call.first_token_at, call.finish_at,
-            call.scheduled_at - call.arrival_at, ttft, tpot, call.finish_at - call.arrival_at,
-            call.num_prompt_tokens, cached,
-            call.num_computed_prompt_tokens,
-            call.num_output_tokens, call.num_generated, call.num_preemptions, call.num_retries,
-            call.service_time, status, call.kv_transfer_bytes, call.kv_transfer_time,
-        ))
+        self.calls.append(call_row(call, e.engine_id if e else -1, e.node_id if e else -1, status))
 
     # ------------------------------------------------------------------ run
     def run(self, progress: Callable[[float, float], None] | None = None) -> RunResult:
@@ -382,20 +321,17 @@ class Simulation:
             # with a frontend, every call not yet delivered to its client (in intake, in an
             # engine, or being streamed) is unfinished
             for c in self._fe_calls.values():
-                self._record_call(c, "unfinished")
+                self._record_call(c, CallStatus.UNFINISHED)
         else:
             for e in self.engines:
                 for c in list(e.running) + [w if isinstance(w, SimCall) else w[-1] for w in e.waiting] + list(e.inbox):
                     # a disaggregated call still in its prefill leg is recorded as the call itself
-                    self._record_call(getattr(c, "parent", c), "unfinished")
+                    self._record_call(getattr(c, "parent", c), CallStatus.UNFINISHED)
         for st in sorted(self._active.values(), key=lambda s: s.prog.program_id):
-            p = st.prog
-            self.programs.append((
-                p.program_id, p.agent_id, p.kind, p.arrival_at, math.nan, math.nan, st.num_calls,
-                st.num_tool_calls, st.prompt_tokens, st.output_tokens, st.llm_time, st.tool_time, math.nan,
-                math.nan, "unfinished",
-                self.disagg.coordination.get(p.program_id, 0.0) if self.disagg is not None else 0.0,
-            ))
+            st.status = "unfinished"
+            if self.disagg is not None:
+                st.coordination_overhead = self.disagg.coordination.get(st.prog.program_id, 0.0)
+            self.programs.append(st.row())
         wall = time.perf_counter() - wall0
         calls = self.calls.to_frame().sort_values("call_id", kind="stable").reset_index(drop=True)
         programs = self.programs.to_frame().sort_values("program_id", kind="stable").reset_index(drop=True)
@@ -422,20 +358,14 @@ class Simulation:
             "num_programs_cut": self.source.num_cut,
             **(self.disagg.stats() if self.disagg is not None else {}),
         }
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "backend": "sim",
+        manifest = run_manifest(
             # as run: the version defaults the engine resolved (a V0 token budget) written out
-            "config": replace(cfg, cluster=replace(cfg.cluster, engine=self.limits)).to_dict(),
-            "seed": cfg.seed,
-            "policy": self.bundle.name,
-            "profile": {"name": self.profile.name, "source": self.profile.source,
-                        "model": self.profile.model.name, "gpu": self.profile.gpu.name,
-                        "provenance": self.profile.provenance},
-            "versions": _versions(),
-            "git_revision": _git_revision(),
-            "complete": True,
-        }
+            "sim", replace(cfg, cluster=replace(cfg.cluster, engine=self.limits)).to_dict(), cfg.seed, _versions(),
+            policy=self.bundle.name,
+            profile={"name": self.profile.name, "source": self.profile.source, "model": self.profile.model.name,
+                     "gpu": self.profile.gpu.name, "provenance": self.profile.provenance},
+            complete=True,
+        )
         return RunResult(cfg, calls, programs, engines, summary, manifest, stats, links)
 
 
@@ -445,17 +375,9 @@ def run(cfg: RunConfig, progress: Callable[[float, float], None] | None = None) 
 
 
 def _versions() -> dict:
+    """The simulator's packages for the manifest (agentsim and Python are added by run_manifest)."""
     import numpy
     import scipy
 
-    return {"agentsim": agentsim.__version__, "python": platform.python_version(), "simpy": simpy.__version__,
-            "numpy": numpy.__version__, "scipy": scipy.__version__, "pandas": pd.__version__}
-
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return {"simpy": simpy.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+            "pandas": pd.__version__}

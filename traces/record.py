@@ -1,8 +1,8 @@
 """Record generator programs as trace programs, without a backend.
 
-:func:`record_program` steps a program body and answers each request at once (an LLM call
-returns its output segment, a tool returns ``None``, a :class:`Parallel` runs its branches one
-after the other), writing down each request as a step with the steps it waited for. The result
+:func:`record_body` steps a program body through the one program driver
+(:func:`agentsim.programs.drive`) and answers each request at once (an LLM call returns its output
+segment, a tool returns ``None``, a :class:`Parallel` runs its branches one after the other), writing down each request as a step with the steps it waited for. The result
 is the program's structure and token content: what ``agentsim trace generate`` saves and what
 ``agentsim trace inspect`` can then summarise. Timings are not recorded (they depend on the
 backend), so recorded steps have ``recorded_at = recorded_time = None``.
@@ -10,65 +10,59 @@ backend), so recorded steps have ``recorded_at = recorded_time = None``.
 
 from __future__ import annotations
 
-import inspect as _inspect
 import json
 import math
 from dataclasses import asdict, fields
 from typing import Any, Iterator
 
+from agentsim.programs import ProgramRun, Strand, answer, run_all_now, walk
+from agentsim.programs import program_body as choose_body
 from agentsim.traces.canonical import ProgramRecord, Step, make_meta
-from agentsim.workload import CallHints, CallResult, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall, stable_id
+from agentsim.workload import CallHints, CallResult, LLMCall, Program, ProgramContext, Segment, ToolCall, stable_id
 
 
 _HINT_FIELDS = tuple(f.name for f in fields(CallHints))
 
 
 class _Recorder:
+    """The recorder's adapter of the program driver (:mod:`agentsim.programs`): each request
+    becomes a :class:`Step` at once; a strand's ``data`` is its frontier (the steps its next request
+    waits for)."""
+
     def __init__(self, pc: ProgramContext, reverse_branches: bool = False) -> None:
         self.pc = pc
         self.reverse = reverse_branches
         self.steps: list[Step] = []
 
-    def drive(self, gen: Any, frontier: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
-        value = None
-        while True:
-            try:
-                req = gen.send(value)
-            except StopIteration as stop:
-                return stop.value, frontier
-            value, frontier = self.do(req, frontier)
-
-    def do(self, req: Any, frontier: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    def llm_call(self, req: LLMCall, strand: Strand, thread_id: int):
         sid = len(self.steps)
-        if isinstance(req, LLMCall):
-            if req.output_seg_id is None:
-                req.output_seg_id = stable_id("recorded-output", self.pc.program_id, sid) | (1 << 61)
-            segs = req.context.all_segments()
-            hints = {k: v for k in _HINT_FIELDS if (v := getattr(req.hints, k)) is not None}
-            self.steps.append(Step(
-                sid, "llm", req.agent_id if req.agent_id is not None else self.pc.agent_id, frontier,
-                tuple(s.seg_id for s in segs), tuple(s.num_tokens for s in segs), req.num_output_tokens,
-                req.output_seg_id, thread_id=req.thread_id, hints=json.dumps(hints, sort_keys=True) if hints else ""))
-            out = Segment(req.output_seg_id, req.num_output_tokens)
-            return CallResult(sid, out, math.nan, math.nan, math.nan, -1), (sid,)
-        if isinstance(req, ToolCall):
-            self.steps.append(Step(sid, "tool", self.pc.agent_id, frontier, tool_name=req.name,
-                                   tool_time=float(req.duration)))
-            return None, (sid,)
-        if isinstance(req, Parallel):
-            results: list[Any] = [None] * len(req.branches)
-            ends: list[int] = []
-            order = range(len(req.branches))
-            for i in (reversed(order) if self.reverse else order):
-                b = req.branches[i]
-                if _inspect.isgenerator(b):
-                    r, f = self.drive(b, frontier)
-                else:
-                    r, f = self.do(b, frontier)
-                results[i] = r
-                ends.extend(x for x in f if x not in ends)
-            return results, tuple(sorted(ends)) if ends else frontier
-        raise TypeError(f"program {self.pc.program_id} yielded {type(req).__name__}, not a request")
+        if req.output_seg_id is None:
+            req.output_seg_id = stable_id("recorded-output", self.pc.program_id, sid) | (1 << 61)
+        segs = req.context.all_segments()
+        hints = {k: v for k in _HINT_FIELDS if (v := getattr(req.hints, k)) is not None}
+        self.steps.append(Step(
+            sid, "llm", req.agent_id if req.agent_id is not None else self.pc.agent_id, strand.data,
+            tuple(s.seg_id for s in segs), tuple(s.num_tokens for s in segs), req.num_output_tokens,
+            req.output_seg_id, thread_id=thread_id, hints=json.dumps(hints, sort_keys=True) if hints else ""))
+        strand.data = (sid,)
+        return answer(CallResult(sid, Segment(req.output_seg_id, req.num_output_tokens), math.nan, math.nan,
+                                 math.nan, -1))
+
+    def tool_call(self, req: ToolCall, strand: Strand):
+        sid = len(self.steps)
+        self.steps.append(Step(sid, "tool", self.pc.agent_id, strand.data, tool_name=req.name,
+                               tool_time=float(req.duration)))
+        strand.data = (sid,)
+        return answer()
+
+    def all_of(self, branches: list, strand: Strand):
+        results = run_all_now(branches, self.reverse)
+        ends: list[int] = []
+        for b, _ in branches:
+            ends.extend(x for x in b.data if x not in ends)
+        if ends:
+            strand.data = tuple(sorted(ends))
+        return answer(results)
 
 
 def record_body(body, pc: ProgramContext, reverse_branches: bool = False) -> list[Step]:
@@ -78,19 +72,14 @@ def record_body(body, pc: ProgramContext, reverse_branches: bool = False) -> lis
     does not depend on branch completion order records the same calls either way.
     """
     rec = _Recorder(pc, reverse_branches)
-    rec.drive(body(pc), ())
+    walk(body(pc), ProgramRun(None, pc), rec, ())
     return rec.steps
 
 
 def program_body(prog: Program):
-    """The body of a program made by :class:`~agentsim.traces.source.ProgramSource` (teams: default topology)."""
-    gen = prog.meta["generator"]
-    if getattr(gen, "is_team", False):
-        def body(pc: ProgramContext):
-            task = gen.task(pc.rng)
-            return (yield from gen.team_body(pc, task, task.default_topology))
-        return body
-    return gen.body
+    """The body of a program made by :class:`~agentsim.traces.source.ProgramSource` (teams: default
+    topology): :func:`agentsim.programs.program_body` without a shape policy."""
+    return lambda pc: choose_body(prog, pc)
 
 
 def generate_programs(generator: str, params: dict | None, num_programs: int, rate: float | None = None,
