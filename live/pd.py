@@ -101,16 +101,44 @@ def check_live_roles(roles: Sequence[str], *, endpoints: bool, address: str | No
 
 
 class PDStorage:
-    """A fresh directory for the connector's KV files; removed (it and only it) on exit."""
+    """A fresh directory for the connector's KV files (``path``), made on enter, removed (it and
+    only it: agentsim made it) on exit; ``enabled=False``: nothing is made and ``path`` is None."""
 
-    def __init__(self, parent: str | None = None) -> None:
-        self.path = tempfile.mkdtemp(prefix="agentsim-pd-", dir=parent)
+    def __init__(self, enabled: bool = True, parent: str | None = None) -> None:
+        self.enabled = enabled
+        self.parent = parent
+        self.path: str | None = None
 
     def __enter__(self) -> "PDStorage":
+        if self.enabled:
+            self.path = tempfile.mkdtemp(prefix="agentsim-pd-", dir=self.parent)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
+def manifest_entry(roles: Sequence[str]) -> dict:
+    """What a P/D run records in ``manifest.json`` under ``pd`` (before the transfer totals)."""
+    return {"roles": list(roles), "kv_connector": f"{CONNECTOR_MODULE}.{CONNECTOR}",
+            "vllm_connector": "ExampleConnector", "kv_roles": {r: KV_ROLE.get(r) for r in sorted(set(roles))}}
+
+
+def engine_transfer_totals(handles: Sequence[Any], timeout: float = 30.0) -> dict:
+    """Per engine id (str, for JSON): :func:`transfer_totals` of its stats, asked over Ray."""
+    import ray
+
+    out = {}
+    for h in handles:
+        if not getattr(h, "alive", True):
+            continue
+        try:
+            out[str(h.engine_id)] = transfer_totals(ray.get(h.actor.poll.remote(), timeout=timeout)["stats"])
+        except Exception:  # noqa: BLE001 - a dead engine has nothing to report
+            continue
+    return out
 
 
 class PDClient(EngineClient):

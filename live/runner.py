@@ -196,6 +196,10 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
     opt = replace(settings.options, duration=cfg.duration,
                   slo_ttft=cfg.slo_ttft if settings.options.slo_ttft is None else settings.options.slo_ttft,
                   slo_tpot=cfg.slo_tpot if settings.options.slo_tpot is None else settings.options.slo_tpot)
+    from agentsim.live import pd
+
+    roles = cfg.cluster.engine_roles
+    pd.check_live_roles(roles, endpoints=bool(settings.endpoints), address=settings.address)
     if settings.endpoints:
         from agentsim.live.http import run_endpoints
 
@@ -223,21 +227,32 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
         cluster = RayCluster.local(settings.local_nodes or cfg.cluster.num_nodes, settings.object_store_mb,
                                    log_to_driver=settings.log_to_driver)
     say(f"Ray cluster up ({time.monotonic() - t0:.0f} s)")
-    with cluster:
+    with cluster, pd.PDStorage(enabled=pd.is_disaggregated(roles)) as pd_store:
         specs = engine_specs(cfg, settings, model, run_tag, scheduler, gpu=cluster.has_gpus())
+        if pd_store.path is not None:  # P/D: each role's KV connector (agentsim.live.pd)
+            specs = pd.apply_roles(specs, roles, pd_store.path)
         say(f"starting {len(specs)} vLLM engine(s) (each loads the model and profiles its KV cache)")
         handles = cluster.start_engines(specs, progress=settings.progress)
         say(f"running the workload: programs start for {opt.duration:g} s"
             + (", then running ones finish" if opt.drain else ", then the run ends"))
         by_id = {h.engine_id: h for h in handles}
-        clients = [RayEngineClient(h) for h in handles]
+        clients = pd.wrap_clients([RayEngineClient(h) for h in handles], roles)
         manifest = manifest_base(cfg, settings, model)
+        if pd_store.path is not None:
+            manifest["pd"] = pd.manifest_entry(roles)
         manifest["gpu"] = _gpu_summary(handles)
         driver = LiveDriver(clients, bundle, block_size=handles[0].info["block_size"], options=opt,
                             out_dir=out_dir, seed=cfg.seed, manifest=manifest,
                             on_kill=lambda eid: cluster.kill_engine(by_id[eid]),
                             max_num_seqs=cfg.cluster.engine.max_num_seqs, progress=settings.progress)
         result = driver.run(source)
+        if pd_store.path is not None:
+            result.manifest["pd"]["kv_transfer"] = pd.engine_transfer_totals(handles)
+            if result.out_dir is not None:
+                from agentsim import metrics as M
+
+                M.write_results(result.out_dir, result.calls, result.programs, result.engines, result.summary,
+                                result.manifest)
         if scheduler is not None:
             import ray
 
