@@ -513,11 +513,15 @@ def _run_title(manifest: dict) -> str:
     wl = cfg.get("workload") or {}
     backend = manifest.get("backend", "sim")
     what = "simulated" if backend == "sim" else f"{backend}"
+    mix = wl.get("mix") or []
+    gen = (f"mix of {' + '.join(str(m.get('generator', '?')) for m in mix if isinstance(m, dict))}" if mix
+           else str(wl.get("generator", "?")))
     wl_text = (f"trace {Path(str(wl.get('trace'))).name}" if wl.get("arrival") == "trace"
-               else f"{wl.get('agents', '?')} {wl.get('generator', '?')} agents" if wl.get("arrival") == "closed"
-               else f"{wl.get('generator', '?')} programs, {wl.get('arrival', '?')} arrivals")
+               else f"{wl.get('agents', '?')} agents ({gen})" if wl.get("arrival") == "closed"
+               else f"{gen} programs, {wl.get('arrival', '?')} arrivals")
+    nodes = cl.get("num_nodes", "?")
     return (f"Run ({what}): {wl_text}, policy {manifest.get('policy', cfg.get('policy', '?'))}, "
-            f"{cl.get('num_nodes', '?')} node(s) × {cl.get('gpus_per_node', '?')} {cl.get('gpu', '?')}, "
+            f"{nodes} node{'' if nodes == 1 else 's'} × {cl.get('gpus_per_node', '?')} {cl.get('gpu', '?')}, "
             f"{cl.get('model', '?')}")
 
 
@@ -577,9 +581,31 @@ def build_run(d: Path) -> Report:
     known = {k for k, _, _ in SUMMARY_KEYS}
     other += [[k, fmt(v, k), "", ""] for k, v in sorted(summary.items()) if k not in known]
     rep.tables.append(Table("Throughput, counts and cache", ["key", "value", "unit", "meaning"], other))
+    kinds = _program_kinds(d / "programs.parquet")
+    if kinds is not None:
+        rep.tables.append(kinds)
     rep.figures, rep.notes = run_figures(d, manifest)
     rep.provenance = [prov]
     return rep
+
+
+def _program_kinds(path: Path) -> Optional[Table]:
+    """Programs by kind (a mix of generators): finished / unfinished counts, mean and p95 program latency
+    (s, finished programs, numpy's linear percentile as :func:`agentsim.metrics.summarize`) and mean
+    LLM calls per finished program. None for a run with one kind."""
+    progs = _read_parquet(path, ["kind", "status", "latency", "num_calls"])
+    if progs is None or progs["kind"].nunique() < 2:
+        return None
+    rows = []
+    for kind, g in progs.groupby("kind", sort=True):
+        done = g[g["status"] == "finished"]
+        lat = done["latency"].to_numpy(float)
+        rows.append([str(kind), f"{len(done):,}", f"{len(g) - len(done):,}",
+                     fmt(float(lat.mean()) if len(lat) else None),
+                     fmt(float(np.percentile(lat, 95)) if len(lat) else None),
+                     fmt(float(done["num_calls"].mean()) if len(done) else None)])
+    return Table("Programs by kind", ["kind", "finished", "unfinished", "mean_program_latency_s",
+                                      "p95_program_latency_s", "mean_calls_per_program"], rows)
 
 
 def _cell_manifests(cells: Path) -> list[tuple[Path, dict]]:

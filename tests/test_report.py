@@ -119,7 +119,7 @@ def test_run_report_is_self_contained_with_its_figures_tables_and_provenance(dir
     text = " ".join(page.text)
     summary = json.loads((run / "summary.json").read_text())
     manifest = json.loads((run / "manifest.json").read_text())
-    assert "policy vllm" in text and "8 react agents" in text
+    assert "policy vllm" in text and "8 agents (react)" in text
     assert f"{summary['mean_ttft_ms']:.2f}" in text  # the headline table shows the run's own numbers
     assert "ttft_ms" in text and "p95" in text and "output_throughput" in text
     assert manifest["git_revision"] in text and "seed = 3" in text
