@@ -1,5 +1,9 @@
 """Run the policy studies (experiments/specs/*.toml) and turn their sweeps into figures, tables and a PNG per study.
 
+The same studies run from ``agentsim study NAME`` (``agentsim.experiments.studies.policies``, which
+reuses this module's analysis and writes a study directory with ``study.json``); this script is kept
+for its ``--figures DIR`` report (markdown tables and ``summary.json``).
+
     python -m agentsim.experiments.policy_report autellix      # or scalesim, kvflow, toolgap, topology, all
     python -m agentsim.experiments.policy_report all --workers 2 --figures docs/figures/policies
 
