@@ -1,13 +1,16 @@
 """The live driver: the simulator's program generators and policy objects, on real vLLM engines.
 
-The driver steps each program body (``agentsim.workload``) from an asyncio task:
+Each program runs in an asyncio task, its body stepped by the one program driver
+(:func:`agentsim.programs.drive`, the same that steps it in the simulator); the driver is the
+asyncio adapter that gives it three operations (``llm_call``, ``tool_call``, ``all_of``):
 
 - ``LLMCall``: the prompt is the context's token ids (:class:`~agentsim.live.tokens.TokenMapper`),
   the route policy picks an engine from live :class:`~agentsim.live.views.LiveEngineView` s, the
   order policy's key becomes vLLM's ``priority``, hints travel in ``SamplingParams.extra_args``;
   the output is forced to the requested length (``max_tokens`` + ``ignore_eos``) and the tokens
   vLLM generated become the call's output segment, so the next prompt reuses exactly them.
-- ``ToolCall``: the program really sleeps ``duration`` seconds.
+- ``ToolCall``: the program really sleeps ``duration`` seconds (its ``tool_time`` counts
+  ``duration``, as in the simulator).
 - ``Parallel``: branches run as concurrent tasks; the program gets their results in order.
 
 Engines are reached through an :class:`EngineClient` (a Ray actor here; an HTTP endpoint in
@@ -20,7 +23,6 @@ retried on the remaining engines (counted in ``num_retries``). Results follow
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 import traceback
@@ -32,9 +34,10 @@ import numpy as np
 
 from agentsim import metrics as M
 from agentsim.policies.base import PolicyBundle
-from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall
-
-PRIORITY_SCALE = 1000.0  # order keys (seconds, levels ...) -> integer vLLM priority, 1 ms resolution
+from agentsim.policies.ranking import PRIORITY_SCALE, priority_number  # noqa: F401  (PRIORITY_SCALE re-exported)
+from agentsim.metrics import CallStatus
+from agentsim.programs import ProgramRun, ProgramYieldError, Strand, drive, program_body, program_context
+from agentsim.workload import CallResult, LLMCall, Program, Segment, ToolCall
 
 
 class EngineDead(Exception):
@@ -217,54 +220,30 @@ class LiveResult:
     views: list = field(default_factory=list)
 
 
-class _Program:
-    __slots__ = ("prog", "pc", "num_calls", "num_tool_calls", "prompt_tokens", "output_tokens", "llm_time",
-                 "tool_time", "status", "end_at", "error", "critical_path")
+class _Awaiting:
+    """Awaits a program-driver generator (:func:`agentsim.programs.drive`) in asyncio: its
+    operations yield the futures of the coroutines they delegate to, so the task runs it."""
 
-    def __init__(self, prog: Program, pc: ProgramContext) -> None:
-        self.prog = prog
-        self.pc = pc
-        self.num_calls = 0
-        self.num_tool_calls = 0
-        self.prompt_tokens = 0
-        self.output_tokens = 0
-        self.llm_time = 0.0
-        self.tool_time = 0.0
-        self.critical_path = 0.0
-        self.status = "running"
-        self.end_at = float("nan")
-        self.error: str | None = None
+    __slots__ = ("gen",)
 
-    def row(self) -> tuple:
-        p = self.prog
-        lat = self.end_at - p.arrival_at if self.status == "finished" else float("nan")
-        tl = lat / self.output_tokens if self.output_tokens else float("nan")
-        return (p.program_id, p.agent_id, p.kind, p.arrival_at, self.end_at, lat, self.num_calls,
-                self.num_tool_calls, self.prompt_tokens, self.output_tokens, self.llm_time, self.tool_time,
-                self.critical_path, tl, self.status, 0.0)  # coordination_overhead: not measured live
+    def __init__(self, gen: Any) -> None:
+        self.gen = gen
+
+    def __await__(self) -> Any:
+        return self.gen
+
+
+_STATUS = [c for c, _ in M.PROGRAM_COLUMNS].index("status")
 
 
 class ProgramFailed(Exception):
-    pass
+    """A program cannot go on (its call failed or does not fit); the program is recorded as failed."""
 
 
 def priority_for(order: Any, call: Any, now: float) -> int:
-    """The order policy's key as vLLM's integer ``priority`` (lower runs first; ties by arrival).
-
-    A policy may define ``live_priority(call, now) -> int`` itself; otherwise the key (or the first
-    element of a tuple key) is scaled to 1 ms resolution, which keeps FCFS (key = arrival time)
-    exactly FCFS.
-    """
-    fn = getattr(order, "live_priority", None)
-    if fn is not None:
-        return int(fn(call, now))
-    key = order.key(call, now)
-    if isinstance(key, tuple):
-        key = key[0] if key else 0
-    k = float(key)
-    if not math.isfinite(k):
-        return 2**62 if k > 0 else -(2**62)
-    return int(math.floor(k * PRIORITY_SCALE))
+    """The order policy's key as vLLM's integer ``priority`` (lower runs first; ties by arrival):
+    :func:`agentsim.policies.ranking.priority_number`, the shared ranking rule's integer form."""
+    return priority_number(order, call, now)
 
 
 def call_extra_args(call: Any, now: float, order_key: float | None) -> dict:
@@ -327,7 +306,7 @@ class LiveDriver:
         self.max_model_len = min(int(c.info.get("max_model_len", 1 << 30)) for c in self.clients)
         self.calls = M.ColumnStore(M.CALL_COLUMNS)
         self.engine_rows = M.ColumnStore(M.ENGINE_COLUMNS)
-        self.programs: dict[int, _Program] = {}
+        self.programs: dict[int, ProgramRun] = {}
         self.finished_programs: list[tuple] = []
         self.inflight_calls: dict[int, LiveCall] = {}
         self.errors: list[str] = []
@@ -466,36 +445,19 @@ class LiveDriver:
             self._tasks.add(t)
 
     # ------------------------------------------------------------------ programs
-    def _body(self, prog: Program, pc: ProgramContext) -> Any:
-        if prog.body is not None:
-            return prog.body(pc)
-        gen = prog.meta["generator"]
-        if getattr(gen, "is_team", False):
-            task = gen.task(pc.rng)
-            topology = self.bundle.shape.shape(task, self.now())
-            prog.meta["topology"] = topology
-            return gen.team_body(pc, task, topology)
-        return gen.body(pc)
-
     async def _run_program(self, prog: Program, source: Any) -> None:
-        if source is not None and prog.body is None:
-            pc = source.context_for(prog)
-        else:
-            from agentsim.traces.source import program_rng
-
-            pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, program_rng(prog.seed, prog.program_id))
-        st = _Program(prog, pc)
+        pc = program_context(prog, self.seed)
+        st = ProgramRun(prog, pc)
         self.programs[prog.program_id] = st
         self.bundle.emit("on_program_start", prog.program_id, prog.agent_id, prog.kind, self.now())
         try:
-            body = self._body(prog, pc)
-            _, cp = await self._run_strand(body, st)
-            st.critical_path = cp
+            st.body = program_body(prog, pc, self.bundle.shape, self.now())
+            st.critical_path, _ = await _Awaiting(drive(st.body, Strand(st), self))
             st.status = "finished"
         except asyncio.CancelledError:
             st.status = "unfinished"
             raise
-        except ProgramFailed as e:
+        except (ProgramFailed, ProgramYieldError) as e:
             st.status = "failed"
             st.error = str(e)
         except Exception as e:  # noqa: BLE001 - a program bug fails that program, not the run
@@ -513,44 +475,27 @@ class LiveDriver:
                 del self.programs[prog.program_id]
                 self.bundle.emit("on_program_end", prog.program_id, self.now())
 
-    async def _run_strand(self, gen: Any, st: _Program) -> tuple[Any, float]:
-        """Step one generator to its end; return (its return value, its critical-path time)."""
-        value: Any = None
-        cp = 0.0
-        while True:
-            try:
-                req = gen.send(value)
-            except StopIteration as stop:
-                return stop.value, cp
-            value, t = await self._do(req, st)
-            cp += t
+    # ------------------------------------------------------------------ program operations (asyncio)
+    def llm_call(self, req: LLMCall, strand: Strand, thread_id: int) -> Any:
+        """Run ``req`` on an engine (:meth:`_llm`); for the program driver to ``yield from``."""
+        return self._llm(req, strand.run, thread_id).__await__()
 
-    async def _do(self, req: Any, st: _Program) -> tuple[Any, float]:
-        if isinstance(req, LLMCall):
-            res = await self._llm(req, st)
-            return res, res.finish_at - res.arrival_at
-        if isinstance(req, ToolCall):
-            p = st.prog
-            st.num_tool_calls += 1
-            self.bundle.emit("on_tool_start", p.program_id, p.agent_id, req.name, req.estimate, self.now())
-            t = self.now()
-            await asyncio.sleep(req.duration)
-            took = self.now() - t
-            st.tool_time += took
-            self.bundle.emit("on_tool_end", p.program_id, p.agent_id, req.name, self.now())
-            return None, took
-        if isinstance(req, Parallel):
-            async def branch(b: Any) -> tuple[Any, float]:
-                if isinstance(b, (LLMCall, ToolCall, Parallel)):
-                    return await self._do(b, st)
-                return await self._run_strand(b, st)
+    def tool_call(self, req: ToolCall, strand: Strand) -> Any:
+        """Sleep ``req.duration`` seconds between the bundle's tool hooks."""
+        return self._tool(req, strand.run).__await__()
 
-            outs = await asyncio.gather(*(branch(b) for b in req.branches))
-            return [o[0] for o in outs], max((o[1] for o in outs), default=0.0)
-        raise ProgramFailed(f"program yielded {type(req).__name__}, not LLMCall/ToolCall/Parallel")
+    def all_of(self, branches: list, strand: Strand) -> Any:
+        """The branches as concurrent tasks (``asyncio.gather``); their values in branch order."""
+        return asyncio.gather(*(_Awaiting(gen) for _, gen in branches)).__await__()
+
+    async def _tool(self, req: ToolCall, st: ProgramRun) -> None:
+        p = st.prog
+        self.bundle.emit("on_tool_start", p.program_id, p.agent_id, req.name, req.estimate, self.now())
+        await asyncio.sleep(req.duration)
+        self.bundle.emit("on_tool_end", p.program_id, p.agent_id, req.name, self.now())
 
     # ------------------------------------------------------------------ calls
-    async def _llm(self, req: LLMCall, st: _Program) -> CallResult:
+    async def _llm(self, req: LLMCall, st: ProgramRun, thread_id: int) -> CallResult:
         p = st.prog
         now = self.now()
         if req.output_seg_id is not None:
@@ -559,11 +504,10 @@ class LiveDriver:
             self._next_call += 1
             call_id = (1 << 61) | self._next_call
         call = LiveCall(call_id, p.program_id, req.agent_id if req.agent_id is not None else p.agent_id,
-                        req.thread_id, p.kind, now, p.arrival_at, req.context, req.num_output_tokens,
+                        thread_id, p.kind, now, p.arrival_at, req.context, req.num_output_tokens,
                         req.hints, tuple(req.parent_call_ids), req.output_seg_id)
-        st.num_calls += 1
         if call.num_prompt_tokens + call.num_output_tokens > self.max_model_len:
-            call.status = "failed"
+            call.status = CallStatus.FAILED
             self.calls.append(call.row())
             raise ProgramFailed(f"call {call_id}: prompt {call.num_prompt_tokens} + output {call.num_output_tokens} "
                                 f"tokens exceed the engines' max_model_len {self.max_model_len}")
@@ -576,8 +520,8 @@ class LiveDriver:
             reply, view = await self._dispatch(call, token_ids)
         except BaseException:
             self.inflight_calls.pop(call_id, None)
-            if call.status == "running":
-                call.status = "unfinished" if self._stopping else "failed"
+            if call.status == CallStatus.RUNNING:
+                call.status = CallStatus.UNFINISHED if self._stopping else CallStatus.FAILED
             self.calls.append(call.row())
             raise
         self.inflight_calls.pop(call_id, None)
@@ -594,13 +538,10 @@ class LiveDriver:
         call.num_generated = len(out_ids)
         call.num_cached_tokens = int(reply["num_cached_tokens"])
         call.num_preemptions = int(reply["num_preemptions"])
-        call.status = "finished"
+        call.status = CallStatus.FINISHED
         if req.output_seg_id is not None:
             self.tokens.register_output(p.program_id, req.output_seg_id, out_ids)
         self.calls.append(call.row())
-        st.prompt_tokens += call.num_prompt_tokens
-        st.output_tokens += call.num_generated
-        st.llm_time += call.finish_at - call.arrival_at
         self.bundle.emit("on_call_finish", call, self.now())
         seg = Segment(req.output_seg_id if req.output_seg_id is not None else call_id, call.num_generated)
         return CallResult(call_id, seg, call.arrival_at, call.first_token_at, call.finish_at, eid)
@@ -610,7 +551,7 @@ class LiveDriver:
         while True:
             alive = [v for v in self.views if v.alive]
             if not alive:
-                call.status = "failed"
+                call.status = CallStatus.FAILED
                 raise ProgramFailed(f"call {call.call_id}: no engine alive")
             now = self.now()
             idx = self.bundle.route.route(call, alive, now)
@@ -637,7 +578,7 @@ class LiveDriver:
                 view.remove(call)
                 self._mark_dead(view, str(e))
                 if call.num_retries >= self.opt.max_retries:
-                    call.status = "failed"
+                    call.status = CallStatus.FAILED
                     raise ProgramFailed(f"call {call.call_id}: gave up after {call.num_retries} retries ({e})") from None
                 call.num_retries += 1
                 self.num_retries += 1
@@ -724,7 +665,7 @@ class LiveDriver:
         while True:
             await asyncio.sleep(self.progress_interval)
             phase = "starting programs" if self.now() < self.opt.duration else "draining"
-            failed = sum(1 for r in self.finished_programs if r[-1] == "failed")
+            failed = sum(1 for r in self.finished_programs if r[_STATUS] == "failed")
             self.progress(f"{self.now():.0f} s ({phase}): {len(self.finished_programs)} program(s) done"
                           f"{f' ({failed} failed)' if failed else ''}, {len(self.programs)} running, "
                           f"{len(self.calls)} call(s) done, {len(self.inflight_calls)} in flight")

@@ -8,9 +8,10 @@ agent, hints, arrival) from ``SamplingParams.extra_args["agentsim"]``.
 
 - **order**: the driver already passes the policy's key as vLLM's ``priority``. For a *dynamic*
   policy the scheduler re-ranks every step: each waiting and running request gets
-  ``priority = rank of order.key(call, now)`` and the waiting heap is rebuilt, so vLLM admits and
-  (under KV pressure) preempts by the policy's current order. A *preemptive* policy may also
-  preempt the worst running call for a better waiting one (strict priority).
+  ``priority = its position in agentsim.policies.ranking.rank`` and the waiting heap is rebuilt, so
+  vLLM admits and (under KV pressure) preempts by the policy's current order. A *preemptive* policy
+  may also preempt the worst running call for a better waiting one (strict priority). Ranking,
+  victim and preempt decisions are :mod:`agentsim.policies.ranking`'s, the simulator's rule.
 - **evict / retain**: unless the evict policy is vLLM's own LRU, the block pool's free queue is
   replaced by :class:`PolicyFreeQueue`, which keeps vLLM's rule that blocks without a cached hash
   are reused first and hands the cached ones to the policy's
@@ -35,6 +36,7 @@ from typing import Any, Iterator
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from agentsim.policies.base import BlockView
+from agentsim.policies.ranking import pick_victim, rank, rank_key, should_preempt
 from agentsim.workload import CallHints
 
 _HINT_FIELDS = set(CallHints.__slots__) if hasattr(CallHints, "__slots__") else set()
@@ -45,7 +47,7 @@ class EngineCall:
 
     __slots__ = ("request", "call_id", "program_id", "agent_id", "thread_id", "program_kind", "arrival_at",
                  "program_arrival_at", "num_prompt_tokens", "num_output_tokens", "service_time", "wait_time",
-                 "hints", "parent_call_ids", "_seen_running_at")
+                 "hints", "parent_call_ids", "seq", "_seen_running_at")
 
     def __init__(self, request: Any, meta: dict, now: float) -> None:
         self.request = request
@@ -63,6 +65,7 @@ class EngineCall:
         hints = {k: v for k, v in (meta.get("hints") or {}).items() if not _HINT_FIELDS or k in _HINT_FIELDS}
         self.hints = CallHints(**hints)
         self.parent_call_ids = tuple(meta.get("parent_call_ids") or ())
+        self.seq = self.call_id   # the ranking tie-breaker, as the simulator's SimCall.seq
         self._seen_running_at: float | None = None
 
     @property
@@ -169,8 +172,8 @@ class AgentsimScheduler(Scheduler):
         self.engine_id = int(cfg.get("engine_id", 0))
         self.bundle = make_bundle(cfg.get("policy"))
         self.order = self.bundle.order
-        self.dynamic = bool(getattr(self.order, "dynamic", False))
-        self.preemptive = bool(getattr(self.order, "preemptive", False))
+        self.dynamic = self.bundle.caps.dynamic
+        self.preemptive = self.bundle.caps.preemptive
         self._log = open(cfg["log"], "a", buffering=1) if cfg.get("log") else None
         self._epoch: float | None = None
         self.calls: dict[str, EngineCall] = {}
@@ -242,46 +245,42 @@ class AgentsimScheduler(Scheduler):
                      call_ids=[self.calls[r].call_id for r in new if r in self.calls])
         return out
 
-    def _key(self, call: EngineCall, now: float) -> Any:
-        k = self.order.key(call, now)
-        return k if isinstance(k, tuple) else (k,)
-
     def _rank_of(self, call: EngineCall, now: float) -> int:
         """Priority for a new request: its rank among the calls the engine holds (lower first)."""
-        mine = self._key(call, now)
-        return sum(1 for c in self.calls.values() if c is not call and self._key(c, now) < mine)
+        mine = rank_key(self.order, call, now)
+        return sum(1 for c in self.calls.values() if c is not call and rank_key(self.order, c, now) < mine)
 
     def _rerank(self, now: float) -> None:
-        reqs = list(self.waiting) + list(self.running)
-        keyed = sorted(((self._key(self.calls[r.request_id], now), r.arrival_time, r.request_id, r)
-                        for r in reqs if r.request_id in self.calls), key=lambda x: (x[0], x[1], x[2]))
+        calls = [self.calls[r.request_id] for r in list(self.waiting) + list(self.running)
+                 if r.request_id in self.calls]
+        ranked = rank(self.order, calls, now)
         changed = []
-        for rank, (_, _, rid, r) in enumerate(keyed):
-            if r.priority != rank:
-                r.priority = rank
-                changed.append(rid)
+        for i, c in enumerate(ranked):
+            r = c.request
+            if r.priority != i:
+                r.priority = i
+                changed.append(r.request_id)
         if changed:
             heap = getattr(self.waiting, "_heap", None)
             if heap is not None:
                 import heapq
 
                 heapq.heapify(heap)
-            self.log("rerank", order=[self.calls[rid].call_id for _, _, rid, _ in keyed], changed=len(changed))
+            self.log("rerank", order=[c.call_id for c in ranked], changed=len(changed))
 
     def _preempt_for_better(self, now: float) -> None:
-        best = min(self.waiting, key=lambda r: (self._key(self.calls[r.request_id], now), r.arrival_time)
-                   if r.request_id in self.calls else ((float("inf"),), r.arrival_time))
-        worst = max(self.running, key=lambda r: (self._key(self.calls[r.request_id], now), r.arrival_time)
-                    if r.request_id in self.calls else ((float("-inf"),), r.arrival_time))
-        if best.request_id not in self.calls or worst.request_id not in self.calls:
-            return
         if len(self.running) < self.max_num_running_reqs:
             return  # room to admit: vLLM will schedule the waiting call without a preemption
-        if self._key(self.calls[best.request_id], now) < self._key(self.calls[worst.request_id], now):
-            self.running.remove(worst)
-            self._preempt_request(worst, time.monotonic())
-            self.log("preempt", victim=worst.request_id, victim_call=self.calls[worst.request_id].call_id,
-                     for_call=self.calls[best.request_id].call_id)
+        waiting = [self.calls[r.request_id] for r in self.waiting if r.request_id in self.calls]
+        running = [self.calls[r.request_id] for r in self.running if r.request_id in self.calls]
+        if not waiting or not running:
+            return
+        best = rank(self.order, waiting, now)[0]
+        worst = pick_victim(self.order, running, now)
+        if should_preempt(self.order, best, worst, now):
+            self.running.remove(worst.request)
+            self._preempt_request(worst.request, time.monotonic())
+            self.log("preempt", victim=worst.request.request_id, victim_call=worst.call_id, for_call=best.call_id)
 
     def _free_request(self, request: Any, delay_free_blocks: bool = False) -> Any:
         call = self.calls.pop(request.request_id, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from agentsim.metrics import CallStatus, call_row
 from agentsim.workload import CallHints, Context
 
 
@@ -55,30 +56,27 @@ class LiveCall:
         self.submitted_at = float("nan")
         self.num_cached_tokens = 0
         self.num_retries = 0
-        self.status = "running"
+        self.status = CallStatus.RUNNING
         self.priority = 0
         self.vllm_hashes: list[bytes] = []
+
+    @property
+    def seq(self) -> int:
+        """Arrival sequence number, the ranking tie-breaker (agentsim.policies.ranking): the call id."""
+        return self.call_id
 
     def prompt_block_hashes(self, block_size: int) -> list[int]:
         return self.context.block_hashes(block_size)
 
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        """Prompt tokens the engine computed (not served from its prefix cache); 0 until finished."""
+        return self.num_prompt_tokens - self.num_cached_tokens if self.status == "finished" else 0
+
     def row(self) -> tuple:
-        """A row of ``metrics.CALL_COLUMNS``."""
-        nan = float("nan")
-        done = self.status == "finished"
-        ttft = self.first_token_at - self.arrival_at if done else nan
-        e2e = self.finish_at - self.arrival_at if done else nan
-        tpot = (self.finish_at - self.first_token_at) / (self.num_generated - 1) \
-            if done and self.num_generated > 1 else nan
-        queue = self.scheduled_at - self.arrival_at if self.scheduled_at == self.scheduled_at else nan
-        return (
-            self.call_id, self.program_id, self.agent_id, self.thread_id, self.program_kind, self.engine_id,
-            self.node_id, self.arrival_at, self.scheduled_at, self.first_token_at, self.finish_at,
-            queue, ttft, tpot, e2e, self.num_prompt_tokens, self.num_cached_tokens,
-            self.num_prompt_tokens - self.num_cached_tokens if done else 0, self.num_output_tokens,
-            self.num_generated, self.num_preemptions, self.num_retries, self.service_time, self.status,
-            0, 0.0,  # kv_transfer_bytes, kv_transfer_time: no KV moves between live engines yet
-        )
+        """A row of ``metrics.CALL_COLUMNS`` (:func:`agentsim.metrics.call_row`; no KV moves between
+        live engines yet, so ``kv_transfer_bytes``/``kv_transfer_time`` are 0)."""
+        return call_row(self, self.engine_id, self.node_id, self.status)
 
 
 class LiveEngineView:

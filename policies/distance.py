@@ -33,7 +33,7 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-from agentsim.policies.base import BlockView, CallView
+from agentsim.policies.base import BlockView, CallView, TierSettings
 from agentsim.policies.registry import check_choice, register, register_bundle
 from agentsim.workload import stable_id
 
@@ -48,21 +48,6 @@ def _gauss(*parts: object) -> float:
     u1 = (stable_id("u1", *parts) + 0.5) / float(1 << 62)
     u2 = (stable_id("u2", *parts) + 0.5) / float(1 << 62)
     return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
-
-
-class CpuTierOptions:
-    """What the backend's CPU KV tier should do for an evict policy (mechanism settings).
-
-    ``cpu_tier``: offload evicted cached blocks to host memory (HiCache write-back) and load a call's
-    blocks back from it instead of recomputing them; ``cpu_gib``: host memory for KV per engine;
-    ``pcie_GBps``: host<->GPU bandwidth per direction (``None``: the profile's PCIe link);
-    ``prefetch``: load the blocks of the agents the policy names ahead of their calls.
-    """
-
-    cpu_tier: bool = False
-    cpu_gib: float = 100.0
-    pcie_GBps: float | None = None
-    prefetch: bool = False
 
 
 class _InFlight:
@@ -372,14 +357,13 @@ class LeveledFreeQueue:
     O(log groups).
     """
 
-    __slots__ = ("policy", "engine_id", "block_size", "depends_on_clock", "_groups", "_users", "_shared_users", "_n",
+    __slots__ = ("policy", "engine_id", "block_size", "_groups", "_users", "_shared_users", "_n",
                  "_heap", "_epoch", "_seq")
 
     def __init__(self, policy: "_DistanceEvict", engine_id: int) -> None:
         self.policy = policy
         self.engine_id = engine_id
         self.block_size = 16   # the backend sets the engine's block size
-        self.depends_on_clock = False
         self._groups: dict[int, OrderedDict[int, BlockView]] = {}
         self._users: dict[int, dict[int, None]] = {}   # block_id -> agents that freed it (most recent last)
         self._shared_users: dict[int, None] = {}       # union of the shared group's users
@@ -513,7 +497,47 @@ class LeveledFreeQueue:
         return [b for g in groups for b in self._groups[g].values()]
 
 
-class _DistanceEvict(CpuTierOptions):
+class PrefetchBudget:
+    """ScaleSim's prefetch admission at one step boundary (``agentsim.policies.base.PrefetchPlan``).
+
+    A load is "denied unless available + evictable can hold it": an agent at level L may take the
+    engine's never-used blocks and the free blocks of levels farther than L (ScaleSim
+    ``DispatchLoadTasks``); candidates come nearest first and the plan stops at the first that does
+    not fit. What an admitted load takes is booked as the allocation will take it: never-used blocks
+    first, then the farthest levels.
+    """
+
+    __slots__ = ("policy", "fresh", "hist", "now", "stopped")
+
+    def __init__(self, policy: "_DistanceEvict", fresh: int, hist: list[tuple[float, int]], now: float) -> None:
+        self.policy = policy
+        self.fresh = fresh
+        self.hist = hist          # [(level, evictable blocks)], farthest first
+        self.now = now
+        self.stopped = False
+
+    def admit(self, agent_id: int, num_blocks: int) -> float | None:
+        """The agent's level if ``num_blocks`` fit (the room is booked), else None and ``stopped``."""
+        level = self.policy.level(agent_id, self.now)
+        hist = self.hist
+        room = self.fresh + sum(n for lv, n in hist if lv > level)
+        if num_blocks > room:
+            self.stopped = True   # ScaleSim: stop at the first agent that does not fit
+            return None
+        take = num_blocks - min(self.fresh, num_blocks)
+        self.fresh -= num_blocks - take
+        while take > 0 and hist:   # allocation evicts from the farthest levels first
+            lv, n = hist[0]
+            used = min(n, take)
+            take -= used
+            if used == n:
+                hist.pop(0)
+            else:
+                hist[0] = (lv, n - used)
+        return level
+
+
+class _DistanceEvict:
     """Shared machinery: one distance table across engines, one leveled queue per engine."""
 
     min_level = 0.0
@@ -523,10 +547,19 @@ class _DistanceEvict(CpuTierOptions):
     # simulator runs such queues step by step (a fast-forward window allocates at its end).
     depends_on_clock = True
 
+    tiers: TierSettings = TierSettings()
+
     def new_free_queue(self, engine_id: int) -> LeveledFreeQueue:
-        q = LeveledFreeQueue(self, engine_id)
-        q.depends_on_clock = self.depends_on_clock
-        return q
+        return LeveledFreeQueue(self, engine_id)
+
+    def tier_settings(self) -> TierSettings:
+        """The CPU tier the constructor's ``cpu_tier``/``cpu_gib``/``pcie_GBps``/``prefetch`` ask for."""
+        return self.tiers
+
+    def plan_prefetch(self, free_queue: LeveledFreeQueue, num_fresh_blocks: int, now: float) -> PrefetchBudget:
+        """ScaleSim's budget (:class:`PrefetchBudget`) over the engine's never-used blocks and its
+        queue's evictable blocks by level."""
+        return PrefetchBudget(self, num_fresh_blocks, free_queue.evictable_by_level(now), now)
 
     @property
     def version(self) -> int:
@@ -578,10 +611,8 @@ class InvocationDistance(_DistanceEvict):
         self.hold_levels = hold_levels
         self.look_ahead = look_ahead
         self.unit = unit
-        self.cpu_tier = cpu_tier
-        self.cpu_gib = cpu_gib
-        self.pcie_GBps = pcie_GBps
-        self.prefetch = prefetch and cpu_tier
+        self.tiers = TierSettings(cpu_tier=cpu_tier, cpu_gib=cpu_gib, pcie_GBps=pcie_GBps,
+                                  prefetch=prefetch and cpu_tier)
 
     prefetch_on_events = False
 
@@ -655,10 +686,8 @@ class StepsToExecution(_DistanceEvict):
                  pcie_GBps: float | None = None, prefetch: bool = True) -> None:
         self.table = StepDistances(graph)
         self.look_ahead = look_ahead
-        self.cpu_tier = cpu_tier
-        self.cpu_gib = cpu_gib
-        self.pcie_GBps = pcie_GBps
-        self.prefetch = prefetch and cpu_tier
+        self.tiers = TierSettings(cpu_tier=cpu_tier, cpu_gib=cpu_gib, pcie_GBps=pcie_GBps,
+                                  prefetch=prefetch and cpu_tier)
         self.fixed_tokens: dict[int, int] = {}
 
     def on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
@@ -699,7 +728,7 @@ class StepsToExecution(_DistanceEvict):
 
 
 @register("evict", "lru-cpu")
-class LRUWithCpuTier(CpuTierOptions):
+class LRUWithCpuTier:
     """LRU plus a CPU KV tier (HiCache-like): evicted blocks go to host memory and load back on a hit.
 
     vLLM's free-block order; an evicted block is written back to host memory and a later prefix hit
@@ -707,10 +736,10 @@ class LRUWithCpuTier(CpuTierOptions):
     """
 
     def __init__(self, cpu_gib: float = 100.0, pcie_GBps: float | None = None) -> None:
-        self.cpu_tier = True
-        self.cpu_gib = cpu_gib
-        self.pcie_GBps = pcie_GBps
-        self.prefetch = False
+        self.tiers = TierSettings(cpu_tier=True, cpu_gib=cpu_gib, pcie_GBps=pcie_GBps)
+
+    def tier_settings(self) -> TierSettings:
+        return self.tiers
 
     def new_free_queue(self, engine_id: int):
         from agentsim.policies.baseline import LRUFreeQueue

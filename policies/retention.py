@@ -17,8 +17,9 @@ runs although the agent comes right back. Retention policies keep it:
   the CPU tier and release it on the GPU; load it back at the predicted return minus the transfer time
   (predictive upload), or at once if the tool returns early.
 
-Both only *decide* (``retain``, ``should_offload``, ``unpin_key``); pinning, the CPU tier and the PCIe
-transfers are the backend's mechanism (``agentsim.sim.tiers`` in the simulator).
+Both only *decide* (:class:`~agentsim.policies.base.Retention`: ``retain``, ``unpin_reason``,
+``unpin_key``; :class:`~agentsim.policies.base.Offloader`: ``should_offload``); pinning, the CPU tier
+and the PCIe transfers are the backend's mechanism (``agentsim.sim.tiers`` in the simulator).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agentsim.policies.base import CallView
-from agentsim.policies.distance import CpuTierOptions
+from agentsim.policies.base import CallView, TierSettings
 from agentsim.policies.registry import check_choice, register, register_bundle
 
 INF = math.inf
@@ -77,8 +77,20 @@ def best_ttl(durations: list[float], benefit: float) -> float:
     return float(d[i]) if vals[i] > 0 else 0.0
 
 
+def pin_end_reason(expires_at: float, next_call_status: str | None, now: float) -> str | None:
+    """Continuum's unpin rule (also Tokencake's): a pin ends when the program's next call is admitted
+    (``"admitted"``: it is running or already finished), or at expiry if that call is not waiting
+    (``"expired"``: none has arrived, or it finished); otherwise it is kept (None). Continuum §4.2:
+    "unpin at expiry if the program has no request waiting; when its next request is admitted"."""
+    if next_call_status in ("running", "finished"):
+        return "admitted"
+    if expires_at <= now and (next_call_status is None or next_call_status == "finished"):
+        return "expired"
+    return None
+
+
 @register("evict", "continuum")
-class ContinuumTTL(CpuTierOptions):
+class ContinuumTTL:
     """Continuum: pin a program's KV across a tool call for the utility-optimal TTL τ*.
 
     ``ttl``: ``optimal`` (τ* from the tool-duration CDF) or ``fixed`` (the public code: pin for
@@ -89,8 +101,6 @@ class ContinuumTTL(CpuTierOptions):
     a·L + b·L² seconds when the backend gives no profile (defaults: A100, Llama-3-8B).
     Free-block order: LRU. ``cpu_tier``: also keep a CPU copy of evicted blocks (Continuum + LMCache).
     """
-
-    retains = True
 
     def __init__(self, ttl: str = "optimal", k: int = 100, t_default: float = 2.0, window: int = 1000,
                  delay_window: int = 100, eta: float | None = None, prefill_time_per_token: float = 6.2e-5,
@@ -106,11 +116,8 @@ class ContinuumTTL(CpuTierOptions):
         self.eta_fixed = eta
         self.a = prefill_time_per_token
         self.b = prefill_time_per_token2
-        self.cpu_tier = cpu_tier
-        self.cpu_gib = cpu_gib
-        self.pcie_GBps = pcie_GBps
-        self.prefetch = False
-        self.prefill_time: Callable[[int], float] | None = None   # set by the backend from its profile
+        self.tiers = TierSettings(cpu_tier=cpu_tier, cpu_gib=cpu_gib, pcie_GBps=pcie_GBps)
+        self.prefill_time: Callable[[int], float] | None = None   # the backend's, see use_prefill_time
         self.by_tool: dict[str, _Durations] = {}
         self.all = _Durations(window)
         self.delays: deque[float] = deque(maxlen=delay_window)
@@ -127,6 +134,14 @@ class ContinuumTTL(CpuTierOptions):
         from agentsim.policies.baseline import LRUFreeQueue
 
         return LRUFreeQueue()
+
+    def tier_settings(self) -> TierSettings:
+        """A CPU tier only with ``cpu_tier`` (Continuum + LMCache)."""
+        return self.tiers
+
+    def use_prefill_time(self, prefill_time: Callable[[int], float]) -> None:
+        """PrefillReload(L) from the backend's step-time profile (replaces the a·L + b·L² default)."""
+        self.prefill_time = prefill_time
 
     # ------------------------------------------------------------------ estimates
     @property
@@ -188,6 +203,10 @@ class ContinuumTTL(CpuTierOptions):
         """Release order under memory pressure (smaller first): latest program arrival first."""
         return -self.arrival.get(program_id, 0.0)
 
+    def unpin_reason(self, expires_at: float, next_call_status: str | None, now: float) -> str | None:
+        """Continuum's unpin rule (:func:`pin_end_reason`)."""
+        return pin_end_reason(expires_at, next_call_status, now)
+
     # ------------------------------------------------------------------ hooks
     def on_call_arrive(self, call: CallView, now: float) -> None:
         pid = call.program_id
@@ -237,8 +256,7 @@ class ContinuumOrder:
         self.retention: Any = None
 
     def bind(self, bundle: Any) -> None:
-        ev = bundle.evict
-        self.retention = ev if hasattr(ev, "is_pinned") else None
+        self.retention = bundle.evict if bundle.caps.retention else None
 
     def key(self, call: CallView, now: float) -> tuple:
         pinned = self.retention is not None and self.retention.is_pinned(call.program_id)
@@ -246,7 +264,7 @@ class ContinuumOrder:
 
 
 @register("evict", "tokencake")
-class TokencakeOffload(CpuTierOptions):
+class TokencakeOffload:
     """Tokencake: keep KV during tool calls, offload it under pressure, upload it before the tool returns.
 
     Offload at tool start iff KV usage >= ``pressure``, calls are waiting, and the predicted tool time
@@ -255,8 +273,6 @@ class TokencakeOffload(CpuTierOptions):
     ``tool start + predicted - transfer``. Free-block order: LRU.
     """
 
-    retains = True
-
     def __init__(self, pressure: float = 0.6, alpha: float = 0.5, default_tool_time: float = 1.0,
                  cpu_gib: float = 100.0, pcie_GBps: float | None = None) -> None:
         if not 0 <= pressure <= 1:
@@ -264,10 +280,7 @@ class TokencakeOffload(CpuTierOptions):
         self.pressure = pressure
         self.alpha = alpha
         self.default_tool_time = default_tool_time
-        self.cpu_tier = True
-        self.cpu_gib = cpu_gib
-        self.pcie_GBps = pcie_GBps
-        self.prefetch = False
+        self.tiers = TierSettings(cpu_tier=True, cpu_gib=cpu_gib, pcie_GBps=pcie_GBps)
         self.ewma: dict[str, float] = {}
         self.tool_start: dict[tuple[int, int], tuple[str, float]] = {}
         self.arrival: dict[int, float] = {}
@@ -278,6 +291,9 @@ class TokencakeOffload(CpuTierOptions):
         from agentsim.policies.baseline import LRUFreeQueue
 
         return LRUFreeQueue()
+
+    def tier_settings(self) -> TierSettings:
+        return self.tiers
 
     def predict(self, tool: str, estimate: float | None) -> float:
         hist = self.ewma.get(tool)
@@ -313,6 +329,10 @@ class TokencakeOffload(CpuTierOptions):
 
     def unpin_key(self, program_id: int) -> float:
         return -self.arrival.get(program_id, 0.0)
+
+    def unpin_reason(self, expires_at: float, next_call_status: str | None, now: float) -> str | None:
+        """Continuum's rule (:func:`pin_end_reason`); Tokencake's pins never expire (``retain`` gives inf)."""
+        return pin_end_reason(expires_at, next_call_status, now)
 
     def on_call_arrive(self, call: CallView, now: float) -> None:
         self.arrival.setdefault(call.program_id, call.program_arrival_at)

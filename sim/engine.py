@@ -66,6 +66,7 @@ import simpy
 from agentsim.calibration.profile import Profile
 from agentsim.config import EngineLimits
 from agentsim.policies.base import BlockView, FreeBlockQueue
+from agentsim.policies.ranking import pick_victim, rank_key, should_preempt, sort_by_rank
 from agentsim.sim.kv import BlockPool, num_reserved_blocks, v0_watermark_blocks
 from agentsim.workload import CallHints, Context, Segment
 
@@ -179,10 +180,9 @@ class Engine:
         # V0 admits a prompt only while this many blocks stay free (BlockSpaceManager.can_allocate)
         self.watermark_blocks = v0_watermark_blocks(num_blocks) if self._v0 else 0
         self.order = order
-        self._dynamic = bool(getattr(order, "dynamic", False))
-        self._preemptive = bool(getattr(order, "preemptive", False))
-        self._front = bool(getattr(order, "preempted_to_front", False))
-        self._victim = getattr(order, "victim", None)
+        # declared by every order policy (agentsim.policies.base.OrderPolicy, checked when its bundle is built)
+        self._dynamic = bool(order.dynamic)
+        self._preemptive = bool(order.preemptive)
         # KV mechanisms of retention/eviction policies (agentsim.sim.tiers.EngineTiers), if any
         self.tiers = None
         self.pool = BlockPool(num_blocks, free_queue, num_reserved=num_reserved_blocks(limits.scheduler))
@@ -190,9 +190,8 @@ class Engine:
         self.num_total_blocks = self.pool.num_blocks  # usable by requests (V1: without the null block)
         self.prefix_caching = limits.enable_prefix_caching
         self.running: list[SimCall] = []
-        self.waiting: list = []          # heap of (front, key, seq, call), or plain list if dynamic
+        self.waiting: list = []          # heap of (rank_key, call), or plain list if dynamic
         self.inbox: list[SimCall] = []   # arrived, not yet seen by the scheduler
-        self._num_prepended = 0
         self.on_finish = on_finish
         self.on_step = on_step
         self.fast_forward = fast_forward
@@ -279,11 +278,7 @@ class Engine:
         if self._dynamic:
             self.waiting.append(call)
             return
-        if front and self._front:
-            self._num_prepended += 1
-            heapq.heappush(self.waiting, (0, -self._num_prepended, call.seq, call))
-        else:
-            heapq.heappush(self.waiting, (1, self.order.key(call, now), call.seq, call))
+        heapq.heappush(self.waiting, (rank_key(self.order, call, now), call))
 
     # ------------------------------------------------------------------ the loop
     def _loop(self):
@@ -408,14 +403,13 @@ class Engine:
             return decodes, prefills, True, self._features(decodes, prefills)
         max_seqs = self.limits.max_num_seqs
         if self._dynamic and self.waiting:
-            key = self.order.key
-            self.waiting.sort(key=lambda c: (key(c, now), c.seq))
+            sort_by_rank(self.order, self.waiting, now)
         while self.waiting and budget > 0:
             if len(running) >= max_seqs:
                 if self._preemptive and self._try_preempt_for_head(now, decodes, prefills):
                     preempted = True
                 break
-            call = self.waiting[0] if self._dynamic else self.waiting[0][3]
+            call = self.waiting[0] if self._dynamic else self.waiting[0][1]
             if call.num_computed == 0 and not call.blocks:
                 hit_blocks = self._lookup(call)
             else:
@@ -521,7 +515,7 @@ class Engine:
                 # preempt the last running call not yet scheduled in this pass, else the call itself
                 later = running[i + 1:]
                 if later:
-                    victim = later[self._victim(later, now)] if self._victim is not None else later[-1]
+                    victim = later[-1]  # V0: the running queue's last (its own order, not the policy's rank)
                 else:
                     victim = call
                 self._preempt(victim, now, enqueue=False)
@@ -553,12 +547,11 @@ class Engine:
         # _get_num_lookahead_slots(is_prefill=True, enable_chunking=True))
         lookahead = k if (chunked and k > 1) else 0
         if self._dynamic and self.waiting:
-            key = self.order.key
-            self.waiting.sort(key=lambda c: (key(c, now), c.seq))
+            sort_by_rank(self.order, self.waiting, now)
         while self.waiting and budget > 0:
             if len(running) >= max_seqs:
                 break
-            call = self.waiting[0] if self._dynamic else self.waiting[0][3]
+            call = self.waiting[0] if self._dynamic else self.waiting[0][1]
             hit_blocks = self._lookup(call) if call.num_computed == 0 and not call.blocks else []
             num_hit_tokens = len(hit_blocks) * bs
             total = call.num_prompt_tokens + call.num_generated
@@ -623,20 +616,16 @@ class Engine:
         return out
 
     def _pick_victim(self, now: float) -> SimCall:
-        if self._victim is not None:
-            return self.running[self._victim(self.running, now)]
-        key = self.order.key
-        return max(self.running, key=lambda c: (key(c, now), c.seq))
+        return pick_victim(self.order, self.running, now)
 
     def _try_preempt_for_head(self, now: float, decodes: list, prefills: list) -> bool:
         """Strict priority: preempt the worst running call if the waiting head ranks better
         (and take it out of this step's batch)."""
         if not self.running:
             return False
-        head = self.waiting[0] if self._dynamic else self.waiting[0][3]
-        key = self.order.key
+        head = self.waiting[0] if self._dynamic else self.waiting[0][1]
         victim = self._pick_victim(now)
-        if (key(head, now), head.seq) < (key(victim, now), victim.seq):
+        if should_preempt(self.order, head, victim, now):
             if victim in decodes:
                 decodes.remove(victim)
             else:

@@ -71,7 +71,7 @@ class BlockPool:
     """
 
     __slots__ = ("num_gpu_blocks", "num_reserved", "num_blocks", "blocks", "free_queue", "cached", "num_used",
-                 "num_evictions")
+                 "num_evictions", "_on_evict")
 
     def __init__(self, num_gpu_blocks: int, free_queue: FreeBlockQueue, now: float = 0.0,
                  num_reserved: int = 1) -> None:
@@ -88,6 +88,17 @@ class BlockPool:
         self.cached: dict[int, BlockView] = {}
         self.num_used = 0          # blocks with ref_count > 0
         self.num_evictions = 0     # cached blocks handed out again (their hash dropped)
+        self._on_evict = None      # see on_evict
+
+    def on_evict(self, fn) -> None:
+        """Call ``fn(block_hash, now)`` whenever a cached block is handed out again (its hash dropped),
+        before it is reused: a CPU tier's write-back (``agentsim.sim.tiers``). One listener."""
+        self._on_evict = fn
+
+    @property
+    def num_never_used(self) -> int:
+        """Blocks never handed out yet (they go before any freed block, as at the head of vLLM's queue)."""
+        return self.num_blocks - len(self.blocks)
 
     @property
     def num_free(self) -> int:
@@ -136,6 +147,8 @@ class BlockPool:
                 b = pop(now)
                 h = b.block_hash
                 if h is not None:
+                    if self._on_evict is not None:
+                        self._on_evict(h, now)
                     if cached.get(h) is b:
                         del cached[h]
                     b.block_hash = None

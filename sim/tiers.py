@@ -41,7 +41,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentsim.policies.base import BlockView
 from agentsim.policies.oracle import plan_body
 from agentsim.workload import ProgramContext
 
@@ -104,34 +103,6 @@ class CpuTier:
             self.ready_at.move_to_end(h)
 
 
-class _RecordingQueue:
-    """Wraps an engine's free-block queue: a cached block handed out again is written back to the host."""
-
-    __slots__ = ("inner", "tiers")
-
-    def __init__(self, inner: Any, tiers: "EngineTiers") -> None:
-        self.inner = inner
-        self.tiers = tiers
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def append(self, block: BlockView, now: float) -> None:
-        self.inner.append(block, now)
-
-    def remove(self, block: BlockView) -> None:
-        self.inner.remove(block)
-
-    def pop(self, now: float) -> BlockView:
-        b = self.inner.pop(now)
-        if b.block_hash is not None:
-            self.tiers.written_back(b.block_hash, now)
-        return b
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 @dataclass
 class _Pin:
     program_id: int
@@ -168,26 +139,22 @@ class EngineTiers:
         self.pool = engine.pool
         self.bs = engine.block_size
         self.policy = owner.evict
+        caps = owner.caps
         prof = engine.profile
         self.block_bytes = prof.kv_bytes_per_token * self.bs
-        opts = owner.evict
-        gbps = getattr(opts, "pcie_GBps", None) or prof.links.pcie_GBps
-        self.link = PCIeLink(gbps)
+        tiers = caps.tiers   # the evict policy's TierSettings, read once when its bundle was built
+        self.link = PCIeLink(tiers.pcie_GBps or prof.links.pcie_GBps)
         self.cpu: CpuTier | None = None
-        if getattr(opts, "cpu_tier", False):
-            self.cpu = CpuTier(max(1, int(getattr(opts, "cpu_gib", 100.0) * GiB // self.block_bytes)))
-        self.write_back = self.cpu is not None and getattr(opts, "write_back", True)
-        self.prefetch_on = self.cpu is not None and bool(getattr(opts, "prefetch", False)) and \
-            hasattr(opts, "prefetch_candidates")
-        q = self.pool.free_queue
-        if hasattr(q, "block_size"):
-            q.block_size = self.bs
-        if getattr(q, "depends_on_clock", False):
-            # its eviction order changes with time alone: a fast-forward window allocates its
-            # steps' blocks at the window's end, so it would pick other victims than step mode
-            engine.fast_forward = False
+        if tiers.cpu_tier:
+            self.cpu = CpuTier(max(1, int(tiers.cpu_gib * GiB // self.block_bytes)))
+        self.write_back = self.cpu is not None and tiers.write_back
+        self.prefetch_on = self.cpu is not None and caps.prefetch
+        self.offload = caps.offload
+        self.free_queue = self.pool.free_queue   # the evict policy's queue for this engine
+        if caps.leveled:
+            self.free_queue.block_size = self.bs
         if self.write_back:
-            self.pool.free_queue = _RecordingQueue(q, self)
+            self.pool.on_evict(self.written_back)
         self.pins: dict[tuple[int, int], _Pin] = {}
         self.pin_of_program: dict[int, set] = {}
         self.inflight: dict[int, float] = {}          # hash -> when its load completes
@@ -454,9 +421,7 @@ class EngineTiers:
         # changes), so fast-forward and step-by-step modes decide at the same boundaries.
         self.prefetch_dirty = False
         pol = self.policy
-        q = self.pool.free_queue
-        fresh = self.pool.num_blocks - len(self.pool.blocks)
-        hist = q.evictable_by_level(now) if hasattr(q, "evictable_by_level") else []
+        plan = pol.plan_prefetch(self.free_queue, self.pool.num_never_used, now)   # the policy's budget
         for agent in pol.prefetch_candidates(now):
             chain = self.owner.last_chain.get(agent)
             if not chain or chain[0] != self.engine.engine_id:
@@ -471,22 +436,13 @@ class EngineTiers:
                     break
             if not to_load:
                 continue
-            level = pol.level(agent, now)
-            room = fresh + sum(n for lv, n in hist if lv > level)
-            if len(to_load) > room:
-                break  # ScaleSim: stop at the first agent that does not fit
+            level = plan.admit(agent, len(to_load))
+            if level is None:
+                if plan.stopped:
+                    break
+                continue
             blocks, done = self._load(to_load, k, now, -1, agent)
             self.log.append(("prefetch", now, agent, (len(to_load), level, done)))
-            take = len(to_load) - min(fresh, len(to_load))
-            fresh -= len(to_load) - take
-            while take > 0 and hist:   # allocation evicts from the farthest levels first
-                lv, n = hist[0]
-                used = min(n, take)
-                take -= used
-                if used == n:
-                    hist.pop(0)
-                else:
-                    hist[0] = (lv, n - used)
             ld = _Load("prefetch", blocks, to_load, done, agent, -1)
             self.loads.append(ld)
             self._finish_at(ld)
@@ -502,7 +458,7 @@ class EngineTiers:
                 self.unpin_program(pid, now)
         if self.pending_pins:
             calls, self.pending_pins = self.pending_pins, []
-            offload = hasattr(pol, "should_offload")
+            offload = self.offload
             for call in calls:
                 ttl = pol.retain(call, now)
                 if ttl is not None and ttl > 0:
@@ -517,10 +473,10 @@ class EngineTiers:
                 nc = pin.next_call
                 if nc is not None and nc.engine is not None and nc.engine is not self.engine:
                     self._unpin(key, now, "moved")     # routed to another engine: the pin is no use
-                elif nc is not None and nc.status in ("running", "finished"):
-                    self._unpin(key, now, "admitted")
-                elif pin.expires_at <= now and (nc is None or nc.status == "finished"):
-                    self._unpin(key, now, "expired")
+                    continue
+                why = pol.unpin_reason(pin.expires_at, None if nc is None else nc.status, now)   # the policy's rule
+                if why is not None:
+                    self._unpin(key, now, why)
         while self._due and self._due[0][0] <= now:
             _, _, what, info = heapq.heappop(self._due)
             self._upload(info, now)
@@ -598,26 +554,27 @@ class Mechanisms:
         self.sim = sim
         bundle = sim.bundle
         self.evict = bundle.evict
+        self.caps = caps = bundle.caps   # checked once when the bundle was built (policies/base.py)
         self.engines: list[EngineTiers] = []
         self.last_chain: dict[int, tuple[int, list]] = {}   # agent -> (engine, hashes of its last context)
         self.live_programs: set[int] = set()
         self.returned: dict[tuple, bool] = {}
-        ev = bundle.evict
-        kv = bool(getattr(ev, "cpu_tier", False) or getattr(ev, "retains", False))
-        if kv:
+        if caps.kv_mechanisms:
             for e in sim.engines:
                 self.engines.append(EngineTiers(self, e))
-            if getattr(ev, "retains", False) and hasattr(ev, "prefill_time"):
-                ev.prefill_time = _prefill_time(sim)
+            if caps.reload_cost:
+                prefill = _prefill_time(sim)
+                for comp in caps.reload_cost:
+                    comp.use_prefill_time(prefill)
             hooks = sim._hooks
             hooks["on_call_arrive"].append(self._on_call_arrive)
             hooks["on_call_finish"].append(self._on_call_finish)
             hooks["on_program_start"].append(self._on_program_start)
             hooks["on_program_end"].append(self._on_program_end)
-            if getattr(ev, "prefetch_on_events", False):
+            if caps.prefetch_on_events:
                 hooks["on_tool_end"].append(self._on_tool_end)
-        self._planners = [c for c in _components(bundle) if getattr(c, "needs_program_plan", False)]
-        self._wrap = getattr(bundle.shape, "wrap_team_body", None)
+        self._planners = list(caps.planners)
+        self._wrap = caps.team_wrapper
         if self._planners or self._wrap is not None:
             self._orig_make = sim.source.make
             sim.source.make = self._make
@@ -640,7 +597,7 @@ class Mechanisms:
         et = e.tiers
         if et is None:
             return
-        if getattr(self.evict, "retains", False):
+        if self.caps.retention:
             self.returned[(call.program_id, call.thread_id)] = False
             et.pin_later(call)
         if et.prefetch_on:
@@ -648,7 +605,7 @@ class Mechanisms:
             t = self.evict.prefetch_due_at(call.agent_id, now)
             if t is not None and t > now:
                 et.prefetch_at(t)
-            if getattr(self.evict, "prefetch_on_events", False):
+            if self.caps.prefetch_on_events:
                 # steps-to-execution: one call ending moves every agent of its workflow a step closer
                 for et2 in self.engines:
                     if et2 is not et:
@@ -715,15 +672,6 @@ class _ChargedTeam:
         return getattr(self._gen, name)
 
 
-def _components(bundle: Any) -> list:
-    out, seen = [], set()
-    for c in (bundle.route, bundle.order, bundle.evict, bundle.shape):
-        if id(c) not in seen:
-            seen.add(id(c))
-            out.append(c)
-    return out
-
-
 def _prefill_time(sim: Any):
     """PrefillReload(L): seconds to recompute L context tokens in budget-sized chunks (the profile)."""
     step_seconds = sim.profile.step_seconds
@@ -744,11 +692,14 @@ def _prefill_time(sim: Any):
 def attach_mechanisms(sim: Any) -> Mechanisms | None:
     """Give a :class:`~agentsim.sim.runner.Simulation` the mechanisms its bundle needs (None if none).
 
-    A route policy that reads engines' KV state (``reads_kv_state``: cached prefixes, KV usage) would
-    see it stale inside a fast-forward window (the window's evictions are applied at its end), so
-    its engines run step by step.
+    A route policy that reads engines' KV state (``Capabilities.reads_kv_state``: cached prefixes, KV
+    usage) would see it stale inside a fast-forward window (the window's evictions are applied at its
+    end), and an eviction order that changes with time alone (``clock_dependent_eviction``) would
+    pick other victims there than step by step (a window allocates its steps' blocks at its end), so
+    with either the engines run step by step.
     """
-    if getattr(sim.bundle.route, "reads_kv_state", False):
+    caps = sim.bundle.caps
+    if caps.reads_kv_state or caps.clock_dependent_eviction:
         for e in sim.engines:
             e.fast_forward = False
     m = Mechanisms(sim)

@@ -100,7 +100,7 @@ def test_fcfs_priority_keeps_arrival_order():
     assert ps == sorted(ps) and ps[-1] == math.floor(12.25 * PRIORITY_SCALE)
 
 
-def test_priority_from_tuple_keys_and_explicit_live_priority():
+def test_priority_from_tuple_keys():
     class Levels:
         dynamic = False
         preemptive = False
@@ -108,12 +108,7 @@ def test_priority_from_tuple_keys_and_explicit_live_priority():
         def key(self, call, now):
             return (2, call.arrival_at)
 
-    class Explicit(Levels):
-        def live_priority(self, call, now):
-            return -7
-
     assert priority_for(Levels(), _call(1.0), 1.0) == 2000
-    assert priority_for(Explicit(), _call(1.0), 1.0) == -7
 
 
 def test_extra_args_are_primitive_and_round_trip_over_http():

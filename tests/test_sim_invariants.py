@@ -84,7 +84,7 @@ def test_engine_invariants(lim, seed, programs, rate, engines, ff, policy):
         pool.check()  # ref counts >= 0, free + used = total, cache map consistent
         assert pool.num_used <= pool.num_blocks
         running = {id(c) for c in engine.running}
-        waiting = {id(w[3] if isinstance(w, tuple) else w) for w in engine.waiting}
+        waiting = {id(w[-1] if isinstance(w, tuple) else w) for w in engine.waiting}
         assert not running & waiting, "a call is both running and waiting"
         for c in engine.running:
             assert len(c.blocks) * bs >= c.num_computed
