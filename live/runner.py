@@ -102,8 +102,7 @@ def needs_engine_scheduler(bundle: Any) -> bool:
     """True when the order/evict policies need more than vLLM's priority number and LRU."""
     from agentsim.policies.baseline import LRU
 
-    order = bundle.order
-    return bool(getattr(order, "dynamic", False) or getattr(order, "preemptive", False)
+    return bool(bundle.caps.dynamic or bundle.caps.preemptive
                 or not isinstance(bundle.evict, LRU))
 
 
