@@ -89,6 +89,10 @@ def _register_subapps() -> None:
         from agentsim.report import report_command
 
         app.command("report")(report_command)
+    if "pd-bench" not in {c.name for c in app.registered_commands}:
+        from agentsim.live.pd import pd_bench_command
+
+        app.command("pd-bench")(pd_bench_command)
 
 
 def _register() -> None:

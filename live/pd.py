@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from agentsim.errors import ConfigError
@@ -255,7 +256,192 @@ def wrap_clients(clients: Sequence[EngineClient], roles: Sequence[str]) -> list[
     return out
 
 
+def make_pd_model(out_dir: str | Path, init_std: float = 0.2, seed: int = 0) -> Path:
+    """agentsim's tiny Llama (:data:`~agentsim.live.tiny_model.TINY_MODEL_SHAPE`) with random weights
+    of std ``init_std`` saved beside it (load it with ``load_format = "auto"``); returns its path.
+
+    With transformers' default std (0.02) the tiny model emits one token whatever its context; at
+    0.2 its greedy output depends on the whole prompt, so a decode engine that used the wrong KV
+    (or none) would answer differently from a co-located engine. Idempotent: an existing directory
+    with the same std and seed is left as is. Needs torch and transformers (both come with vLLM).
+    """
+    import json
+
+    from agentsim.live.tiny_model import TINY_MODEL_SHAPE, make_tiny_llama
+
+    out = make_tiny_llama(out_dir, **TINY_MODEL_SHAPE)
+    marker = out / ".agentsim-pd-weights"
+    want = {"init_std": float(init_std), "seed": int(seed)}
+    if marker.is_file() and any(out.glob("*.safetensors")):
+        try:
+            if json.loads(marker.read_text()) == want:
+                return out
+        except ValueError:
+            pass
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_pretrained(out)
+    cfg.initializer_range = float(init_std)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    marker.write_text(json.dumps(want))
+    return out
+
+
 def transfer_totals(stats: dict) -> dict:
     """The KV connector counters of one engine's stats snapshot (zeros when it has none)."""
     kv = stats.get("kv_transfer") or {}
     return {k: kv.get(k, 0) for k in TRANSFER_KEYS} | {"external_tokens": int(stats.get("external_tokens", 0))}
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+def _call_metrics(r: dict) -> dict:
+    """TTFT / TPOT / E2E (ms) of one reply, as ``vllm bench serve`` defines them, from the engine
+    clocks: arrival = the first engine's receipt (the prefill engine's for a P/D call)."""
+    n = len(r["token_ids"])
+    first, last = r["first_token_at"], r["last_token_at"]
+    return {"ttft_ms": 1e3 * (first - r["recv_at"]),
+            "tpot_ms": 1e3 * (last - first) / (n - 1) if n > 1 else 0.0,
+            "e2el_ms": 1e3 * (r["done_at"] - r["recv_at"])}
+
+
+def run_pd_bench(model: str, prompt_lens: Sequence[int] = (256, 1024, 2048), output_tokens: int = 32,
+                 repeats: int = 3, seed: int = 0, kv_cache_gib: float = 1.0, block_size: int = 32,
+                 progress: Any = None) -> dict:
+    """One prefill + one decode engine vs one co-located (mixed) engine, same prompts, one call at a time.
+
+    A local 2-node Ray cluster: prefill engine 0 on node 0, decode engine 1 on node 1, mixed engine 2
+    on node 0 (no KV connector). Every call is a fresh random prompt (no prefix hits), sent first
+    through :class:`PDClient` and then to the mixed engine. Per call: ``ttft_ms``, ``tpot_ms``,
+    ``e2el_ms`` for both, the P/D call's ``prefill_ms`` (prefill engine receipt -> its reply),
+    ``save_ms`` / ``load_ms`` (the connector's write and read time, :mod:`agentsim.live.kvconnector`),
+    ``kv_bytes`` loaded, the decode engine's ``loaded_tokens`` and whether the greedy outputs are equal.
+    Returns ``{"calls": [row, ...], "summary": [per prompt length: medians], "setup": {...}}``.
+    """
+    from agentsim.live.cluster import RayCluster
+    from agentsim.live.driver import RayEngineClient
+    from agentsim.live.engine import EngineSpec
+
+    say = progress or (lambda line: None)
+    max_len = max(2048, max(prompt_lens) + output_tokens)
+    rows: list[dict] = []
+    with PDStorage() as store:
+        say("starting a local 2-node Ray cluster and 3 engines (prefill, decode, mixed)")
+        with RayCluster.local(2) as cluster:
+            common = dict(model=model, run_tag="pdbench", block_size=block_size, kv_cache_gib=kv_cache_gib,
+                          max_model_len=max_len, max_num_seqs=8, load_format="auto", seed=seed)
+            specs = apply_roles([EngineSpec(engine_id=0, node_id=0, **common).to_dict(),
+                                 EngineSpec(engine_id=1, node_id=1, **common).to_dict(),
+                                 EngineSpec(engine_id=2, node_id=0, **common).to_dict()],
+                                ["prefill", "decode", "mixed"], store.path)
+            handles = cluster.start_engines(specs, progress=say)
+            prefill, decode, mixed = (RayEngineClient(h) for h in handles)
+            client = PDClient(decode, [prefill])
+
+            async def stats(c: EngineClient) -> dict:
+                return transfer_totals((await c.poll())["stats"])
+
+            async def bench() -> None:
+                import random
+
+                rng = random.Random(seed)
+                # one warm-up call per path (first-call overheads: allocation, connector set-up)
+                warm = [rng.randrange(4, 250) for _ in range(2 * block_size + 1)]
+                await client.generate("warm-pd", warm, 2, 0, {}, None)
+                await mixed.generate("warm-m", warm, 2, 0, {}, None)
+                for n in prompt_lens:
+                    for k in range(repeats):
+                        ids = [rng.randrange(4, 250) for _ in range(n)]
+                        p0, d0 = await stats(prefill), await stats(decode)
+                        r = await client.generate(f"pd-{n}-{k}", ids, output_tokens, 0, {}, None)
+                        p1, d1 = await stats(prefill), await stats(decode)
+                        m = await mixed.generate(f"m-{n}-{k}", ids, output_tokens, 0, {}, None)
+                        pm, mm = _call_metrics(r), _call_metrics(m)
+                        rows.append({
+                            "prompt_tokens": n, "repeat": k,
+                            **{f"pd_{key}": v for key, v in pm.items()},
+                            **{f"colocated_{key}": v for key, v in mm.items()},
+                            "prefill_ms": 1e3 * (r["pd"]["prefill_done_at"] - r["recv_at"]),
+                            "save_ms": 1e3 * (p1["save_s"] - p0["save_s"]),
+                            "load_ms": 1e3 * (d1["load_s"] - d0["load_s"]),
+                            "kv_bytes": int(d1["load_bytes"] - d0["load_bytes"]),
+                            "loaded_tokens": int(d1["external_tokens"] - d0["external_tokens"]),
+                            "same_output": r["token_ids"] == m["token_ids"],
+                        })
+                        say(f"prompt {n} tokens, repeat {k + 1}/{repeats}: P/D TTFT {pm['ttft_ms']:.1f} ms, "
+                            f"co-located {mm['ttft_ms']:.1f} ms")
+                client.close()
+                mixed.close()
+
+            asyncio.run(bench())
+    import statistics
+
+    summary = []
+    for n in prompt_lens:
+        sel = [r for r in rows if r["prompt_tokens"] == n]
+        row = {"prompt_tokens": n, "num_calls": len(sel)}
+        for key in ("colocated_ttft_ms", "pd_ttft_ms", "prefill_ms", "save_ms", "load_ms", "colocated_tpot_ms",
+                    "pd_tpot_ms", "colocated_e2el_ms", "pd_e2el_ms", "kv_bytes", "loaded_tokens"):
+            row[f"median_{key}"] = statistics.median(r[key] for r in sel)
+        row["same_output"] = all(r["same_output"] for r in sel)
+        summary.append(row)
+    return {"calls": rows, "summary": summary,
+            "setup": {"model": model, "output_tokens": output_tokens, "repeats": repeats, "seed": seed,
+                      "block_size": block_size, "kv_connector": f"{CONNECTOR_MODULE}.{CONNECTOR}"}}
+
+
+def format_bench(res: dict) -> str:
+    """The bench summary as a Markdown table (medians; ms, MB)."""
+    head = ("| prompt tokens | TTFT co-located | TTFT P/D | of which prefill | KV save | KV load | KV moved | "
+            "TPOT co-located | TPOT P/D | E2E co-located | E2E P/D | same output |")
+    lines = [head, "|" + "---|" * 12]
+    for s in res["summary"]:
+        lines.append(
+            f"| {s['prompt_tokens']} | {s['median_colocated_ttft_ms']:.1f} ms | {s['median_pd_ttft_ms']:.1f} ms | "
+            f"{s['median_prefill_ms']:.1f} ms | {s['median_save_ms']:.1f} ms | {s['median_load_ms']:.1f} ms | "
+            f"{s['median_kv_bytes'] / 1e6:.2f} MB ({s['median_loaded_tokens']:.0f} tok) | "
+            f"{s['median_colocated_tpot_ms']:.2f} ms | {s['median_pd_tpot_ms']:.2f} ms | "
+            f"{s['median_colocated_e2el_ms']:.0f} ms | {s['median_pd_e2el_ms']:.0f} ms | "
+            f"{'yes' if s['same_output'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def _option(default: Any, name: str, help_text: str) -> Any:
+    import typer
+
+    return typer.Option(default, name, help=help_text)
+
+
+def pd_bench_command(
+    model: str = _option("tiny-weights", "--model", "Model directory for vLLM; 'tiny-weights' = agentsim's tiny "
+                              "Llama with random weights of std 0.2 (made offline in the agentsim cache)."),
+    prompt_tokens: str = _option("256,1024,2048", "--prompt-tokens", "Prompt lengths, comma-separated."),
+    output_tokens: int = _option(32, "--output-tokens", "Output tokens per call (ignore_eos)."),
+    repeats: int = _option(3, "--repeats", "Calls per prompt length (fresh prompts)."),
+    seed: int = _option(0, "--seed", "Seed of the prompts and the engines."),
+    as_json: bool = _option(False, "--json", "Print every call and the summary as JSON instead of the table."),
+) -> None:
+    """Live P/D on vLLM's CPU build: 1 prefill + 1 decode engine (ExampleConnector) vs 1 co-located engine."""
+    import json
+    import sys
+
+    try:
+        lens = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError("--prompt-tokens", f"expected integers separated by commas, got {prompt_tokens!r}") from None
+    if not lens or min(lens) < 2:
+        raise ConfigError("--prompt-tokens", "give prompt lengths >= 2")
+    if output_tokens < 2:
+        raise ConfigError("--output-tokens", f"must be >= 2 (TPOT needs two tokens), got {output_tokens}")
+    if repeats < 1:
+        raise ConfigError("--repeats", f"must be >= 1, got {repeats}")
+    if model == "tiny-weights":
+        from agentsim.live.runner import default_model_cache
+
+        model = str(make_pd_model(default_model_cache() / "tiny-llama-pd"))
+    elif not Path(model).is_dir():
+        raise ConfigError("--model", f"{model}: not a model directory")
+    res = run_pd_bench(model, lens, output_tokens, repeats, seed,
+                       progress=None if as_json else (lambda line: print(line, file=sys.stderr, flush=True)))
+    print(json.dumps(res, indent=1) if as_json else format_bench(res))
