@@ -50,6 +50,7 @@ import math
 import os
 import shlex
 import shutil
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -673,7 +674,7 @@ def build_sweep(d: Path) -> Report:
         total = math.prod(len(v) for v in grid.values() if isinstance(v, list)) or len(rows)
         notes.append(f"results.parquet is missing (the sweep did not finish): {len(rows)} of {total} cells found "
                      "in cells/; rerun the sweep to finish it")
-    grid_txt = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in grid.items() if isinstance(v, list))
+    grid_txt = "; ".join(f"{k} ∈ {{{_values_text(v)}}}" for k, v in grid.items() if isinstance(v, list))
     rep = Report(SWEEP, f"Sweep {Path(spec).stem}: {grid_txt}", str(d),
                  f"agentsim sweep {shlex.quote(spec)} -o {shlex.quote(str(d))}",
                  "reruns only missing or stale cells; a sweep run with --set needs the same --set "
@@ -691,6 +692,12 @@ def build_sweep(d: Path) -> Report:
     rep.notes = notes + fnotes
     _add_cell_provenance(rep, cells, d)
     return rep
+
+
+def _values_text(values: list) -> str:
+    """A grid key's values for a title: all of them, or the first 4, "…", the last and the count."""
+    v = [json.dumps(x) if isinstance(x, (dict, list)) else str(x) for x in values]
+    return ", ".join(v) if len(v) <= 6 else f"{', '.join(v[:4])}, …, {v[-1]} ({len(v)} values)"
 
 
 def _cell_sort_key(cell: Any) -> str:
@@ -919,8 +926,9 @@ def _md(s: Any) -> str:
 
 
 def _md_table(t: Table) -> str:
+    numeric = [i > 0 and all(_looks_numeric(r[i]) for r in t.rows if i < len(r)) for i in range(len(t.columns))]
     lines = [f"**{_md(t.title)}**", "", "| " + " | ".join(_md(c) for c in t.columns) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(t.columns))) + "|"]
+             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(_md(v) for v in r) + " |" for r in t.rows]
     if t.note:
         lines += ["", f"*{_md(t.note)}*"]
@@ -942,7 +950,8 @@ def render_md(rep: Report, figure_dir: str) -> str:
     if rep.figures:
         out += ["## Figures", ""]
         for i, f in enumerate(rep.figures, 1):
-            out += [f"![{_md(f.caption)}]({figure_dir}/{f.name}.png)", "", f"*Figure {i}. {_md(f.caption)}*", ""]
+            link = urllib.parse.quote(f"{figure_dir}/{f.name}.png")
+            out += [f"![{_md(f.caption)}]({link})", "", f"*Figure {i}. {_md(f.caption)}*", ""]
     out += ["## Config and provenance", ""]
     if rep.provenance_note:
         out += [f"*{_md(rep.provenance_note)}*", ""]

@@ -37,6 +37,7 @@ class _Refs(HTMLParser):
         self.refs: list[tuple[str, str, str]] = []
         self.tags: list[str] = []
         self.imgs: list[str] = []
+        self.figures: list[str] = []
         self.text: list[str] = []
 
     def handle_starttag(self, tag, attrs):
@@ -46,6 +47,8 @@ class _Refs(HTMLParser):
                 self.refs.append((tag, k, v or ""))
         if tag == "img":
             self.imgs.append(dict(attrs).get("src", ""))
+        if tag == "figure":
+            self.figures.append(dict(attrs).get("id", ""))
 
     def handle_data(self, data):
         self.text.append(data)
@@ -113,9 +116,8 @@ def test_run_report_is_self_contained_with_its_figures_tables_and_provenance(dir
     assert _cli("report", run) == 0
     out = run / "report.html"
     page = _assert_self_contained(out)
-    rep = build_report(run)
-    assert [f.name for f in rep.figures] == ["latency_cdf", "engines_over_time", "throughput_over_time"]
-    assert len(page.imgs) == len(rep.figures)
+    assert page.figures == ["fig-latency_cdf", "fig-engines_over_time", "fig-throughput_over_time"]
+    assert len(page.imgs) == len(page.figures)
     text = " ".join(page.text)
     summary = json.loads((run / "summary.json").read_text())
     manifest = json.loads((run / "manifest.json").read_text())
@@ -145,7 +147,7 @@ def test_sweep_report_plots_metrics_against_the_swept_key(dirs):
     page = _assert_self_contained(out)
     rep = build_report(sweep)
     assert [f.name for f in rep.figures] == ["metrics_vs_workload_agents"]
-    assert len(page.imgs) == 1
+    assert page.figures == ["fig-metrics_vs_workload_agents"] and len(page.imgs) == 1
     results = pd.read_parquet(sweep / "results.parquet")
     assert len(rep.tables[0].rows) == len(results) == 4
     assert len(rep.provenance) == 4
@@ -154,9 +156,10 @@ def test_sweep_report_plots_metrics_against_the_swept_key(dirs):
         "policy=least-loaded, workload.agents=2", "policy=least-loaded, workload.agents=6"]
     text = " ".join(page.text)
     assert "agentsim sweep" in text and "workload.agents" in text
-    # a report inside the sweep directory does not make a rerun refuse it
-    assert _cli("report", sweep) == 0
+    # a report inside the sweep directory (its default place) does not make a rerun refuse it
+    shutil.copy(out, sweep / "report.html")
     assert check_sweep_dir(sweep) == "replace"
+    (sweep / "report.html").unlink()
 
 
 def test_study_report_escapes_text_truncates_tables_and_lists_failures(dirs):
@@ -191,16 +194,13 @@ def test_study_json_faults_are_one_line_exit_2(dirs, tmp_path, capsys):
 
 def test_markdown_report_writes_relative_png_figures(dirs):
     out = dirs["root"] / "md" / "run.md"
-    assert _cli("report", dirs["run"], "--format", "md", "-o", out) == 0
+    assert _cli("report", dirs["run"], "-o", out) == 0  # a .md output picks the markdown format
     md = out.read_text()
     links = [line.split("](", 1)[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
     assert len(links) == 3 and all(link.startswith("run_files/") for link in links)
     for link in links:
         assert (out.parent / link).read_bytes().startswith(PNG_MAGIC)
-    assert "| ttft_ms |" in md and "```toml" in md and "<details>" in md
-    # a .md output picks the markdown format by itself
-    assert _cli("report", dirs["sweep"], "-o", dirs["root"] / "md" / "sweep.md") == 0
-    assert (dirs["root"] / "md" / "sweep_files" / "metrics_vs_workload_agents.png").is_file()
+    assert "| ttft_ms |" in md and "```toml" in md and "<details>" in md and "<html" not in md
 
 
 def test_existing_output_is_refused_without_force(dirs, capsys):
