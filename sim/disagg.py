@@ -56,7 +56,7 @@ from typing import Any
 
 from agentsim.errors import ConfigError
 from agentsim.policies.kvfetch import FetchOption, make_fetch_policy
-from agentsim.sim.engine import SimCall
+from agentsim.sim.engine import SimCall, delay_to
 from agentsim.sim.network import Network, Transfer, network_for
 from agentsim.workload import Segment
 
@@ -111,6 +111,7 @@ class KVPort:
         self.pending: list[_Job] = []       # waiting for free blocks here, FIFO
         self.loading: list[_Job] = []       # blocks allocated, data on the links
         self.release: list[list] = []       # source holds to drop at the next boundary
+        self.held: list[SimCall] = []       # loaded calls queued here with their blocks held (kv_hold)
         engine.tiers = self
 
     def __getattr__(self, name: str) -> Any:  # the CPU tier's own interface (pin_later, prefetch_on ...)
@@ -124,7 +125,24 @@ class KVPort:
         return self.inner.intercept(call) if self.inner is not None else False
 
     def reclaim(self, call: SimCall, num_blocks: int, now: float) -> bool:
-        return self.inner.reclaim(call, num_blocks, now) if self.inner is not None else False
+        """The engine needs ``num_blocks`` more free blocks for ``call``: the CPU tier's reclaim first, then
+        the holds of loaded calls still waiting (latest loaded first, never ``call``'s own): their blocks stay
+        cached (hit-able) but become evictable, so a queue of loaded calls can never deadlock the engine."""
+        if self.inner is not None and self.inner.reclaim(call, num_blocks, now):
+            return True
+        before = self.pool.num_used
+        keep = []
+        for c in reversed(self.held):
+            if c.kv_hold is None:
+                continue
+            if c is not call and before - self.pool.num_used < num_blocks and c.status == "waiting":
+                self.pool.free(c.kv_hold, now)
+                c.kv_hold = None
+                self.owner.num_holds_reclaimed += 1
+            else:
+                keep.append(c)
+        self.held = keep[::-1]
+        return self.pool.num_used < before
 
     def pre_schedule(self, now: float) -> None:
         """At a step boundary: drop source holds, complete arrived pulls, start pending ones."""
@@ -172,7 +190,10 @@ class KVPort:
         k = self.pool.num_cached_prefix(hashes, limit)
         upto = min(limit, job.n_avail)
         to_move = hashes[k:upto] if upto > k else []
-        if len(to_move) > self.pool.num_free:
+        cached = self.pool.cached
+        protect = [cached[hashes[j]] for j in range(k)] if to_move else []
+        evictable = sum(1 for b in protect if b.ref_count == 0)  # free now, held by the pull
+        if len(to_move) + evictable > self.pool.num_free:
             return False  # no room yet: FIFO, retried at the next boundary
         owner = self.owner
         if not to_move:
@@ -180,8 +201,6 @@ class KVPort:
             self._to_queue(call, now, now)
             owner.num_jobs_empty += 1
             return True
-        cached = self.pool.cached
-        protect = [cached[hashes[j]] for j in range(k)]
         if protect:
             self.pool.touch(protect, now, call.program_id, call.agent_id)
         blocks = self.pool.allocate(len(to_move), now, call.program_id, call.agent_id, k)
@@ -192,7 +211,7 @@ class KVPort:
         call.kv_transfer_bytes += nbytes
         self.loading.append(job)
         owner.inflight[id(job)] = job
-        ev = self.engine.env.timeout(max(0.0, t.done - now))
+        ev = self.engine.env.timeout(delay_to(now, t.done))  # exactly at t.done: the boundary test is <=
         ev.callbacks.append(lambda _e: self.engine.notify())
         return True
 
@@ -207,6 +226,9 @@ class KVPort:
         call = job.call
         call.kv_transfer_time += job.done_at - job.ready_at
         call.kv_hold = job.blocks + job.protect
+        if len(self.held) > 64:
+            self.held = [c for c in self.held if c.kv_hold is not None]
+        self.held.append(call)
         self._to_queue(call, job.done_at, now)
 
     def _release_src(self, job: _Job) -> None:
@@ -285,6 +307,7 @@ class Disagg:
         self.num_fetches = 0
         self.num_fetch_decisions = 0
         self.num_jobs_empty = 0
+        self.num_holds_reclaimed = 0
         self._prefill_time = _prefill_time(sim)
 
     # ------------------------------------------------------------------ serving one call
