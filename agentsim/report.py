@@ -545,6 +545,18 @@ def _provenance(label: str, manifest: dict, directory: Path, with_command: bool)
     stats = manifest.get("stats")
     if isinstance(stats, dict) and "wall_time_s" in stats:
         fields["wall time"] = f"{fmt(stats['wall_time_s'])} s"
+    live = manifest.get("backend") == "live"
+    if live:
+        for key, name in (("cluster", "cluster"), ("live_model", "model"), ("gpu", "GPUs"), ("status", "status"),
+                          ("load_format", "load format"), ("dtype", "dtype"), ("created_at", "created at")):
+            if manifest.get(key) is not None:
+                fields[name] = str(manifest[key])
+        if isinstance(manifest.get("wall_time_s"), (int, float)):
+            fields["wall time"] = f"{fmt(manifest['wall_time_s'])} s"
+        if manifest.get("errors"):
+            fields["errors"] = "; ".join(map(str, manifest["errors"][:5]))
+        if isinstance(manifest.get("live_options"), dict):
+            fields["live options"] = json.dumps(manifest["live_options"], sort_keys=True, default=str)
     toml = cmd = None
     if isinstance(manifest.get("config"), dict):
         try:
@@ -552,9 +564,39 @@ def _provenance(label: str, manifest: dict, directory: Path, with_command: bool)
         except ValueError:
             toml = None
         if with_command and toml is not None:
-            verb = "live" if manifest.get("backend") == "live" else "simulate"
-            cmd = f"agentsim {verb} -c config.toml -o {shlex.quote(str(directory))}"
+            cmd = (_live_command(manifest, directory) if live
+                   else f"agentsim simulate -c config.toml -o {shlex.quote(str(directory))}")
     return Provenance(label, fields, toml, cmd)
+
+
+def _live_command(manifest: dict, directory: Path) -> str:
+    """``agentsim live`` with the config and what a live manifest records of the CLI: where it ran
+    (``cluster``: an embedded N-node Ray cluster, a Ray address or vLLM endpoints), the model, its
+    load format and dtype, and the driver options that have flags (``live_options``)."""
+    import re
+
+    args = ["agentsim", "live", "-c", "config.toml"]
+    where = str(manifest.get("cluster") or "")
+    m = re.fullmatch(r"local (\d+)-node Ray cluster", where)
+    if m:
+        args += ["--local-nodes", m.group(1)]
+    elif where.startswith("Ray cluster "):
+        args += ["--address", where[len("Ray cluster "):]]
+    elif where.startswith("endpoints "):
+        args += ["--endpoints", where[len("endpoints "):]]
+    for key, flag in (("live_model", "--model"), ("load_format", "--load-format"), ("dtype", "--dtype")):
+        if manifest.get(key) is not None:
+            args += [flag, str(manifest[key])]
+    opts = manifest.get("live_options") if isinstance(manifest.get("live_options"), dict) else {}
+    if opts.get("drain_timeout") is not None:
+        args += ["--drain-timeout", str(opts["drain_timeout"])]
+    for key, flag in (("sample_interval", "--sample-interval"), ("flush_interval", "--flush-interval")):
+        if opts.get(key) is not None:
+            args += [flag, str(opts[key])]
+    for kill in opts.get("kill_engines") or []:
+        if isinstance(kill, (list, tuple)) and len(kill) == 2:
+            args += ["--kill-engine", f"{kill[0]}@{kill[1]}"]
+    return shlex.join(args + ["-o", str(directory)])
 
 
 def build_run(d: Path) -> Report:
@@ -564,9 +606,12 @@ def build_run(d: Path) -> Report:
     manifest = _read_json(d / "manifest.json", "manifest")
     summary = upgrade_summary(_read_json(d / "summary.json", "summary"))
     prov = _provenance("this run", manifest, d, with_command=True)
+    live = manifest.get("backend") == "live"
     rep = Report(RUN, _run_title(manifest), str(d),
                  prov.command or "(the manifest holds no run config)",
-                 "with config.toml as under Provenance (the run config this run used)" if prov.command else "")
+                 ("with config.toml as under Provenance (the run config this run used)"
+                  + ("; a live run's engine settings not in its manifest (e.g. --kv-cache-gib) take their "
+                     "defaults, and live timings vary from run to run" if live else "")) if prov.command else "")
     rep.facts = {"seed": prov.fields["seed"], "policy": prov.fields["policy"], "profile": prov.fields["profile"],
                  "complete": prov.fields["complete"], "duration_s": fmt(summary.get("duration_s"), "duration_s")}
     lat_rows = []

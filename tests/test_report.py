@@ -265,3 +265,23 @@ def test_reports_render_in_headless_chromium(dirs):
                 page.close()
         finally:
             browser.close()
+
+
+def test_live_run_report_names_where_it_ran_and_the_live_command(dirs, tmp_path):
+    """A live result directory holds the same files as a simulated one; its manifest adds where it ran
+    (live/runner.py manifest_base) and the driver options (live/driver.py). The directory here is the
+    simulated run with those keys set as a live run writes them (a real live run takes minutes)."""
+    live = tmp_path / "live"
+    shutil.copytree(dirs["run"], live)
+    m = json.loads((live / "manifest.json").read_text())
+    m.update(backend="live", cluster="local 2-node Ray cluster", live_model="tiny", load_format="dummy",
+             dtype="float32", gpu="no GPU", status="finished", wall_time_s=21.5,
+             live_options={"drain_timeout": None, "sample_interval": 1.0, "flush_interval": 5.0,
+                           "kill_engines": [[1, 4.0]]})
+    (live / "manifest.json").write_text(json.dumps(m))
+    rep = build_report(live)
+    assert rep.title.startswith("Run (live)")
+    assert rep.command == (f"agentsim live -c config.toml --local-nodes 2 --model tiny --load-format dummy "
+                           f"--dtype float32 --sample-interval 1.0 --flush-interval 5.0 --kill-engine 1@4.0 -o {live}")
+    assert rep.provenance[0].fields["cluster"] == "local 2-node Ray cluster"
+    assert rep.provenance[0].fields["wall time"] == "21.50 s"
