@@ -459,7 +459,16 @@ class PolicyBundle:
                 c.bind(self)
 
     def hooks(self, name: str) -> list:
+        """The callables ``emit(name, ...)`` calls, in order (a backend may hold on to this list)."""
         return self._hooks[name]
+
+    def subscribe(self, name: str, fn: Callable) -> None:
+        """Call ``fn`` on event ``name`` (one of :data:`HOOKS`, same arguments) after the policies'
+        own hooks: how a backend's mechanisms, a study or a test observe events without reaching
+        into a backend. Raises ValueError for an unknown event name."""
+        if name not in self._hooks:
+            raise ValueError(f"unknown event {name!r} (known: {', '.join(HOOKS)})")
+        self._hooks[name].append(fn)
 
     def emit(self, name: str, *args: Any) -> None:
         for fn in self._hooks[name]:

@@ -566,13 +566,13 @@ class Mechanisms:
                 prefill = _prefill_time(sim)
                 for comp in caps.reload_cost:
                     comp.use_prefill_time(prefill)
-            hooks = sim._hooks
-            hooks["on_call_arrive"].append(self._on_call_arrive)
-            hooks["on_call_finish"].append(self._on_call_finish)
-            hooks["on_program_start"].append(self._on_program_start)
-            hooks["on_program_end"].append(self._on_program_end)
+            # after the policies' own hooks (the bundle calls subscribers last)
+            bundle.subscribe("on_call_arrive", self._on_call_arrive)
+            bundle.subscribe("on_call_finish", self._on_call_finish)
+            bundle.subscribe("on_program_start", self._on_program_start)
+            bundle.subscribe("on_program_end", self._on_program_end)
             if caps.prefetch_on_events:
-                hooks["on_tool_end"].append(self._on_tool_end)
+                bundle.subscribe("on_tool_end", self._on_tool_end)
         self._planners = list(caps.planners)
         self._wrap = caps.team_wrapper
         if self._planners or self._wrap is not None:

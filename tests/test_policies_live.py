@@ -6,9 +6,10 @@ call and orders freed KV blocks through :class:`~agentsim.live.scheduler.PolicyF
 step by step with a scripted clock and stand-in model outputs (one sampled token per request whose
 prompt is computed), as vLLM's own scheduler tests do. Every event the adapter hands the policy is
 recorded with the call state it carried; the recording is then replayed into a fresh policy through
-the simulator's call records (:class:`~agentsim.sim.engine.SimCall`), its ranking rule and victim
-choice (``Engine._pick_victim``) and its block records (:class:`~agentsim.policies.base.BlockView`).
-The decision logs must be identical.
+the simulator's call records (:class:`~agentsim.sim.engine.SimCall`), the one ranking and victim
+rule both backends call (:mod:`agentsim.policies.ranking`, through ``Engine._pick_victim`` for the
+victim) and its block records (:class:`~agentsim.policies.base.BlockView`). The decision logs must be
+identical.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def replay_order(policy, events):
 
     from agentsim.calibration.roofline import roofline_profile
     from agentsim.config import EngineLimits
+    from agentsim.policies.ranking import rank
     from agentsim.policies.registry import make_bundle
     from agentsim.sim.engine import Engine
 
@@ -170,15 +172,14 @@ def replay_order(policy, events):
         c._service, c.wait_time = snap["service_time"], snap["wait_time"]
         return c
 
-    key = bundle.order.key
     for ev in events:
         kind, now = ev[0], ev[1]
         if kind in ("on_call_arrive", "on_call_finish"):
             bundle.emit(kind, update(ev[2]), now)
         elif kind == "rank":
             cs = [update(s) for s in ev[2]]
-            # the engine's rule (Engine._schedule): lower (key, seq) first
-            out.append(("rank", now, [c.call_id for c in sorted(cs, key=lambda c: (key(c, now), c.seq))]))
+            # the shared rule the engine sorts its waiting queue by (and the live scheduler re-ranks by)
+            out.append(("rank", now, [c.call_id for c in rank(bundle.order, cs, now)]))
         elif kind == "preempt":
             engine.running = [update(s) for s in ev[2]]
             out.append(("preempt", now, engine._pick_victim(now).call_id))

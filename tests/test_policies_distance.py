@@ -1,0 +1,243 @@
+"""Distance-based eviction and prefetch (ScaleSim invocation distance, KVFlow steps-to-execution), the CPU tier's held calls."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from agentsim.calibration.roofline import roofline_profile
+from agentsim.config import load_config
+from agentsim.sim.runner import Simulation
+from agentsim.workload import CallHints
+
+from policy_scripts import calls_of, scripted
+
+
+# --------------------------------------------------------------------------- invocation distance
+class EvictionSpy:
+    """Wraps an engine's free-block queue: records every eviction of a cached block and which
+    agents still had cached free blocks right after it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.events = []
+        self.free: dict[int, int] = {}   # agent -> cached free blocks in the queue
+
+    def __len__(self):
+        return len(self.inner)
+
+    def append(self, block, now):
+        self.inner.append(block, now)
+        if block.block_hash is not None:
+            self.free[block.agent_id] = self.free.get(block.agent_id, 0) + 1
+
+    def remove(self, block):
+        self.inner.remove(block)
+        if block.block_hash is not None:
+            self.free[block.agent_id] -= 1
+
+    def pop(self, now):
+        b = self.inner.pop(now)
+        if b.block_hash is not None:
+            self.free[b.agent_id] -= 1
+            self.events.append((now, b.agent_id, {a for a, n in self.free.items() if n > 0}))
+        return b
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def tool_loop(d, e):
+    return [["llm", 160, 16], ["tool", d], ["llm", 16, 16], ["tool", e], ["llm", 16, 16]]
+
+
+AGENTS = [tool_loop(0.9, 0.4), tool_loop(0.3, 1.2), tool_loop(0.6, 0.2), tool_loop(1.5, 0.7),
+          tool_loop(0.45, 0.95), tool_loop(1.1, 0.25)]
+
+
+def next_use(calls, agent, t):
+    """When the agent next needs its KV after ``t``: now if a call of it is in flight, else its
+    next call's arrival (inf if none)."""
+    mine = calls[calls["agent_id"] == agent]
+    if ((mine["arrival_at"] <= t) & (mine["finish_at"] > t)).any():
+        return t
+    later = mine.loc[mine["arrival_at"] > t, "arrival_at"]
+    return later.min() if len(later) else math.inf
+
+
+def evictions(evict, params):
+    sim = scripted(AGENTS, {"name": "vllm", "evict": evict, "params": {"evict": params}}, blocks=40, max_num_seqs=3)
+    pool = sim.engines[0].pool
+    pool.free_queue = spy = EvictionSpy(pool.free_queue)
+    r = sim.run()
+    return r, spy.events
+
+
+def wrong_evictions(calls, events):
+    bad = 0
+    for t, victim, kept in events:
+        v = next_use(calls, victim, t)
+        bad += any(next_use(calls, k, t) > v for k in kept)
+    return bad
+
+
+def test_invocation_distance_never_evicts_a_block_needed_sooner_than_one_it_keeps():
+    # exact (oracle) distances, no bucketing: 1 ms units, a hold level for every unit
+    exact = {"cpu_tier": False, "unit": 0.001, "hold_levels": 1_000_000}
+    r, events = evictions("invocation-distance", exact)
+    assert (r.calls["status"] == "finished").all() and len(events) > 20
+    assert wrong_evictions(r.calls, events) == 0
+    # LRU on the same script does evict blocks that are needed sooner than ones it keeps
+    lr, lru_events = evictions("lru", {})
+    assert wrong_evictions(lr.calls, lru_events) > 0
+    # and the agent whose next call is farthest away is the one that loses its blocks first:
+    # its next use is the latest among all agents that had free blocks
+    for t, victim, kept in events:
+        assert next_use(r.calls, victim, t) >= max(next_use(r.calls, a, t) for a in kept | {victim})
+
+
+def test_invocation_distance_levels_and_buckets():
+    from agentsim.policies.distance import InvocationDistance
+
+    pol = InvocationDistance(hold_levels=4, unit=1.0, cpu_tier=False)
+
+    class C:
+        def __init__(self, cid, agent, d):
+            self.call_id, self.agent_id, self.hints = cid, agent, CallHints(next_invocation_distance=d)
+
+    for i, d in enumerate([0.5, 1.5, 2.5, 3.2, 9.0, None]):
+        c = C(i, i, d)
+        pol.on_call_arrive(c, 0.0)
+        pol.on_call_finish(c, 0.0)
+    # D = ceil(gap / unit) - 1: due within 1 s -> 0; hold priority min(H + 1, D); unknown -> H + 1
+    assert [pol.level(a, 0.0) for a in range(6)] == [0, 1, 2, 3, 5, 5]
+    assert [pol.level(a, 1.0) for a in range(6)] == [0, 0, 1, 2, 5, 5]
+    assert pol.prefetch_candidates(0.0) == [0, 1, 2]          # D <= look-ahead 2, nearest first
+    assert pol.prefetch_due_at(3, 0.0) == pytest.approx(0.2)  # 3.2 s away enters D <= 2 at 0.2 s
+
+
+def prefetching(prefetch):
+    params = {"unit": 0.05, "look_ahead": 2, "prefetch": prefetch, "pcie_GBps": 2.0}
+    sim = scripted(AGENTS, {"name": "vllm", "evict": "invocation-distance", "params": {"evict": params}},
+                   blocks=40, max_num_seqs=3, profile=roofline_profile())
+    r = sim.run()
+    return r, sim.engines[0].tiers
+
+
+def test_invocation_distance_prefetches_agents_within_look_ahead():
+    r, tiers = prefetching(True)
+    pre = [e for e in tiers.log if e[0] == "prefetch"]
+    assert pre, "no prefetch happened"
+    for _, t, agent, (n, level, done) in pre:
+        assert level <= 2 and n > 0
+        # the agent was not running, and its next call came after the prefetch started
+        assert next_use(r.calls, agent, t) > t
+    # loading ahead means fewer calls wait at arrival for their KV to load
+    r0, tiers0 = prefetching(False)
+    assert tiers.stats["held_calls"] < tiers0.stats["held_calls"]
+    assert not [e for e in tiers0.log if e[0] == "prefetch"]
+
+
+# --------------------------------------------------------------------------- KVFlow
+def kvflow(evict, **params):
+    cfg = load_config(None, {
+        "cluster.num_nodes": 1, "cluster.gpus_per_node": 1, "workload.generator": "kvflow",
+        "workload.params": {"num_agents": 10, "fixed_tokens": 1024, "dynamic_tokens": 32, "output_tokens": 32},
+        "workload.arrival": "closed", "workload.agents": 1, "workload.num_programs": 4,
+        # room for five agents' fixed prompts (64 blocks each) and a running call
+        "cluster.engine": {"num_gpu_blocks_override": 5 * 64 + 8},
+        "policy": {"name": "vllm", "evict": evict, "params": {"evict": params}}, "sim.drain": True})
+    sim = Simulation(cfg)
+    return sim.run(), sim
+
+
+def test_kvflow_keeps_the_next_agents_fixed_prompts_where_lru_thrashes():
+    later = lambda r: r.calls[r.calls["call_id"] >= 10]   # after the first pass of the workflow
+    lru, _ = kvflow("lru")
+    # a cyclic walk over 10 agents with room for 5: LRU always evicts the agent needed next
+    assert (later(lru)["num_cached_tokens"] == 0).all()
+    ste, _ = kvflow("steps-to-execution", cpu_tier=False)
+    # steps-to-execution evicts the agent that just ran (10 steps away) and keeps the next four
+    hits = later(ste)["num_cached_tokens"] >= 1024
+    assert hits.mean() >= 0.35
+    learned, _ = kvflow("steps-to-execution", cpu_tier=False, graph="learned")
+    assert (later(learned)["num_cached_tokens"] >= 1024).mean() >= 0.35
+    # with the CPU tier the next agent's prompt is prefetched while the current one runs
+    cpu, sim = kvflow("steps-to-execution")
+    assert (later(cpu)["num_cached_tokens"] >= 1024).mean() >= 0.9
+    assert sim.engines[0].tiers.stats["prefetched_blocks"] > 0
+    assert later(cpu)["e2e"].mean() < later(ste)["e2e"].mean() < later(lru)["e2e"].mean()
+
+
+def test_kvflow_dynamic_suffix_blocks_go_first():
+    from agentsim.policies.base import BlockView
+    from agentsim.policies.distance import StepsToExecution
+
+    pol = StepsToExecution(cpu_tier=False)
+    q = pol.new_free_queue(0)
+    q.block_size = 16
+
+    class C:
+        def __init__(self, cid, agent):
+            self.call_id, self.agent_id, self.program_id = cid, agent, 0
+            self.hints = CallHints(fixed_prefix_tokens=32, next_invocation_steps=3, stage=f"agent{agent}")
+
+    for a in (1, 2):
+        c = C(a, a)
+        pol.on_call_arrive(c, 0.0)
+        pol.on_call_finish(c, 0.0)
+    blocks = [BlockView(10 * a + p, block_hash=1000 + 10 * a + p, agent_id=a, position=p) for a in (1, 2) for p in range(4)]
+    for b in blocks:
+        q.append(b, 0.0)
+    order = [(b.agent_id, b.position) for b in (q.pop(0.0) for _ in range(8))]
+    # positions >= 2 are both agents' dynamic suffixes: first, least recently freed first; then the
+    # fixed prefixes, the agent with more steps to go first: agent 1 ran at step 0 and agent 2 at
+    # step 1 of the workflow, each comes back 3 steps later; two steps have passed, so agent 1 is
+    # 0 + 3 - 2 = 1 step away and agent 2 is 1 + 3 - 2 = 2
+    assert order[:4] == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    assert order[4:] == [(2, 0), (2, 1), (1, 0), (1, 1)]
+    assert (pol.level(1, 0.0), pol.level(2, 0.0)) == (1, 2)
+
+
+def test_calls_whose_kv_is_loading_are_skipped():
+    # A's prompt is evicted to the CPU tier by B's long context; at 2.0 s A comes back and must load
+    # 1,024 tokens over a slow link, while C, arriving later, is served at once
+    a = [["llm", 1024, 16], ["tool", 2.0], ["llm", 16, 16]]
+    b = [["tool", 0.3], ["llm", 1600, 16]]
+    c = [["tool", 2.3], ["llm", 64, 16]]   # A is back at ~2.27 s (its first call takes ~0.27 s)
+    policy = {"name": "hicache", "route": "least-loaded", "params": {"evict": {"pcie_GBps": 0.5}}}
+    sim = scripted([a, b, c], policy, blocks=110, profile=roofline_profile())
+    r = sim.run()
+    a2, c1 = calls_of(r, 0).iloc[1], calls_of(r, 2).iloc[0]
+    assert c1["arrival_at"] > a2["arrival_at"] and c1["scheduled_at"] < a2["scheduled_at"]
+    hold = [e for e in sim.engines[0].tiers.log if e[0] == "hold"]
+    assert len(hold) == 1 and hold[0][2] == a2["call_id"]
+    n_loaded, done = hold[0][3]
+    # 2 MiB blocks at 0.5 GB/s: the load ends n x 4.19 ms later, and A is scheduled right after
+    assert done - a2["arrival_at"] == pytest.approx(n_loaded * 16 * 131072 / 0.5e9, rel=0.05)
+    assert done <= a2["scheduled_at"] < done + 0.05
+    assert a2["num_cached_tokens"] >= 1024
+
+
+def test_scalesim_steps_distance_follows_the_simulation_clock():
+    from agentsim.policies.distance import InvocationDistance
+
+    pol = InvocationDistance(source="steps", hold_levels=4, look_ahead=2, cpu_tier=False)
+
+    class C:
+        def __init__(self, cid, agent, steps):
+            self.call_id, self.agent_id, self.program_id = cid, agent, 7
+            self.hints = CallHints(next_invocation_steps=steps)
+
+    for a, d in enumerate([1, 2, 3, 6, None]):      # all called at step 0
+        c = C(a, a, d)
+        pol.on_call_arrive(c, 0.0)
+        pol.on_call_finish(c, 0.0)
+    # D = steps until the call - 1 (due at the next step: D = 0), capped at hold_levels + 1
+    assert [pol.level(a, 0.0) for a in range(5)] == [0, 1, 2, 5, 5]
+    assert pol.prefetch_candidates(0.0) == [0, 1, 2]
+    pol.on_tool_end(7, -1, "world", 5.0)             # the simulation moves one step
+    pol.on_tool_end(7, -1, "think", 5.0)             # other tools do not
+    assert [pol.level(a, 5.0) for a in range(5)] == [0, 0, 1, 4, 5]
+    assert pol.prefetch_candidates(5.0) == [0, 1, 2]
