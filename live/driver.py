@@ -538,6 +538,8 @@ class LiveDriver:
         call.num_generated = len(out_ids)
         call.num_cached_tokens = int(reply["num_cached_tokens"])
         call.num_preemptions = int(reply["num_preemptions"])
+        call.kv_transfer_bytes = int(reply.get("kv_transfer_bytes", 0))  # P/D replies (agentsim.live.pd)
+        call.kv_transfer_time = float(reply.get("kv_transfer_time", 0.0))
         call.status = CallStatus.FINISHED
         if req.output_seg_id is not None:
             self.tokens.register_output(p.program_id, req.output_seg_id, out_ids)

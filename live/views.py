@@ -25,7 +25,7 @@ class LiveCall:
         "program_arrival_at", "num_prompt_tokens", "num_output_tokens", "num_generated", "service_time",
         "wait_time", "num_preemptions", "hints", "parent_call_ids", "context", "engine_id", "node_id",
         "scheduled_at", "first_token_at", "finish_at", "num_cached_tokens", "num_retries", "status",
-        "priority", "output_seg_id", "vllm_hashes", "submitted_at",
+        "priority", "output_seg_id", "vllm_hashes", "submitted_at", "kv_transfer_bytes", "kv_transfer_time",
     )
 
     def __init__(self, call_id: int, program_id: int, agent_id: int, thread_id: int, program_kind: str,
@@ -59,6 +59,8 @@ class LiveCall:
         self.status = CallStatus.RUNNING
         self.priority = 0
         self.vllm_hashes: list[bytes] = []
+        self.kv_transfer_bytes = 0     # P/D (agentsim.live.pd): KV moved prefill -> decode engine, bytes
+        self.kv_transfer_time = 0.0    # ... and its hand-off time, s
 
     @property
     def seq(self) -> int:
@@ -74,8 +76,8 @@ class LiveCall:
         return self.num_prompt_tokens - self.num_cached_tokens if self.status == "finished" else 0
 
     def row(self) -> tuple:
-        """A row of ``metrics.CALL_COLUMNS`` (:func:`agentsim.metrics.call_row`; no KV moves between
-        live engines yet, so ``kv_transfer_bytes``/``kv_transfer_time`` are 0)."""
+        """A row of ``metrics.CALL_COLUMNS`` (:func:`agentsim.metrics.call_row`; ``kv_transfer_bytes`` /
+        ``kv_transfer_time`` are set for P/D calls by :class:`agentsim.live.pd.PDClient` replies, else 0)."""
         return call_row(self, self.engine_id, self.node_id, self.status)
 
 
