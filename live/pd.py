@@ -149,9 +149,14 @@ class PDClient(EngineClient):
     ``info``: the route policy and the KV view see the decode engine). ``prefills``: the prefill
     engines' clients, shared by every :class:`PDClient` of a run. Replies are the decode engine's
     reply with ``scheduled_at`` / ``queued_at`` / ``recv_at`` from the prefill (on the decode
-    node's clock) and a ``pd`` dict: ``prefill_engine_id``, ``prefill_token_ids``,
-    ``prefill_scheduled_at``, ``prefill_done_at``, ``decode_recv_at``, ``decode_scheduled_at``,
-    ``decode_num_cached_tokens`` (node-monotonic seconds, token counts).
+    node's clock), ``num_cached_tokens`` = the prefill engine's prefix hits (the simulator's
+    convention), ``kv_transfer_bytes`` = the KV the connector moves for this prompt (its
+    block-aligned ``prompt[:-1]``) x the bytes per token the decode engine's connector measured,
+    ``kv_transfer_time`` = the hand-off, s: prefill engine done -> decode engine schedules the step
+    that injects the KV (the connector's own write and read times are inside the two engines'
+    steps; per engine in ``stats["kv_transfer"]``), and a ``pd`` dict: ``prefill_engine_id``,
+    ``prefill_token_ids``, ``prefill_scheduled_at``, ``prefill_done_at``, ``decode_recv_at``,
+    ``decode_scheduled_at``, ``decode_num_cached_tokens`` (node-monotonic seconds, token counts).
     """
 
     def __init__(self, decode: EngineClient, prefills: Sequence[EngineClient],
@@ -204,6 +209,16 @@ class PDClient(EngineClient):
         for k in ("recv_at", "queued_at", "scheduled_at"):
             reply[k] = on_decode_clock(pre.get(k, 0.0))
         reply["num_preemptions"] = int(pre.get("num_preemptions", 0)) + int(dec.get("num_preemptions", 0))
+        # the simulator's convention (agentsim.sim.disagg): a P/D call's prefix hits are the prefill engine's
+        reply["num_cached_tokens"] = int(pre.get("num_cached_tokens", 0))
+        kv = (dec.get("stats") or {}).get("kv_transfer") or {}
+        per_token = kv.get("load_bytes", 0) / kv["load_tokens"] if kv.get("load_tokens") else 0.0
+        bs = int(self.info.get("block_size", 0) or 0)
+        moved = (len(token_ids) - 1) // bs * bs if bs else 0  # the connector's rule: block-aligned prompt[:-1]
+        reply["kv_transfer_bytes"] = int(round(moved * per_token))
+        # hand-off: prefill engine done -> decode engine schedules the step that injects the KV
+        handoff = dec.get("scheduled_at", 0.0) - on_decode_clock(pre.get("done_at", 0.0))
+        reply["kv_transfer_time"] = max(0.0, handoff) if dec.get("scheduled_at") and pre.get("done_at") else 0.0
         reply["pd"] = {
             "prefill_engine_id": p.engine_id, "prefill_token_ids": list(pre.get("token_ids", [])),
             "prefill_scheduled_at": on_decode_clock(pre.get("scheduled_at", 0.0)),
