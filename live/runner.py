@@ -12,8 +12,6 @@ profile; the live model is ``settings.model`` (default: a tiny random Llama made
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -156,28 +154,21 @@ def check_cpu_limits(cfg: RunConfig) -> None:
                           f"{bs} is not a multiple of 32, which vLLM's CPU backend requires (use 32 or 64)")
 
 
-def _git_rev() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def manifest_base(cfg: RunConfig, settings: LiveSettings, model: str) -> dict:
+    """The live run's manifest before the driver adds its own keys: :func:`agentsim.metrics.run_manifest`
+    (the one manifest builder of sim and live, git revision included) with the live settings."""
     from agentsim.live.compat import ray_version, vllm_version
+    from agentsim.metrics import run_manifest
 
     where = (f"local {settings.local_nodes}-node Ray cluster" if settings.local_nodes
              else f"Ray cluster {settings.address}" if settings.address
              else f"endpoints {','.join(settings.endpoints)}")
-    return {
-        "config": cfg.to_dict(), "seed": cfg.seed, "live_model": model,
-        "load_format": settings.resolved_load_format, "dtype": settings.resolved_dtype,
-        "cluster": where, "git_revision": _git_rev(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {"vllm": vllm_version(), "ray": ray_version(), "python": platform.python_version()},
-        "live_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings.options).items()},
-    }
+    return run_manifest(
+        "live", cfg.to_dict(), cfg.seed, {"vllm": vllm_version(), "ray": ray_version()},
+        live_model=model, load_format=settings.resolved_load_format, dtype=settings.resolved_dtype,
+        cluster=where, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        live_options={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings.options).items()},
+    )
 
 
 def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None = None) -> LiveResult:
