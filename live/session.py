@@ -77,8 +77,9 @@ class LiveSession:
         self.started_s = time.monotonic() - t0
         return self
 
-    def run(self, cfg: RunConfig, out_dir: str | Path | None = None) -> LiveResult:
-        """One run of ``cfg`` on the session's engines (``cfg.cluster`` must equal the session's)."""
+    def run(self, cfg: RunConfig, out_dir: str | Path | None = None, manifest_extra: dict | None = None) -> LiveResult:
+        """One run of ``cfg`` on the session's engines (``cfg.cluster`` must equal the session's);
+        ``manifest_extra`` is added to the run's manifest (e.g. the host's load before the run)."""
         from agentsim.policies.registry import make_bundle
         from agentsim.traces.source import ProgramSource
 
@@ -97,6 +98,7 @@ class LiveSession:
         manifest = manifest_base(cfg, settings, self.model)
         gpus = [h.info.get("gpus") for h in self.handles if h.info.get("gpus")]
         manifest["gpu"] = gpus or "no GPU"
+        manifest.update(manifest_extra or {})
         by_id = {h.engine_id: h for h in self.handles}
         driver = LiveDriver([RayEngineClient(h) for h in self.handles if h.alive], bundle,
                             block_size=self.handles[0].info["block_size"], options=opt, out_dir=out_dir, seed=cfg.seed,

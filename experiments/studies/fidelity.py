@@ -19,29 +19,36 @@ both idle between steps; ``OMP_NUM_THREADS=1`` as in the profiling job.
 **Calibration.** The step profile is ``--set cluster.profile=FILE`` when given (e.g.
 ``tests/data/vllm-bench-cpu/profile.json``, measured with the same engine settings), else it is measured
 first with the README's recipe (``agentsim calibrate profile ... --grid small`` then ``calibrate fit``, as
-subprocesses, into ``cells/profile-job`` and ``cells/step-profile.json``). The **per-call hand-off**
-(driver -> ZeroMQ -> engine actor -> ``AsyncLLM.add_request`` -> engine core, until the request is first
-scheduled) is then measured on the live engine with one closed-loop agent (every call reaches an idle
-engine, so ``scheduled_at - arrival_at`` is the hand-off): ``hand-off = per_request_s +
-per_prompt_token_s x prompt tokens``, fitted with ``scipy.optimize.least_squares`` (soft-L1 loss, both
-terms >= 0), becomes the profile's ``frontend`` section (one frontend worker: the driver's event loop),
-written to ``cells/profile.json`` for the simulated cells. The way back (engine's last token -> driver) is
-measured and reported but not modelled: live TTFT is stamped by the engine core (vLLM's
-``first_token_ts``), so a return term would add to the simulated TTFT only.
+subprocesses, into ``cells/profile-job`` and ``cells/step-profile.json``). Then one **live calibration
+run** with one closed-loop agent (every call reaches an idle engine; ``cells/live/handoff``) gives two
+terms, fitted on that run only, never on the compared loads:
 
-**Runs.** Each load (``workload.agents`` of the spec's grid) is simulated once (deterministic; through the
-sweep machinery, ``cells/sim``) and run live ``repeats`` times on the same engine (same seed, so the same
+- the **per-call hand-off** (driver -> ZeroMQ -> engine actor -> ``AsyncLLM.add_request`` -> engine
+  core, until the request is first scheduled): ``scheduled_at - arrival_at = per_request_s +
+  per_prompt_token_s x prompt tokens`` (:func:`fit_handoff`), the profile's ``frontend`` section (one
+  frontend worker: the driver's event loop). The way back (engine's last token -> driver) is measured and
+  reported but not modelled: live TTFT is stamped by the engine core (vLLM's ``first_token_ts``), so a
+  return term would add to the simulated TTFT only;
+- the **per-step cost outside the profiled window** (:func:`fit_step_correction`): the median of the
+  live decode step (engine-side TPOT at batch 1) minus the profile's, added to the profile's ``const``.
+
+The calibrated profile is written to ``cells/profile.json`` (its provenance holds both fits).
+
+**Runs.** Each load (``workload.agents`` of the spec's grid) is simulated once with the calibrated profile
+(deterministic; through the sweep machinery, ``cells/sim``), once with the step profile alone
+(``cells/sim-profile``: what the live calibration buys), and run live ``repeats`` times on the same engine (same seed, so the same
 programs; prefix caches reset before each run), results under ``cells/live/<cell id>-r<k>/`` (the live
 run layout; ``agentsim compare`` takes a sim cell and a live run). A rerun reuses complete live runs of the
 same config and finished sim cells.
 
 **Tables.** ``fidelity``: per load x metric, the sim value, the live median, min and max over the
 repeats, ``rel_error`` = sim / live median - 1, ``noise_band`` = (max - min) / median of the repeats,
-``iqr_rel`` = IQR / median, and ``within_noise`` = ``|rel_error| <= noise_band`` (the simulator is no
-further from the live median than the repeats are from each other). ``fidelity_summary``: per metric, the
-median signed and the median / p95 absolute relative error over the loads, the median noise band and how
-many loads are within noise. ``fidelity_runs``: every run's metrics. ``fidelity_handoff``: the fitted
-hand-off. Figure ``fidelity.png``: sim vs live median with min-max error bars per metric and load.
+``iqr_rel`` = IQR / median, ``within_noise`` = ``|rel_error| <= noise_band`` (the simulator is no
+further from the live median than the repeats are from each other), and ``sim_profile_only`` /
+``rel_error_profile_only``. ``fidelity_summary``: per metric, the median signed and the median / p95
+absolute relative error over the loads (both simulations), the median noise band and how many loads are
+within noise. ``fidelity_runs``: every run's metrics (live runs with the host's 1-minute load average
+before the run). ``fidelity_calibration``: the two live fits. Figure ``fidelity.png``: sim vs live median with min-max error bars per metric and load.
 Metrics (``agentsim.metrics.summarize`` names): mean / p95 TTFT, TPOT and E2E latency (ms), mean / p95
 program latency (s), output throughput (tok/s) and program throughput (programs/s).
 
@@ -158,16 +165,47 @@ def fit_handoff(calls: pd.DataFrame) -> dict:
             "mean_prompt_tokens": float(p.mean()), "num_calls": int(len(d))}
 
 
-def profile_with_handoff(step_profile: Path, hand: dict, out: Path) -> Path:
-    """``step_profile`` with the fitted hand-off as its ``frontend`` section, saved to ``out``."""
+def fit_step_correction(calls: pd.DataFrame, profile) -> dict:
+    """The live engine's per-step cost that the profiled window leaves out, from a 1-agent live run.
+
+    The profiling job times ``schedule()`` -> ``update_from_output()`` of an in-process engine by its
+    CPU clock; a serving engine core also sends each step's outputs to ``AsyncLLM`` (ZeroMQ), records
+    stats and publishes KV events, and on a shared machine waits for a core. With one agent every decode
+    step holds one sequence, so each call's engine-side TPOT (``(scheduled_at + service_time -
+    first_token_at) / (tokens - 1)``) is measured against the profile's mean decode step over the same
+    contexts (``Profile.step_time`` of one decode sequence at context ``prompt + i``, i = 1 .. tokens - 1).
+    Returns ``step_const_delta_s`` = the median difference (s; may be negative), the medians of both
+    (ms) and the number of calls. Raises ValueError with fewer than 3 calls of 2+ tokens.
+    """
+    from agentsim.calibration.profile import BatchShape
+
+    d = calls[(calls["status"] == "finished") & (calls["num_generated_tokens"] >= 2)]
+    d = d[np.isfinite(d["first_token_at"]) & np.isfinite(d["scheduled_at"]) & np.isfinite(d["service_time"])]
+    if len(d) < 3:
+        raise ValueError(f"the hand-off run has {len(d)} calls of 2+ output tokens; at least 3 are needed")
+    n = d["num_generated_tokens"].to_numpy(int)
+    live = ((d["scheduled_at"] + d["service_time"] - d["first_token_at"]).to_numpy(float)) / (n - 1)
+    pred = np.array([np.mean([profile.step_time(BatchShape(num_decode_seqs=1, decode_ctx_tokens=int(p) + i))
+                              for i in range(1, int(k))]) for p, k in zip(d["num_prompt_tokens"], n)])
+    return {"step_const_delta_s": float(np.median(live - pred)), "median_live_tpot_ms": float(np.median(live)) * 1e3,
+            "median_profile_tpot_ms": float(np.median(pred)) * 1e3, "tpot_calls": int(len(d))}
+
+
+def calibrated_profile(step_profile: Path, hand: dict, out: Path) -> Path:
+    """``step_profile`` with the fitted hand-off as its ``frontend`` section and the live per-step cost
+    (``hand["step_const_delta_s"]``) added to its ``const`` term (kept >= 0), saved to ``out``."""
     from agentsim.calibration.profile import FrontendCosts, load_profile
 
     p = load_profile(step_profile)
     prov = dict(p.provenance) if isinstance(p.provenance, dict) else {"previous": p.provenance}
-    prov["fidelity_handoff"] = {"from": str(step_profile), "rule": "scheduled_at - arrival_at on a 1-agent live run",
-                                **hand}
+    prov["fidelity_live_calibration"] = {
+        "from": str(step_profile), "frontend": "per_request_s + per_prompt_token_s x prompt fitted to scheduled_at - "
+        "arrival_at of a 1-agent live run", "const": "plus the median live-minus-profile decode step of that run",
+        **hand}
     fe = FrontendCosts(per_request_s=hand["per_request_s"], per_prompt_token_s=hand["per_prompt_token_s"])
-    replace(p, frontend=fe, provenance=prov, name=f"{p.name}+handoff").save(out)
+    co = p.coefficients
+    co = replace(co, const=max(0.0, co.const + hand.get("step_const_delta_s", 0.0)))
+    replace(p, frontend=fe, coefficients=co, provenance=prov, name=f"{p.name}+live").save(out)
     return out
 
 
@@ -190,11 +228,14 @@ def _live_cfg(cfg):
 
 
 # --------------------------------------------------------------------------- analysis
-def compare_table(sim: dict[int, dict], live: dict[int, list[dict]]) -> pd.DataFrame:
+def compare_table(sim: dict[int, dict], live: dict[int, list[dict]],
+                  sim_profile: dict[int, dict] | None = None) -> pd.DataFrame:
     """Per load x metric: sim value, live median/min/max over repeats, relative error, noise band.
 
-    ``sim``: agents -> run summary; ``live``: agents -> the repeats' summaries. Loads missing on either
-    side are left out; a metric that is NaN on every repeat gives NaN errors.
+    ``sim``: agents -> run summary (the calibrated simulation); ``live``: agents -> the repeats'
+    summaries; ``sim_profile``: agents -> summary of the simulation with the step profile alone (adds
+    ``sim_profile_only`` and ``rel_error_profile_only``). Loads missing on the sim or live side are left
+    out; a metric that is NaN on every repeat gives NaN errors.
     """
     rows = []
     for agents in sorted(set(sim) & set(live)):
@@ -208,50 +249,73 @@ def compare_table(sim: dict[int, dict], live: dict[int, list[dict]]) -> pd.DataF
                 q1, q3 = np.percentile(v, [25, 75])
             else:
                 med = lo = hi = q1 = q3 = float("nan")
-            rel = s / med - 1 if med and np.isfinite(med) else float("nan")
-            band = (hi - lo) / med if med and np.isfinite(med) else float("nan")
-            rows.append({"agents": agents, "metric": key, "label": label, "unit": unit, "sim": s, "live_median": med,
-                         "live_min": lo, "live_max": hi, "live_repeats": int(len(v)), "rel_error": rel,
-                         "noise_band": band, "iqr_rel": float((q3 - q1) / med) if med and np.isfinite(med) else float("nan"),
-                         "within_noise": bool(np.isfinite(rel) and np.isfinite(band) and abs(rel) <= band)})
+            ok = bool(med and np.isfinite(med))
+            rel = s / med - 1 if ok else float("nan")
+            band = (hi - lo) / med if ok else float("nan")
+            row = {"agents": agents, "metric": key, "label": label, "unit": unit, "sim": s, "live_median": med,
+                   "live_min": lo, "live_max": hi, "live_repeats": int(len(v)), "rel_error": rel,
+                   "noise_band": band, "iqr_rel": float((q3 - q1) / med) if ok else float("nan"),
+                   "within_noise": bool(np.isfinite(rel) and np.isfinite(band) and abs(rel) <= band)}
+            if sim_profile is not None:
+                sp = float(sim_profile.get(agents, {}).get(key, np.nan))
+                row["sim_profile_only"] = sp
+                row["rel_error_profile_only"] = sp / med - 1 if ok else float("nan")
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
+def _q(e: np.ndarray, fn) -> float:
+    e = e[np.isfinite(e)]
+    return float(fn(e)) if len(e) else float("nan")
+
+
 def summary_table(t: pd.DataFrame) -> pd.DataFrame:
-    """Per metric over the loads: median signed error, median and p95 |error|, median noise band."""
+    """Per metric over the loads: median signed error, median and p95 |error|, median noise band, loads
+    within noise (and the median / p95 |error| of the profile-only simulation when the table has it)."""
     rows = []
     for key, label, unit in METRICS:
         g = t[t["metric"] == key]
         if g.empty:
             continue
         e = g["rel_error"].to_numpy(float)
-        e = e[np.isfinite(e)]
-        rows.append({"metric": key, "label": label, "loads": int(len(g)),
-                     "median_rel_error": float(np.median(e)) if len(e) else float("nan"),
-                     "median_abs_rel_error": float(np.median(np.abs(e))) if len(e) else float("nan"),
-                     "p95_abs_rel_error": float(np.percentile(np.abs(e), 95)) if len(e) else float("nan"),
-                     "median_noise_band": float(np.nanmedian(g["noise_band"])) if g["noise_band"].notna().any()
-                     else float("nan"),
-                     "loads_within_noise": int(g["within_noise"].sum())})
+        row = {"metric": key, "label": label, "loads": int(len(g)),
+               "median_rel_error": _q(e, np.median),
+               "median_abs_rel_error": _q(np.abs(e), np.median),
+               "p95_abs_rel_error": _q(np.abs(e), lambda x: np.percentile(x, 95)),
+               "median_noise_band": _q(g["noise_band"].to_numpy(float), np.median),
+               "loads_within_noise": int(g["within_noise"].sum())}
+        if "rel_error_profile_only" in g:
+            e0 = np.abs(g["rel_error_profile_only"].to_numpy(float))
+            row["median_abs_rel_error_profile_only"] = _q(e0, np.median)
+            row["p95_abs_rel_error_profile_only"] = _q(e0, lambda x: np.percentile(x, 95))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def findings(t: pd.DataFrame, s: pd.DataFrame, hand: dict | None, repeats: int) -> list[str]:
+def findings(t: pd.DataFrame, s: pd.DataFrame, hand: dict | None, repeats: int, loads: list[float]) -> list[str]:
+    """Short sentences computed from the tables (no number in them is written by hand)."""
     out = []
     if hand is not None:
-        out.append(f"Per-call hand-off (driver -> engine core, one agent, {hand['num_calls']} calls): "
+        out.append(f"Live calibration (one agent, {hand['num_calls']} calls): per-call hand-off "
                    f"{hand['per_request_s'] * 1e3:.2f} ms + {hand['per_prompt_token_s'] * 1e6:.2f} us/prompt token "
                    f"(median {hand['median_handoff_in_ms']:.2f} ms in; {hand['median_handoff_back_ms']:.2f} ms back, "
-                   "not modelled).")
+                   f"not modelled); live decode step {hand['median_live_tpot_ms']:.2f} ms vs the profile's "
+                   f"{hand['median_profile_tpot_ms']:.2f} ms, so {hand['step_const_delta_s'] * 1e3:+.2f} ms per step.")
     for r in s.itertuples():
         verdict = ("within the live noise at every load" if r.loads_within_noise == r.loads
                    else f"within the live noise at {r.loads_within_noise} of {r.loads} loads")
+        more = ""
+        if hasattr(r, "median_abs_rel_error_profile_only"):
+            more = f"; step profile alone: median |error| {r.median_abs_rel_error_profile_only:.1%}"
         out.append(f"{r.label}: sim vs live median {r.median_rel_error:+.1%} (median |error| "
-                   f"{r.median_abs_rel_error:.1%}, p95 {r.p95_abs_rel_error:.1%}); run-to-run spread of "
-                   f"{repeats} live repeats {r.median_noise_band:.1%}: {verdict}.")
+                   f"{r.median_abs_rel_error:.1%}, p95 {r.p95_abs_rel_error:.1%}{more}); spread of {repeats} live "
+                   f"repeats {r.median_noise_band:.1%}: {verdict}.")
     if not s.empty:
         worst = s.sort_values("median_abs_rel_error").iloc[-1]
         out.append(f"Largest error: {worst['label']} ({worst['median_rel_error']:+.1%} median over loads).")
+    if loads:
+        out.append(f"Host 1-min load average before the live runs: {min(loads):.1f}-{max(loads):.1f} "
+                   "(the test bed itself makes about 1; more means other work shared the cores).")
     return out
 
 
@@ -267,7 +331,9 @@ def plot(t: pd.DataFrame, path: Path) -> Path:
             med = g["live_median"].to_numpy(float)
             err = np.vstack([med - g["live_min"].to_numpy(float), g["live_max"].to_numpy(float) - med])
             ax.errorbar(x, med, yerr=err, fmt="o-", capsize=4, color="tab:blue", label="live (median, min-max)")
-            ax.plot(x, g["sim"].to_numpy(float), "s--", color="tab:orange", label="simulated")
+            ax.plot(x, g["sim"].to_numpy(float), "s--", color="tab:orange", label="simulated (calibrated)")
+            if "sim_profile_only" in g:
+                ax.plot(x, g["sim_profile_only"].to_numpy(float), "^:", color="tab:gray", label="step profile only")
             ax.set_xticks(x)
         ax.set_title(label, fontsize=9)
         ax.set_ylabel(unit, fontsize=8)
@@ -284,6 +350,7 @@ def plot(t: pd.DataFrame, path: Path) -> Path:
 # --------------------------------------------------------------------------- the study
 def run(out: Path, opts: StudyOptions) -> StudyResult:
     """Run the fidelity study into ``out`` (see the module docstring)."""
+    from agentsim.calibration.profile import load_profile
     from agentsim.experiments.studies.base import run_specs
     from agentsim.experiments.sweep import cell_config, cell_id
     from agentsim.live.driver import LiveOptions
@@ -303,7 +370,7 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
     live_dir = cdir / "live"
     live_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    total = (0 if given else 1) + 1 + len(cells) * repeats + len(cells)
+    total = (0 if given else 1) + 1 + len(cells) * repeats + 2 * len(cells)
     done = 0
 
     def tick(msg: str) -> None:
@@ -328,6 +395,7 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
 
     live: dict[int, list[dict]] = {a: [] for a in cfgs}
     runs: list[dict] = []
+    loads: list[float] = []
     hand = None
     hand_cfg = replace(first, duration=hand_s, workload=replace(first.workload, agents=1))
     hand_dir = live_dir / "handoff"
@@ -342,17 +410,22 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
             session = LiveSession(first, settings).start()
         except Exception as e:  # noqa: BLE001 - reported, not hidden: the study lists it as failed
             failed.append(f"live/engine: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    def host_load() -> dict:
+        return {"host_loadavg_1min_before": round(os.getloadavg()[0], 2)}
+
     try:
         if hand_summary is None and session is not None:
             check_result_dir(hand_dir, "fidelity hand-off run")
             try:
-                session.run(hand_cfg, hand_dir)
+                session.run(hand_cfg, hand_dir, host_load())
             except Exception as e:  # noqa: BLE001
                 failed.append(f"live/handoff: {type(e).__name__}: {e}")
-        tick("fidelity: hand-off measured")
+        tick("fidelity: live calibration run (one agent) done")
         if (hand_dir / "calls.parquet").exists():
             try:
-                hand = fit_handoff(pd.read_parquet(hand_dir / "calls.parquet"))
+                hc = pd.read_parquet(hand_dir / "calls.parquet")
+                hand = {**fit_handoff(hc), **fit_step_correction(hc, load_profile(step_profile))}
             except ValueError as e:
                 failed.append(f"live/handoff: {e}")
         for a, k in todo:
@@ -361,7 +434,7 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
             if summ is None and session is not None:
                 check_result_dir(d, f"fidelity live run {d.name}")
                 try:
-                    res = session.run(cfgs[a], d)
+                    res = session.run(cfgs[a], d, host_load())
                     summ = res.summary if res.manifest.get("complete", True) else None
                     if summ is None:
                         failed.append(f"live/{d.name}: run incomplete")
@@ -371,17 +444,24 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
                 failed.append(f"live/{d.name}: no engine")
             if summ is not None:
                 live[a].append(summ)
-                runs.append({"agents": a, "source": "live", "repeat": k, "dir": str(d),
+                try:
+                    la = json.loads((d / "manifest.json").read_text()).get("host_loadavg_1min_before")
+                except (OSError, ValueError):
+                    la = None
+                if la is not None:
+                    loads.append(float(la))
+                runs.append({"agents": a, "source": "live", "repeat": k, "dir": str(d), "host_loadavg_1min_before": la,
                              **{m: summ.get(m) for m, _, _ in METRICS}})
             tick(f"fidelity: live {a} agents, repeat {k}/{repeats}")
     finally:
         if session is not None:
             session.close()
 
-    sim: dict[int, dict] = {}
+    sims: dict[str, dict[int, dict]] = {"sim": {}, "sim-profile": {}}
     if hand is not None:
-        prof = profile_with_handoff(step_profile, hand, cdir / "profile.json")
-        spec = _spec(opts, sets, str(prof.resolve()))
+        prof = calibrated_profile(step_profile, hand, cdir / "profile.json")
+        specs = [("sim", _spec(opts, sets, str(prof.resolve()))),
+                 ("sim-profile", _spec(opts, sets, str(step_profile.resolve())))]
         base_progress = opts.progress
         off = done
 
@@ -389,23 +469,23 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
             if base_progress is not None:
                 base_progress(off + d, total, msg)
 
-        tables, bad = run_specs(out, replace(opts, progress=sim_progress), [("sim", spec)])
+        tables, bad = run_specs(out, replace(opts, progress=sim_progress), specs)
         failed += bad
-        t = tables["sim"]
-        for row in t.to_dict("records"):
-            a = int(row["workload.agents"])
-            sim[a] = row
-            runs.append({"agents": a, "source": "sim", "repeat": 0, "dir": row.get("_cell"),
-                         **{m: row.get(m) for m, _, _ in METRICS}})
-    table = compare_table(sim, {a: v for a, v in live.items() if v})
+        for name, t in tables.items():
+            for row in t.to_dict("records"):
+                a = int(row["workload.agents"])
+                sims[name][a] = row
+                runs.append({"agents": a, "source": name, "repeat": 0, "dir": row.get("_cell"),
+                             **{m: row.get(m) for m, _, _ in METRICS}})
+    table = compare_table(sims["sim"], {a: v for a, v in live.items() if v}, sims["sim-profile"])
     summ = summary_table(table) if not table.empty else pd.DataFrame()
     figs = [plot(table, out / "fidelity.png")] if not table.empty else []
     tables_out = {"fidelity": table, "fidelity_summary": summ,
                   "fidelity_runs": pd.DataFrame(runs).sort_values(["agents", "source", "repeat"]) if runs else pd.DataFrame()}
     if hand is not None:
-        tables_out["fidelity_handoff"] = pd.DataFrame([hand])
+        tables_out["fidelity_calibration"] = pd.DataFrame([hand])
     return StudyResult("fidelity", tables=tables_out, figures=figs,
-                       findings=findings(table, summ, hand, repeats) if not table.empty else [], failed=failed)
+                       findings=findings(table, summ, hand, repeats, loads) if not table.empty else [], failed=failed)
 
 
 register(Study("fidelity", "simulator vs one live vLLM CPU engine (tiny Llama) at three loads, with the live "
