@@ -669,13 +669,17 @@ def _cell_manifests(cells: Path) -> list[tuple[Path, dict]]:
     return out
 
 
-def _add_cell_provenance(rep: Report, cells: list[tuple[Path, dict]], base: Path) -> None:
+def _add_cell_provenance(rep: Report, cells: list[tuple[Path, dict]], base: Path, keys: list[str] = ()) -> None:
+    """Provenance of each run (the first :data:`MAX_PROVENANCE`), labelled with its path and its grid
+    values (in the order of ``keys``, then the rest); the shared git revision and versions as facts."""
     shown = cells[:MAX_PROVENANCE]
     rep.provenance = []
     for c, m in shown:
         label = str(c.relative_to(base))
-        if isinstance(m.get("cell"), dict):
-            label += ": " + ", ".join(f"{k}={v}" for k, v in m["cell"].items())
+        cell = m.get("cell")
+        if isinstance(cell, dict):
+            ordered = [k for k in keys if k in cell] + [k for k in cell if k not in keys]
+            label += ": " + ", ".join(f"{k}={cell[k]}" for k in ordered)
         rep.provenance.append(_provenance(label, m, c, with_command=False))
     if len(cells) > len(shown):
         rep.provenance_note = f"first {len(shown)} of {len(cells)} runs shown; the rest are in their manifest.json"
@@ -698,10 +702,11 @@ def build_sweep(d: Path) -> Report:
     grid = marker.get("grid")
     if not isinstance(grid, dict):
         raise ConfigError(f"{d / 'sweep.json'}: grid", "missing or not an object")
-    keys = list(grid)
+    # a linked grid key "a,b" (experiments/sweep.py) sets the keys a and b together
+    keys = [k.strip() for g in grid for k in str(g).split(",")]
     cells = _cell_manifests(d / "cells")
     if all(isinstance(v, list) for v in grid.values()):  # the grid's order (a cell not in it goes last)
-        order = {_cell_sort_key(dict(zip(keys, vals))): i for i, vals in enumerate(itertools.product(*grid.values()))}
+        order = {_cell_sort_key(_grid_cell(grid, vals)): i for i, vals in enumerate(itertools.product(*grid.values()))}
         cells.sort(key=lambda cm: order.get(_cell_sort_key(cm[1].get("cell")), len(order)))
     spec = str(marker.get("spec", "SPEC.toml"))
     notes = []
@@ -724,7 +729,11 @@ def build_sweep(d: Path) -> Report:
                  f"agentsim sweep {shlex.quote(spec)} -o {shlex.quote(str(d))}",
                  "reruns only missing or stale cells; a sweep run with --set needs the same --set "
                  "(each cell's config is under Provenance)")
-    rep.facts = {"spec": spec, "cells": f"{len(table)} (grid of {len(keys)} key(s))",
+    total = math.prod(len(v) for v in grid.values() if isinstance(v, list))
+    if (d / "results.parquet").is_file() and len(table) < total:
+        notes.append(f"results.parquet holds {len(table)} of the grid's {total} cells (a sweep run with "
+                     "keep-going lists the failed ones; rerun it to retry them)")
+    rep.facts = {"spec": spec, "cells": f"{len(table)} of {total}",
                  "agentsim": str(marker.get("agentsim", "-"))}
     present = [k for k in keys if k in table]
     cols = present + [m for m in SWEEP_METRICS if m in table]
@@ -735,8 +744,20 @@ def build_sweep(d: Path) -> Report:
     figs, fnotes = sweep_figures(table, present)
     rep.figures = figs
     rep.notes = notes + fnotes
-    _add_cell_provenance(rep, cells, d)
+    _add_cell_provenance(rep, cells, d, keys)
     return rep
+
+
+def _grid_cell(grid: dict, values: tuple) -> dict:
+    """The cell dict of one combination of grid values (a linked key's list spread over its keys)."""
+    cell: dict = {}
+    for g, v in zip(grid, values):
+        names = [k.strip() for k in str(g).split(",")]
+        if len(names) > 1 and isinstance(v, list):
+            cell.update(zip(names, v))
+        else:
+            cell[g] = v
+    return cell
 
 
 def _values_text(values: list) -> str:
