@@ -19,7 +19,9 @@ agent, hints, arrival) from ``SamplingParams.extra_args["agentsim"]``.
   tagged with the program/agent that freed them.
 - Every decision is appended as one JSON line to ``additional_config["agentsim"]["log"]``
   (admissions with their priority, re-ranks, preemptions, finishes, evictions), which the engine
-  actor returns on request: the engine-side record of what the policy did.
+  actor returns on request: the engine-side record of what the policy did. In-process observers
+  (tests, studies) :meth:`AgentsimScheduler.subscribe` to the ranking decisions with the calls they
+  were made on.
 
 ``now`` is the run clock: the driver sends the run's t=0 on this node's monotonic clock with every
 request (``extra_args["agentsim_epoch"]``). This module imports vLLM at import time: it is only
@@ -175,6 +177,7 @@ class AgentsimScheduler(Scheduler):
         self.dynamic = self.bundle.caps.dynamic
         self.preemptive = self.bundle.caps.preemptive
         self._log = open(cfg["log"], "a", buffering=1) if cfg.get("log") else None
+        self._subscribers: list = []
         self._epoch: float | None = None
         self.calls: dict[str, EngineCall] = {}
         self.freeing: EngineCall | None = None
@@ -196,6 +199,17 @@ class AgentsimScheduler(Scheduler):
     def log(self, event: str, **fields: Any) -> None:
         if self._log is not None:
             self._log.write(json.dumps({"t": round(self.now(), 6), "ev": event, **fields}) + "\n")
+
+    def subscribe(self, fn: Any) -> None:
+        """Call ``fn(event, now, data)`` on every ranking decision, with the :class:`EngineCall` s it
+        was made on: ``"rank"`` (``data["calls"]``: waiting and running calls in rank order, each
+        request's new ``priority`` its index; every re-rank of a dynamic policy), ``"preempt"``
+        (``data["running"]``: the running calls considered, ``data["victim"]``, ``data["for_call"]``)."""
+        self._subscribers.append(fn)
+
+    def _decided(self, event: str, now: float, **data: Any) -> None:
+        for fn in self._subscribers:
+            fn(event, now, data)
 
     # ------------------------------------------------------------------ vLLM hooks
     def add_request(self, request: Any) -> None:
@@ -267,6 +281,7 @@ class AgentsimScheduler(Scheduler):
 
                 heapq.heapify(heap)
             self.log("rerank", order=[c.call_id for c in ranked], changed=len(changed))
+        self._decided("rank", now, calls=ranked)
 
     def _preempt_for_better(self, now: float) -> None:
         if len(self.running) < self.max_num_running_reqs:
@@ -281,6 +296,7 @@ class AgentsimScheduler(Scheduler):
             self.running.remove(worst.request)
             self._preempt_request(worst.request, time.monotonic())
             self.log("preempt", victim=worst.request.request_id, victim_call=worst.call_id, for_call=best.call_id)
+            self._decided("preempt", now, running=running, victim=worst, for_call=best)
 
     def _free_request(self, request: Any, delay_free_blocks: bool = False) -> Any:
         call = self.calls.pop(request.request_id, None)

@@ -221,13 +221,13 @@ class SJFOracle:
     """Clairvoyant shortest-remaining-program-first: knows each program's remaining LLM work.
 
     The backend hands the policy each program's full call plan when it starts
-    (:func:`agentsim.policies.oracle.program_plan`, ``on_program_plan``); a call's key is the work of
-    its program's calls from this one on (``output tokens + prompt_weight * prompt tokens``). Static
-    keys; ``preemptive`` by default (SRPT-like).
+    (``on_program_plan``: the :class:`~agentsim.policies.base.ProgramPlanner` capability, a
+    :class:`agentsim.policies.oracle.ProgramPlan`); a call's key is the work of its program's calls
+    from this one on (``output tokens + prompt_weight * prompt tokens``). Static keys; ``preemptive``
+    by default (SRPT-like).
     """
 
     dynamic = False
-    needs_program_plan = True
 
     def __init__(self, prompt_weight: float = 0.02, preemptive: bool = True) -> None:
         if prompt_weight < 0:

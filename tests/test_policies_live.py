@@ -7,9 +7,9 @@ step by step with a scripted clock and stand-in model outputs (one sampled token
 prompt is computed), as vLLM's own scheduler tests do. Every event the adapter hands the policy is
 recorded with the call state it carried; the recording is then replayed into a fresh policy through
 the simulator's call records (:class:`~agentsim.sim.engine.SimCall`), the one ranking and victim
-rule both backends call (:mod:`agentsim.policies.ranking`, through ``Engine._pick_victim`` for the
-victim) and its block records (:class:`~agentsim.policies.base.BlockView`). The decision logs must be
-identical.
+rule both backends call (:mod:`agentsim.policies.ranking`; ``tests/test_contract.py`` checks that the
+engine's victim is that rule's) and its block records (:class:`~agentsim.policies.base.BlockView`).
+The decision logs must be identical.
 """
 
 from __future__ import annotations
@@ -70,35 +70,18 @@ class LiveRecorder:
         self.clock = 0.0
         sched.now = lambda: self.clock          # the run clock is injected, as in the driver
         self.events: list[tuple] = []
-        emit = sched.bundle.emit
+        # the policy's events and the scheduler's ranking decisions, through their public subscriptions
+        for name in ("on_call_arrive", "on_call_finish"):
+            sched.bundle.subscribe(name, lambda call, now, name=name: self.events.append((name, now, self.snapshot(call))))
 
-        def recording_emit(name, call, now):
-            self.events.append((name, now, self.snapshot(call)))
-            emit(name, call, now)
+        def decided(event, now, data):
+            if event == "rank":
+                self.events.append(("rank", now, [self.snapshot(c) for c in data["calls"]]))
+            else:
+                self.events.append(("preempt", now, [self.snapshot(c) for c in data["running"]],
+                                    data["victim"].call_id))
 
-        sched.bundle.emit = recording_emit
-        rerank = sched._rerank
-
-        def recording_rerank(now):
-            reqs = [r for r in list(sched.waiting) + list(sched.running) if r.request_id in sched.calls]
-            rerank(now)
-            ranked = sorted(reqs, key=lambda r: r.priority)
-            self.events.append(("rank", now, [self.snapshot(sched.calls[r.request_id]) for r in ranked]))
-
-        sched._rerank = recording_rerank
-        preempt = sched._preempt_for_better
-
-        def recording_preempt(now):
-            before = {r.request_id for r in sched.running}
-            preempt(now)
-            gone = before - {r.request_id for r in sched.running}
-            if gone:
-                victim = sched.requests[gone.pop()]
-                running = [self.snapshot(sched.calls[r.request_id]) for r in sched.running]
-                vc = sched.calls[victim.request_id]
-                self.events.append(("preempt", now, running + [self.snapshot(vc)], vc.call_id))
-
-        sched._preempt_for_better = recording_preempt
+        sched.subscribe(decided)
 
     @staticmethod
     def snapshot(c):
@@ -151,17 +134,10 @@ def sim_call(snap):
 
 def replay_order(policy, events):
     """Feed the recorded events to a fresh bundle through the simulator's records and rules."""
-    import simpy
-
-    from agentsim.calibration.roofline import roofline_profile
-    from agentsim.config import EngineLimits
-    from agentsim.policies.ranking import rank
+    from agentsim.policies.ranking import pick_victim, rank
     from agentsim.policies.registry import make_bundle
-    from agentsim.sim.engine import Engine
 
     bundle = make_bundle(policy)
-    engine = Engine(simpy.Environment(), 0, 0, roofline_profile(), EngineLimits(), bundle.order,
-                    bundle.evict.new_free_queue(0), 64, on_finish=lambda c: None)
     calls: dict[int, object] = {}
     out = []
 
@@ -181,8 +157,7 @@ def replay_order(policy, events):
             # the shared rule the engine sorts its waiting queue by (and the live scheduler re-ranks by)
             out.append(("rank", now, [c.call_id for c in rank(bundle.order, cs, now)]))
         elif kind == "preempt":
-            engine.running = [update(s) for s in ev[2]]
-            out.append(("preempt", now, engine._pick_victim(now).call_id))
+            out.append(("preempt", now, pick_victim(bundle.order, [update(s) for s in ev[2]], now).call_id))
     return out
 
 
