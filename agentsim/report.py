@@ -812,7 +812,8 @@ def build_study(d: Path) -> Report:
     quick = " (quick)" if meta.get("quick") else ""
     cmd = meta.get("command")
     rep = Report(STUDY, f"Study {name}{quick}", str(d),
-                 cmd if isinstance(cmd, str) and cmd else f"agentsim study {shlex.quote(name)} -o {shlex.quote(str(d))}",
+                 cmd if isinstance(cmd, str) and cmd
+                 else f"agentsim study {shlex.quote(name)} -o {shlex.quote(str(d))}",
                  "resumable: finished cells are not re-run")
     rep.facts = {"study": name, "quick": str(bool(meta.get("quick"))).lower(),
                  "created_utc": str(meta.get("created_utc", "-")),
@@ -1059,7 +1060,8 @@ def _check_target(out: Path, fmt_: str, force: bool) -> None:
         if fd.is_dir():
             if not force:
                 raise OutputError(w, "exists; pass --force to overwrite it")
-            other = [e.name for e in os.scandir(fd) if not (e.is_file(follow_symlinks=False) and e.name.endswith(".png"))]
+            other = [e.name for e in os.scandir(fd)
+                     if not (e.is_file(follow_symlinks=False) and e.name.endswith(".png"))]
             if other:
                 raise OutputError(w, f"holds files a report did not write (e.g. {other[0]!r}); refusing to touch it")
 
