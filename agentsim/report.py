@@ -470,7 +470,7 @@ def sweep_figures(table: pd.DataFrame, grid_keys: list[str]) -> tuple[list[Figur
     for ax, m in zip(axes.flat, metrics):
         for gi, (gkey, g) in enumerate(groups):
             gkey = gkey if isinstance(gkey, tuple) else (gkey,)
-            label = ", ".join(f"{k}={v}" for k, v in zip(series_keys, gkey)) or m
+            label = ", ".join(f"{k}={_val(v)}" for k, v in zip(series_keys, gkey)) or m
             xs = g[x].astype(str) if xcat else g[x]
             agg = g[m].groupby(xs, sort=not xcat).agg(["mean", "min", "max"])
             if xcat:
@@ -531,7 +531,7 @@ def _provenance(label: str, manifest: dict, directory: Path, with_command: bool)
     profile = prof.get("name", "?") if isinstance(prof, dict) else str(prof) if prof is not None else "-"
     fields = {}
     if isinstance(manifest.get("cell"), dict):
-        fields["cell"] = ", ".join(f"{k}={v}" for k, v in manifest["cell"].items())
+        fields["cell"] = ", ".join(f"{k}={_val(v)}" for k, v in manifest["cell"].items())
     fields.update({
         "backend": str(manifest.get("backend", "-")),
         "seed": str(manifest.get("seed", (manifest.get("config") or {}).get("seed", "-"))),
@@ -655,7 +655,8 @@ def _program_kinds(path: Path) -> Optional[Table]:
 
 
 def _cell_manifests(cells: Path) -> list[tuple[Path, dict]]:
-    """(cell directory, manifest) of every run directory under ``cells`` (any depth), sorted by path."""
+    """(cell directory, manifest) of every run directory under ``cells`` (any depth): the cells of one
+    sweep together, in its grid's order (``SWEEP/cells/<id>`` beside ``SWEEP/sweep.json``), the rest by path."""
     out = []
     if not cells.is_dir():
         return out
@@ -666,7 +667,26 @@ def _cell_manifests(cells: Path) -> list[tuple[Path, dict]]:
             continue
         if isinstance(obj, dict):
             out.append((m.parent, obj))
-    return out
+    orders: dict[Path, dict[str, int]] = {}
+
+    def grid_order(sweep: Path) -> dict[str, int]:
+        if sweep not in orders:
+            orders[sweep] = {}
+            try:
+                grid = json.loads((sweep / "sweep.json").read_text()).get("grid")
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+                grid = None
+            if isinstance(grid, dict) and grid and all(isinstance(v, list) for v in grid.values()):
+                orders[sweep] = {_cell_sort_key(_grid_cell(grid, vals)): i
+                                 for i, vals in enumerate(itertools.product(*grid.values()))}
+        return orders[sweep]
+
+    def key(cm: tuple[Path, dict]) -> tuple:
+        sweep = cm[0].parent.parent
+        order = grid_order(sweep) if (sweep / "sweep.json").is_file() else {}
+        return (str(sweep), order.get(_cell_sort_key(cm[1].get("cell")), len(order)), str(cm[0]))
+
+    return sorted(out, key=key)
 
 
 def _add_cell_provenance(rep: Report, cells: list[tuple[Path, dict]], base: Path, keys: list[str] = ()) -> None:
@@ -679,7 +699,7 @@ def _add_cell_provenance(rep: Report, cells: list[tuple[Path, dict]], base: Path
         cell = m.get("cell")
         if isinstance(cell, dict):
             ordered = [k for k in keys if k in cell] + [k for k in cell if k not in keys]
-            label += ": " + ", ".join(f"{k}={cell[k]}" for k in ordered)
+            label += ": " + ", ".join(f"{k}={_val(cell[k])}" for k in ordered)
         rep.provenance.append(_provenance(label, m, c, with_command=False))
     if len(cells) > len(shown):
         rep.provenance_note = f"first {len(shown)} of {len(cells)} runs shown; the rest are in their manifest.json"
@@ -705,9 +725,6 @@ def build_sweep(d: Path) -> Report:
     # a linked grid key "a,b" (experiments/sweep.py) sets the keys a and b together
     keys = [k.strip() for g in grid for k in str(g).split(",")]
     cells = _cell_manifests(d / "cells")
-    if all(isinstance(v, list) for v in grid.values()):  # the grid's order (a cell not in it goes last)
-        order = {_cell_sort_key(_grid_cell(grid, vals)): i for i, vals in enumerate(itertools.product(*grid.values()))}
-        cells.sort(key=lambda cm: order.get(_cell_sort_key(cm[1].get("cell")), len(order)))
     spec = str(marker.get("spec", "SPEC.toml"))
     notes = []
     if (d / "results.parquet").is_file():
@@ -760,9 +777,14 @@ def _grid_cell(grid: dict, values: tuple) -> dict:
     return cell
 
 
+def _val(x: Any) -> str:
+    """A grid value as text: JSON for a table or a list (a policy given as ``{name, route}``), else str."""
+    return json.dumps(x, sort_keys=True, default=str) if isinstance(x, (dict, list)) else str(x)
+
+
 def _values_text(values: list) -> str:
     """A grid key's values for a title: all of them, or the first 4, "…", the last and the count."""
-    v = [json.dumps(x) if isinstance(x, (dict, list)) else str(x) for x in values]
+    v = [_val(x) for x in values]
     return ", ".join(v) if len(v) <= 6 else f"{', '.join(v[:4])}, …, {v[-1]} ({len(v)} values)"
 
 
