@@ -198,10 +198,9 @@ def drive(gen: Generator, strand: Strand, ops: ProgramOps) -> Generator[Any, Any
     run = strand.run
     result = None
     crit = 0.0
-    send = gen.send
     while True:
         try:
-            req = send(result)
+            req = gen.send(result)
         except StopIteration as stop:
             return crit, stop.value
         kind = type(req)
