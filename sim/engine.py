@@ -93,7 +93,7 @@ class SimCall:
         "output_seg_id", "full_hashes", "engine", "blocks", "num_computed", "num_cached_tokens",
         "num_computed_prompt_tokens", "scheduled_at", "first_token_at", "finish_at", "enqueued_at",
         "seq", "done", "status", "num_retries", "_service_mark", "_skipped", "key",
-        "kv_transfer_bytes", "kv_transfer_time", "kv_hold",
+        "kv_transfer_bytes", "kv_transfer_time", "kv_hold", "_d0", "_nc0", "_ng0", "_rseq",
     )
 
     def __init__(self, call_id: int, program_id: int, agent_id: int, thread_id: int, program_kind: str,
@@ -138,6 +138,12 @@ class SimCall:
         self.kv_transfer_bytes = 0
         self.kv_transfer_time = 0.0
         self.kv_hold = None
+        # lazy decode progress (Engine, V1): while ``_d0 >= 0`` the call decodes one token in every
+        # engine step from step ``_d0`` on, and its tokens are ``_nc0``/``_ng0`` + (steps since ``_d0``)
+        self._d0 = -1
+        self._nc0 = 0
+        self._ng0 = 0
+        self._rseq = 0  # its position in the running queue's order (V1 only appends)
 
     @property
     def service_time(self) -> float:
@@ -156,6 +162,10 @@ class SimCall:
 
     def __repr__(self) -> str:
         return f"SimCall({self.call_id}, prog={self.program_id}, {self.status})"
+
+
+def _rseq_of(call: SimCall) -> int:
+    return call._rseq
 
 
 class Engine:
@@ -201,6 +211,20 @@ class Engine:
         self._pending_chunk = None
         self._wake: simpy.Event | None = None
         self._step_seconds = profile.step_seconds
+        # O(1) decode steps (V1): running decodes progress lazily (SimCall._d0), the batch's decode
+        # features are running sums, and per-call work happens only at events from two calendars
+        # keyed by engine step: a call fills a KV block (cache it; it needs a new block next step)
+        # and a call samples its last token. See _running_fast / _apply_fast.
+        self._lazy_on = not self._v0 and self.num_scheduler_steps == 1
+        self._D = 0                       # engine steps applied so far (the step being planned)
+        self._nlazy = 0                   # running calls decoding lazily
+        self._S = 0                       # sum over them of (_nc0 - _d0): decode context = S + nlazy * (D + 1)
+        self._fill: dict[int, list] = {}  # step -> lazy calls whose KV block fills at its end
+        self._fin: dict[int, list] = {}   # step -> lazy calls that sample their last token in it
+        self._fin_heap: list[int] = []    # the keys of _fin (earliest first)
+        self._due: list[SimCall] = []     # lazy calls that need a new block in the next step
+        self._nonlazy: list[SimCall] = [] # running calls not decoding lazily (prefills), running order
+        self._num_admitted = 0            # next SimCall._rseq
         self.num_outstanding_tokens = 0
         # accounting
         self.busy_cum = 0.0
@@ -305,7 +329,7 @@ class Engine:
                 decodes, prefills, preempted, feats = self._schedule_v0(now)
             else:
                 decodes, prefills, preempted, feats = self._schedule(now)
-            if not decodes and not prefills:
+            if (not decodes if decodes is not None else not self._nlazy) and not prefills:
                 if preempted:
                     continue  # a preemption emptied the batch but made room: plan again now
                 # Nothing fits although the engine is empty: impossible calls were rejected on
@@ -320,13 +344,359 @@ class Engine:
             dt = self._step_seconds(n_prefill, pairs, n_decode, dctx, len(prefills), n_sampled)
             if self.num_scheduler_steps > 1 and (not prefills or self.limits.enable_chunked_prefill):
                 yield from self._multi_step(decodes, prefills, now, dt, n_prefill)
-            elif (self.fast_forward and not preempted and n_prefill == 0 and not self.inbox
+            elif decodes is None:
+                # planned by _running_fast: O(events) update, or a window to the next event
+                if (self.fast_forward and not prefills and not self.inbox
+                        and (not self.waiting or not self._dynamic)):
+                    yield from self._fast_forward_lazy(now, dt)
+                else:
+                    yield env.timeout(delay_to(now, now + dt))
+                    self._apply_fast(prefills, now, env.now, dt, n_prefill, n_decode)
+            elif (self.fast_forward and not preempted and n_prefill == 0 and not self.inbox and not self._lazy_on
                     and len(decodes) == len(self.running) and (not self.waiting or not self._dynamic)):
                 yield from self._fast_forward(decodes, now, dt)
             else:
                 yield env.timeout(delay_to(now, now + dt))
                 self._apply(decodes, prefills, now, env.now, dt, n_prefill, n_decode)
+                if self._lazy_on:
+                    self._D += 1
+                    self._relazify_all()
             at_boundary = True
+
+    # ------------------------------------------------------------------ lazy decodes (V1)
+    def _lazify(self, call: SimCall, d0: int) -> None:
+        """From step ``d0`` on, ``call`` (whose known tokens are all computed but the last sampled
+        one) decodes one token a step without being touched: its calendar entries are the step
+        that fills its current KV block and the step that samples its last token."""
+        nc = call.num_computed
+        ng = call.num_generated
+        call._d0 = d0
+        call._nc0 = nc
+        call._ng0 = ng
+        self._nlazy += 1
+        self._S += nc - d0
+        bs = self.block_size
+        fin = d0 + call.num_output_tokens - ng - 1
+        lst = self._fin.get(fin)
+        if lst is None:
+            self._fin[fin] = [call]
+            heapq.heappush(self._fin_heap, fin)
+        else:
+            lst.append(call)
+        fill = d0 + (nc // bs + 1) * bs - nc - 1
+        if fill <= fin:
+            lst = self._fill.get(fill)
+            if lst is None:
+                self._fill[fill] = [call]
+            else:
+                lst.append(call)
+        if len(call.blocks) * bs == nc:
+            self._due.append(call)  # its next token starts a block: allocated in step d0's plan
+
+    def _unlazy(self, call: SimCall) -> None:
+        """Write ``call``'s lazy progress (as of the start of step ``self._D``) into its fields."""
+        k = self._D - call._d0
+        call.num_computed = call._nc0 + k
+        call.num_generated = call._ng0 + k
+        self._nlazy -= 1
+        self._S -= call._nc0 - call._d0
+        call._d0 = -1
+
+    def _unlazy_all(self) -> None:
+        """Materialize every lazy call and empty the calendars (before a step planned call by call)."""
+        if self._nlazy:
+            D = self._D
+            for c in self.running:
+                d0 = c._d0
+                if d0 >= 0:
+                    k = D - d0
+                    c.num_computed = c._nc0 + k
+                    c.num_generated = c._ng0 + k
+                    c._d0 = -1
+            self._nlazy = 0
+            self._S = 0
+            self._fill.clear()
+            self._fin.clear()
+            self._fin_heap.clear()
+            self._due.clear()
+        self._nonlazy = list(self.running)
+
+    def _relazify_all(self) -> None:
+        """After a step planned call by call: every running decode goes back to lazy progress."""
+        D = self._D
+        nonlazy = []
+        for c in self.running:
+            if c._d0 < 0:
+                ng = c.num_generated
+                if ng > 0 and c.num_computed == c.num_prompt_tokens + ng - 1:
+                    self._lazify(c, D)
+                else:
+                    nonlazy.append(c)
+        self._nonlazy = nonlazy
+
+    def _sync_views(self) -> None:
+        """Write every lazy call's current progress into its fields (for readers outside the
+        engine: ``on_step`` callbacks, the end of a run); the calls stay lazy."""
+        if self._nlazy:
+            D = self._D
+            for c in self.running:
+                d0 = c._d0
+                if d0 >= 0:
+                    c.num_computed = c._nc0 + D - d0
+                    c.num_generated = c._ng0 + D - d0
+
+    def _explicit_decodes(self) -> list:
+        """The lazy calls as this step's decode list (running order), materialized: the rest of
+        the step is planned and applied call by call."""
+        decodes = [c for c in self.running if c._d0 >= 0]
+        self._unlazy_all()
+        return decodes
+
+    def _running_fast(self, now: float):
+        """V1's running pass (``_schedule`` step 1) in O(events) when it cannot cut or preempt: every
+        running call fits the token budget whole and the KV cache can grow for all of them. Then
+        every lazy call decodes one token, the calls whose block filled last step (``_due``) get one
+        new block, and the partial prefills (``_nonlazy``) get the rest of their prompt -- blocks
+        handed out in running order, as the call-by-call pass does. Returns None when the plain
+        pass is needed, else (prefills, budget left, prefill tokens, attention pairs, sampled)."""
+        bs = self.block_size
+        pool = self.pool
+        budget = self.limits.max_num_batched_tokens
+        due = self._due
+        total = self._nlazy
+        need_total = len(due)
+        plan = []
+        for c in self._nonlazy:
+            nc = c.num_computed
+            ng = c.num_generated
+            n = c.num_prompt_tokens + ng - nc
+            if n == 1 and ng > 0:
+                return None  # a decode that is not lazy: plan this step call by call
+            need = (nc + n + bs - 1) // bs - len(c.blocks)
+            total += n
+            if need > 0:
+                need_total += need
+            plan.append((c, n, need))
+        if total > budget or need_total > pool.num_blocks - pool.num_used:
+            return None
+        allocate = pool.allocate
+        if due:
+            if plan:
+                order = [(c._rseq, c, 1) for c in due] + [(c._rseq, c, need) for c, _, need in plan]
+                order.sort(key=lambda x: x[0])
+                for _, c, need in order:
+                    if need > 0:
+                        c.blocks.extend(allocate(need, now, c.program_id, c.agent_id, len(c.blocks)))
+            else:
+                if len(due) > 1:
+                    due.sort(key=_rseq_of)
+                for c in due:
+                    c.blocks.extend(allocate(1, now, c.program_id, c.agent_id, len(c.blocks)))
+            self._due = []
+        elif plan:
+            for c, _, need in plan:
+                if need > 0:
+                    c.blocks.extend(allocate(need, now, c.program_id, c.agent_id, len(c.blocks)))
+        prefills = []
+        n_prefill = pairs = 0
+        for c, n, _ in plan:
+            nc = c.num_computed
+            n_prefill += n
+            pairs += n * nc + n * (n + 1) // 2
+            prefills.append((c, n))
+        return prefills, budget - total, n_prefill, pairs, len(plan)
+
+    def _apply_fast(self, prefills: list, t0: float, t1: float, dt: float, n_prefill: int, n_decode: int) -> None:
+        """:meth:`_apply` for a step planned by :meth:`_running_fast`: the lazy decodes advance by
+        the step counter alone; only this step's calendar entries and the prefills are touched."""
+        self.busy_cum += dt
+        self.num_steps += 1
+        D = self._D
+        self._D = D1 = D + 1
+        bs = self.block_size
+        fin = self._fin.pop(D, None)
+        if fin is not None:
+            heapq.heappop(self._fin_heap)
+        fills = self._fill.pop(D, None)
+        if fills is not None:
+            self._fills_done(fills, D)
+        finished = []
+        if fin is not None:
+            if len(fin) > 1:
+                fin.sort(key=_rseq_of)
+            finished = fin
+        if prefills:
+            caching = self.prefix_caching
+            cached = self.pool.cached
+            more = []
+            for call, n in prefills:
+                before = call.num_computed
+                nc = before + n
+                call.num_computed = nc
+                ng = call.num_generated
+                if ng == 0:
+                    call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
+                if caching:
+                    full_after = nc // bs
+                    full_before = before // bs
+                    if full_after > full_before:
+                        hashes = call.full_hashes
+                        blocks = call.blocks
+                        if full_after > len(hashes):
+                            full_after = len(hashes)
+                        for k in range(full_before, full_after):
+                            b = blocks[k]
+                            h = hashes[k]
+                            if b.block_hash is None and h not in cached:
+                                b.block_hash = h
+                                cached[h] = b
+                if nc == call.num_prompt_tokens + ng:
+                    ng += 1
+                    call.num_generated = ng
+                    if ng == 1:
+                        call.first_token_at = t1
+                    if ng >= call.num_output_tokens:
+                        more.append(call)
+                    else:
+                        self._lazify(call, D1)
+            if more:
+                finished = finished + more if finished else more
+            self._nonlazy = [c for c in self._nonlazy if c._d0 < 0 and c not in more]
+        self._account_step(t0, t1, n_prefill, n_decode)
+        for call in finished:
+            self._finish(call, t1)
+        if self.on_step is not None:
+            self._sync_views()
+            self.on_step(self)
+
+    def _fills_done(self, fills: list, D: int) -> None:
+        """Step ``D`` filled a KV block of each of ``fills``: cache it under its hash (a duplicate
+        stays uncached, as in vLLM), and the call needs a new block next step unless it finished."""
+        bs = self.block_size
+        if len(fills) > 1:
+            fills.sort(key=_rseq_of)
+        caching = self.prefix_caching
+        cached = self.pool.cached
+        due = self._due
+        fill_cal = self._fill
+        D1 = D + 1
+        for c in fills:
+            d0 = c._d0
+            if caching:
+                k = (c._nc0 + D1 - d0) // bs - 1
+                hashes = c.full_hashes
+                if k < len(hashes):
+                    b = c.blocks[k]
+                    h = hashes[k]
+                    if b.block_hash is None and h not in cached:
+                        b.block_hash = h
+                        cached[h] = b
+            last = d0 + c.num_output_tokens - c._ng0 - 1  # the step sampling its last token
+            if D < last:
+                due.append(c)
+                nxt = D + bs
+                if nxt <= last:
+                    lst = fill_cal.get(nxt)
+                    if lst is None:
+                        fill_cal[nxt] = [c]
+                    else:
+                        lst.append(c)
+
+    def _fast_forward_lazy(self, now: float, dt1: float):
+        """:meth:`_fast_forward` over the lazy decodes: the window ends at the first step in which a
+        call samples its last token (the earliest key of the finish calendar) or whose new blocks
+        do not fit; a step's new blocks are the previous step's block fills."""
+        env = self.env
+        D = self._D
+        nb = self._nlazy
+        k = self._fin_heap[0] - D + 1
+        if k > self.max_ff_steps:
+            k = self.max_ff_steps
+        ctx = self._S + nb * (D + 1)
+        free = self.pool.num_blocks - self.pool.num_used
+        # each lazy call's next block fill is in steps D .. D + bs - 1 and then every bs steps (no
+        # call finishes before the window's last step): new blocks of window step j (engine step
+        # D + j - 1) are the fills of step D + j - 2
+        bs = self.block_size
+        fill = self._fill
+        cnt = []
+        for r in range(bs):
+            f = fill.get(D + r)
+            cnt.append(len(f) if f is not None else 0)
+        step_seconds = self._step_seconds
+        t = now + dt1
+        times = [t]
+        dts = [dt1]
+        needs = [0]
+        for j in range(2, k + 1):
+            need = cnt[(j - 2) % bs]
+            if need > free:
+                break
+            free -= need
+            ctx += nb
+            dt = step_seconds(0, 0, nb, ctx, 0, nb)
+            t = t + dt
+            times.append(t)
+            dts.append(dt)
+            needs.append(need)
+        if len(times) > 1:
+            self.num_ff_windows += 1
+        self._ff_active = True
+        self._pending = (None, now, times, dts, needs)
+        m = len(times)
+        try:
+            yield env.timeout(delay_to(now, times[-1]))
+        except simpy.Interrupt:
+            m = bisect_right(times, env.now)
+            if m < len(times):
+                yield env.timeout(delay_to(env.now, times[m]))
+                m += 1
+        self._ff_active = False
+        self._pending = None
+        self._apply_window_lazy(now, times, dts, needs, m)
+
+    def _apply_window_lazy(self, t0: float, times: list, dts: list, needs: list, m: int) -> None:
+        """Apply the first ``m`` steps of a lazy fast-forward window: per step its accounting, the
+        blocks its plan hands out and the block fills at its end (as step by step)."""
+        pool = self.pool
+        nb = self._nlazy
+        prev = t0
+        used = pool.num_used
+        for j in range(m):
+            self.busy_cum += dts[j]
+            self.num_steps += 1
+            used += needs[j]
+            self._account_step(prev, times[j], 0, nb, used)
+            prev = times[j]
+        D = self._D
+        allocate = pool.allocate
+        fill = self._fill
+        for j in range(m):
+            if j:
+                due = self._due
+                if due:
+                    if len(due) > 1:
+                        due.sort(key=_rseq_of)
+                    now = times[j - 1]
+                    for c in due:
+                        c.blocks.extend(allocate(1, now, c.program_id, c.agent_id, len(c.blocks)))
+                    self._due = []
+            f = fill.pop(D + j, None)
+            if f is not None:
+                self._fills_done(f, D + j)
+        last = D + m - 1
+        self._D = D + m
+        t_end = times[m - 1]
+        fin = self._fin.pop(last, None)
+        if fin is not None:
+            heapq.heappop(self._fin_heap)
+            if len(fin) > 1:
+                fin.sort(key=_rseq_of)
+            for call in fin:
+                self._finish(call, t_end)
+        if self.on_step is not None:
+            self._sync_views()
+            self.on_step(self)
 
     # ------------------------------------------------------------------ plan
     def _schedule(self, now: float) -> tuple[list, bool, tuple]:
@@ -347,6 +717,17 @@ class Engine:
         free = pool.num_blocks - pool.num_used
         n_prefill = pairs = n_decode = dctx = n_sampled = 0
         i = 0
+        fast = self._running_fast(now) if self._lazy_on else None
+        if fast is not None:
+            # every running call gets its tokens and its blocks: no call-by-call pass (decodes None:
+            # they are the lazy calls)
+            decodes = None
+            prefills, budget, n_prefill, pairs, n_sampled = fast
+            n_decode = self._nlazy
+            dctx = self._S + n_decode * (self._D + 1)
+            i = len(running)
+        elif self._lazy_on:
+            self._unlazy_all()
         while i < len(running) and budget > 0:
             call = running[i]
             nc = call.num_computed
@@ -406,6 +787,8 @@ class Engine:
             sort_by_rank(self.order, self.waiting, now)
         while self.waiting and budget > 0:
             if len(running) >= max_seqs:
+                if self._preemptive and decodes is None:
+                    decodes = self._explicit_decodes()
                 if self._preemptive and self._try_preempt_for_head(now, decodes, prefills):
                     preempted = True
                 break
@@ -431,6 +814,8 @@ class Engine:
                 if self.tiers is not None and self.tiers.reclaim(
                         call, need + evictable - (pool.num_blocks - pool.num_used), now):
                     continue  # pinned KV released (Continuum's deadlock guard): look at the head again
+                if self._preemptive and decodes is None:
+                    decodes = self._explicit_decodes()
                 if self._preemptive and self._try_preempt_for_head(now, decodes, prefills):
                     preempted = True
                 break
@@ -597,6 +982,10 @@ class Engine:
         call.status = "running"
         call._service_mark = self.busy_cum
         self.running.append(call)
+        self._num_admitted += 1
+        call._rseq = self._num_admitted
+        if self._lazy_on:
+            self._nonlazy.append(call)
         prefills.append((call, n))
 
     def _lookup(self, call: SimCall) -> list[BlockView]:
@@ -736,6 +1125,8 @@ class Engine:
             self.on_step(self)
 
     def _finish(self, call: SimCall, now: float) -> None:
+        if call._d0 >= 0:
+            self._unlazy(call)
         self.running.remove(call)
         self.pool.free(call.blocks, now)
         call.blocks = []
@@ -967,7 +1358,10 @@ class Engine:
             self._pending = None
             m = bisect_left(times, until)
             if m:
-                self._apply_window(calls, t0, times, dts, needs, m)
+                if calls is None:
+                    self._apply_window_lazy(t0, times, dts, needs, m)
+                else:
+                    self._apply_window(calls, t0, times, dts, needs, m)
             if m < len(times):
                 # the step in progress at ``until`` took its blocks when it was planned (before
                 # ``until``): step by step, the last sample counts them
@@ -986,3 +1380,4 @@ class Engine:
         if self.tiers is not None:
             self.tiers.finalize(until)  # calls held while their KV loads are unfinished calls too
         self._account_idle(until, until, self.pool.num_used + in_progress)
+        self._sync_views()  # the runner records the calls still running
