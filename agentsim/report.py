@@ -1146,8 +1146,7 @@ def report_command(
 ) -> None:
     """Write one self-contained report (HTML, or markdown + PNGs) of a run, sweep or study directory.
 
-    Prints the path written. Exit 2 (one line) for a directory that is not a run, sweep or study, or an
-    output that exists (without --force).
+    Prints the path written. Exit 2 (one line): not a run, sweep or study; an existing output without --force.
     """
     typer.echo(str(write_report(directory, out, format, force)))
 
