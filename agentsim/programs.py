@@ -64,7 +64,7 @@ from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramCon
 
 __all__ = [
     "ProgramYieldError", "ProgramOps", "Strand", "ProgramRun", "program_context", "program_body", "drive",
-    "run_now", "walk",
+    "run_now", "answer", "run_all_now", "walk",
 ]
 
 _REQUESTS = (LLMCall, ToolCall, Parallel)
