@@ -363,6 +363,13 @@ class Engine:
                     self._relazify_all()
             at_boundary = True
 
+    def use_reference_loop(self) -> None:
+        """Plan and apply every step call by call, with no lazy decodes and no fast-forward: the
+        plain step-by-step loop the optimized engine must match exactly (tests compare the two).
+        Call it before the run starts."""
+        self._lazy_on = False
+        self.fast_forward = False
+
     # ------------------------------------------------------------------ lazy decodes (V1)
     def _lazify(self, call: SimCall, d0: int) -> None:
         """From step ``d0`` on, ``call`` (whose known tokens are all computed but the last sampled
