@@ -95,11 +95,12 @@ def test_step_correction_and_calibrated_profile(tmp_path):
         first = t + 0.01
         rows.append({"status": "finished", "arrival_at": t, "scheduled_at": t + 0.002, "first_token_at": first,
                      "service_time": first + sum(steps) - (t + 0.002), "finish_at": first + sum(steps) + 0.001,
-                     "num_prompt_tokens": prompt, "num_generated_tokens": n})
+                     "num_prompt_tokens": prompt, "num_cached_tokens": prompt // 2, "num_generated_tokens": n})
         t += 1.0
     calls = pd.DataFrame(rows)
     c = fit_step_correction(calls, prof)
     assert c["step_const_delta_s"] == pytest.approx(0.7e-3, rel=1e-6) and c["tpot_calls"] == 4
+    assert c["median_live_prefill_step_ms"] == pytest.approx(8.0) and c["median_calibrated_prefill_step_ms"] > 0
     with pytest.raises(ValueError, match="at least 3"):
         fit_step_correction(calls.head(2), prof)
     hand = {**fit_handoff(calls), **c}

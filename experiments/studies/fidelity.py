@@ -75,10 +75,12 @@ from agentsim.experiments.studies import Study, StudyOptions, StudyResult, regis
 
 #: (summary key, label, unit) compared per load
 METRICS: tuple[tuple[str, str, str], ...] = (
-    ("mean_ttft_ms", "mean TTFT", "ms"), ("p95_ttft_ms", "p95 TTFT", "ms"),
-    ("mean_tpot_ms", "mean TPOT", "ms"), ("p95_tpot_ms", "p95 TPOT", "ms"),
-    ("mean_e2el_ms", "mean E2E", "ms"), ("p95_e2el_ms", "p95 E2E", "ms"),
-    ("mean_program_latency_s", "mean program latency", "s"), ("p95_program_latency_s", "p95 program latency", "s"),
+    ("mean_ttft_ms", "mean TTFT", "ms"), ("median_ttft_ms", "median TTFT", "ms"), ("p95_ttft_ms", "p95 TTFT", "ms"),
+    ("mean_tpot_ms", "mean TPOT", "ms"), ("median_tpot_ms", "median TPOT", "ms"), ("p95_tpot_ms", "p95 TPOT", "ms"),
+    ("mean_e2el_ms", "mean E2E", "ms"), ("median_e2el_ms", "median E2E", "ms"), ("p95_e2el_ms", "p95 E2E", "ms"),
+    ("mean_program_latency_s", "mean program latency", "s"),
+    ("median_program_latency_s", "median program latency", "s"),
+    ("p95_program_latency_s", "p95 program latency", "s"),
     ("output_throughput", "output throughput", "tok/s"), ("program_throughput", "program throughput", "programs/s"),
 )
 #: environment of the live engine actor (see the module docstring: no worker process, no busy spin)
@@ -187,8 +189,19 @@ def fit_step_correction(calls: pd.DataFrame, profile) -> dict:
     live = ((d["scheduled_at"] + d["service_time"] - d["first_token_at"]).to_numpy(float)) / (n - 1)
     pred = np.array([np.mean([profile.step_time(BatchShape(num_decode_seqs=1, decode_ctx_tokens=int(p) + i))
                               for i in range(1, int(k))]) for p, k in zip(d["num_prompt_tokens"], n)])
-    return {"step_const_delta_s": float(np.median(live - pred)), "median_live_tpot_ms": float(np.median(live)) * 1e3,
-            "median_profile_tpot_ms": float(np.median(pred)) * 1e3, "tpot_calls": int(len(d))}
+    delta = float(np.median(live - pred))
+    # diagnostic only (not fitted): each call's first step, a prefill of its uncached tokens at batch 1
+    u = (d["num_prompt_tokens"] - d["num_cached_tokens"]).clip(lower=1).to_numpy(int)
+    k = d["num_prompt_tokens"].to_numpy(int) - u
+    pre_live = (d["first_token_at"] - d["scheduled_at"]).to_numpy(float)
+    pre_pred = np.array([profile.step_time(BatchShape(num_prefill_tokens=int(a), num_prefill_seqs=1,
+                                                      prefill_attn_pairs=int(a * b + a * (a + 1) // 2)))
+                         for a, b in zip(u, k)]) + delta
+    return {"step_const_delta_s": delta, "median_live_tpot_ms": float(np.median(live)) * 1e3,
+            "median_profile_tpot_ms": float(np.median(pred)) * 1e3, "tpot_calls": int(len(d)),
+            "median_live_prefill_step_ms": float(np.median(pre_live)) * 1e3,
+            "median_calibrated_prefill_step_ms": float(np.median(pre_pred)) * 1e3,
+            "median_uncached_prompt_tokens": float(np.median(u))}
 
 
 def calibrated_profile(step_profile: Path, hand: dict, out: Path) -> Path:
@@ -300,7 +313,10 @@ def findings(t: pd.DataFrame, s: pd.DataFrame, hand: dict | None, repeats: int, 
                    f"{hand['per_request_s'] * 1e3:.2f} ms + {hand['per_prompt_token_s'] * 1e6:.2f} us/prompt token "
                    f"(median {hand['median_handoff_in_ms']:.2f} ms in; {hand['median_handoff_back_ms']:.2f} ms back, "
                    f"not modelled); live decode step {hand['median_live_tpot_ms']:.2f} ms vs the profile's "
-                   f"{hand['median_profile_tpot_ms']:.2f} ms, so {hand['step_const_delta_s'] * 1e3:+.2f} ms per step.")
+                   f"{hand['median_profile_tpot_ms']:.2f} ms, so {hand['step_const_delta_s'] * 1e3:+.2f} ms per step; "
+                   f"its first (prefill) steps, median {hand['median_uncached_prompt_tokens']:.0f} uncached tokens, took "
+                   f"{hand['median_live_prefill_step_ms']:.2f} ms live vs {hand['median_calibrated_prefill_step_ms']:.2f} ms "
+                   "calibrated (not fitted).")
     for r in s.itertuples():
         verdict = ("within the live noise at every load" if r.loads_within_noise == r.loads
                    else f"within the live noise at {r.loads_within_noise} of {r.loads} loads")
@@ -322,9 +338,9 @@ def findings(t: pd.DataFrame, s: pd.DataFrame, hand: dict | None, repeats: int, 
 def plot(t: pd.DataFrame, path: Path) -> Path:
     from agentsim.experiments.studies.base import figure, save_figure
 
-    fig = figure(15, 6)
+    fig = figure(18, 9)
     for i, (key, label, unit) in enumerate(METRICS):
-        ax = fig.add_subplot(2, 5, i + 1)
+        ax = fig.add_subplot(3, 5, i + 1)
         g = t[t["metric"] == key].sort_values("agents")
         if not g.empty:
             x = g["agents"].to_numpy(float)
