@@ -157,6 +157,8 @@ class Simulation:
     def _program(self, prog: Program):
         """One program's SimPy process: its body stepped by :func:`agentsim.programs.drive`."""
         env = self.env
+        if self.mechanisms is not None:
+            self.mechanisms.prepare_program(prog)   # oracle plans, the shape policy's own calls (sim/tiers.py)
         pc = program_context(prog, self.cfg.seed)
         run = ProgramRun(prog, pc, program_body(prog, pc, self.bundle.shape, env.now))
         self._active[prog.program_id] = run

@@ -575,9 +575,6 @@ class Mechanisms:
                 bundle.subscribe("on_tool_end", self._on_tool_end)
         self._planners = list(caps.planners)
         self._wrap = caps.team_wrapper
-        if self._planners or self._wrap is not None:
-            self._orig_make = sim.source.make
-            sim.source.make = self._make
 
     @property
     def active(self) -> bool:
@@ -632,11 +629,15 @@ class Mechanisms:
             del self.returned[k]
 
     # ------------------------------------------------------------------ workload-side helpers
-    def _make(self, agent_id: int | None, arrival_at: float):
-        prog = self._orig_make(agent_id, arrival_at)
+    def prepare_program(self, prog: Any) -> None:
+        """Before ``prog`` starts (the runner calls this): hand its call plan to the bundle's
+        :class:`~agentsim.policies.base.ProgramPlanner` s (a dry run of a copy of its body,
+        ``agentsim.policies.oracle.plan_body``), and give a team the shape policy's own LLM calls
+        (:class:`~agentsim.policies.base.TeamWrapper`)."""
         gen = prog.meta.get("generator")
         if gen is None:
-            return prog
+            return
+        arrival_at = prog.arrival_at
         if self._planners:
             rng = copy.deepcopy(prog.meta["rng"])
             pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, rng)
@@ -650,7 +651,6 @@ class Mechanisms:
                 comp.on_program_plan(prog.program_id, plan, arrival_at)
         if self._wrap is not None and getattr(gen, "is_team", False):
             prog.meta["generator"] = _ChargedTeam(gen, self._wrap)
-        return prog
 
 
 class _ChargedTeam:
