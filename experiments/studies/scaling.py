@@ -8,7 +8,7 @@ load balancer, FCFS order).
 
 Table ``scaling.csv``: one row per (variant, router, nodes) with ``gpus``, ``agents``,
 ``agents_per_gpu``, ``output_throughput`` (output tok/s, as ``vllm bench serve``), ``total_token_throughput``,
-``p95_program_latency_s``, ``p95_ttft_ms`` and ``scaling_efficiency`` = throughput(N) / (N x throughput(1))
+``p95_program_latency_s``, ``p95_ttft_ms``, ``prefix_hit_rate``, ``mean_busy_fraction`` and ``scaling_efficiency`` = throughput(N) / (N x throughput(1))
 with throughput = output tok/s of the same router and variant (the seed's definition; > 90 % at 10 nodes is
 its multi-node target, drawn on the figure). Figure ``scaling.png``: throughput, efficiency and p95 program
 latency against nodes.
@@ -43,7 +43,7 @@ def scaling_table(tables: dict):
                          "output_throughput": r["output_throughput"],
                          "total_token_throughput": r["total_token_throughput"],
                          "p95_program_latency_s": r["p95_program_latency_s"], "p95_ttft_ms": r["p95_ttft_ms"],
-                         "mean_busy_fraction": r["mean_busy_fraction"]})
+                         "prefix_hit_rate": r["prefix_hit_rate"], "mean_busy_fraction": r["mean_busy_fraction"]})
     df = pd.DataFrame(rows)
     if not len(df):
         return df
@@ -67,6 +67,10 @@ def _findings(df) -> list[str]:
                    + ", ".join(f"{r} {eff[r]:.0%}" for r in eff.sort_values(ascending=False).index)
                    + f"; {len(ok)} of {len(eff)} routers clear the seed's > {TARGET_EFFICIENCY:.0%}"
                    + ("" if at == TARGET_NODES else f" (measured at {at} nodes, the largest in this grid)"))
+        hits = g[g["nodes"].isin([1, top])].pivot_table(index="router", columns="nodes", values="prefix_hit_rate")
+        if top > 1 and 1 in hits.columns:
+            out.append(f"{variant}: prefix-cache hit rate from 1 to {top} nodes: "
+                       + ", ".join(f"{r} {hits.loc[r, 1]:.0%} -> {hits.loc[r, top]:.0%}" for r in hits.index))
         last = g[g["nodes"] == top].set_index("router")
         best = last["p95_program_latency_s"].idxmin()
         out.append(f"{variant}, {top} nodes ({int(last['agents'].iloc[0])} agents): lowest p95 program latency "
