@@ -172,10 +172,12 @@ def _fake_run(path, ttft_scale: float, policy: str, complete: bool = True):
     for i in range(20):
         ttft = float(rng.uniform(0.01, 0.05)) * ttft_scale
         calls.append((i, i // 4, i // 4, 0, "react", i % 2, 0, float(i), float(i) + 0.001, float(i) + ttft,
-                      float(i) + ttft + 0.1, 0.001, ttft, 0.01, ttft + 0.1, 100, 50, 50, 11, 11, 0, 0, 0.1, "finished"))
+                      float(i) + ttft + 0.1, 0.001, ttft, 0.01, ttft + 0.1, 100, 50, 50, 11, 11, 0, 0, 0.1, "finished",
+                      0, 0.0))
     progs = M.ColumnStore(M.PROGRAM_COLUMNS)
     for p in range(5):
-        progs.append((p, p, "react", float(p), float(p) + 2, 2.0, 4, 3, 400, 44, 0.5, 1.5, 2.0, 2.0 / 44, "finished"))
+        progs.append((p, p, "react", float(p), float(p) + 2, 2.0, 4, 3, 400, 44, 0.5, 1.5, 2.0, 2.0 / 44, "finished",
+                      0.0))
     c, p, e = calls.to_frame(), progs.to_frame(), M.empty_frame(M.ENGINE_COLUMNS)
     s = M.summarize(c, p, e, 20.0)
     M.write_results(path, c, p, e, s, {"backend": "sim", "policy": policy, "seed": 0, "complete": complete})
