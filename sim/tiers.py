@@ -39,7 +39,7 @@ import heapq
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from agentsim.policies.oracle import plan_body
 from agentsim.workload import ProgramContext
@@ -129,8 +129,29 @@ class _Load:
     completed: bool = False      # ... and applied at a step boundary
 
 
+class EngineHooks(Protocol):
+    """What the simulator engine calls on its KV mechanisms (``engine.tiers``), the only places it does.
+
+    The decisions are the policies' (``agentsim.policies.base``: :class:`Retention`, :class:`Offloader`,
+    :class:`Prefetcher`, :class:`TieredEvict`); an implementation only executes them: transfers,
+    pins, timers. :class:`EngineTiers` implements it, and ``agentsim.sim.disagg.KVPort`` wraps it.
+    """
+
+    def intercept(self, call: Any) -> bool:
+        """At arrival: True if the mechanism takes ``call`` aside (it will hand it to the engine later)."""
+
+    def pre_schedule(self, now: float) -> None:
+        """At a step boundary, before the engine plans: the only time the block pool changes here."""
+
+    def reclaim(self, call: Any, num_blocks: int, now: float) -> bool:
+        """The engine needs ``num_blocks`` more free blocks for ``call``: free what it may; True if any."""
+
+    def finalize(self, until: float) -> None:
+        """Run end: give back calls still held."""
+
+
 class EngineTiers:
-    """The KV mechanisms of one simulated engine (see the module docstring)."""
+    """The KV mechanisms of one simulated engine (see the module docstring); an :class:`EngineHooks`."""
 
     def __init__(self, owner: "Mechanisms", engine: Any) -> None:
         self.owner = owner

@@ -241,3 +241,17 @@ def test_scalesim_steps_distance_follows_the_simulation_clock():
     pol.on_tool_end(7, -1, "think", 5.0)             # other tools do not
     assert [pol.level(a, 5.0) for a in range(5)] == [0, 0, 1, 4, 5]
     assert pol.prefetch_candidates(5.0) == [0, 1, 2]
+
+
+def test_scalesim_prefetch_budget_admits_what_fits_and_stops_at_the_first_that_does_not():
+    from agentsim.policies.distance import InvocationDistance, PrefetchBudget
+
+    pol = InvocationDistance(hold_levels=4, unit=1.0)
+    pol.on_distance_update({1: 0.5, 2: 2.5, 3: 0.5}, 0.0)   # levels: agent 1 -> 0, 2 -> 2, 3 -> 0
+    # 2 never-used blocks; 3 evictable blocks at level 5, 4 at level 2, 6 at level 0
+    plan = PrefetchBudget(pol, 2, [(5.0, 3), (2.0, 4), (0.0, 6)], 0.0)
+    assert plan.admit(1, 4) == 0.0             # room 2 + 3 + 4: takes the 2 fresh, then 2 of level 5
+    assert (plan.fresh, plan.hist) == (0, [(5.0, 1), (2.0, 4), (0.0, 6)])
+    assert plan.admit(2, 2) is None and plan.stopped   # level 2 may only displace level 5 (1 block)
+    fresh = PrefetchBudget(pol, 0, [(5.0, 1), (2.0, 4)], 0.0)
+    assert fresh.admit(3, 5) == 0.0 and fresh.hist == [] and not fresh.stopped

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
+import pytest
 
 from policy_scripts import STEP, calls_of, scripted
 
@@ -102,3 +103,17 @@ def test_tokencake_offloads_under_pressure_and_uploads_before_the_tool_returns()
     assert len(ups) == 1 and ups[0][1] == pytest.approx(upload_at, abs=STEP + 1e-9)
     a2 = calls_of(r, 0).iloc[1]
     assert a2["num_cached_tokens"] == 256 and ups[0][3][1] <= a2["arrival_at"] + 1e-9
+
+
+def test_continuum_unpin_rule():
+    from agentsim.policies.retention import ContinuumTTL, TokencakeOffload, pin_end_reason
+
+    assert pin_end_reason(5.0, None, 4.0) is None              # before expiry, no next call yet
+    assert pin_end_reason(5.0, None, 5.0) == "expired"         # at expiry, nothing waiting
+    assert pin_end_reason(5.0, "waiting", 6.0) is None         # the next call waits: keep it for that call
+    assert pin_end_reason(5.0, "loading", 6.0) is None
+    assert pin_end_reason(5.0, "running", 1.0) == "admitted"   # admitted before expiry
+    assert pin_end_reason(5.0, "finished", 6.0) == "admitted"
+    assert pin_end_reason(math.inf, None, 1e9) is None          # Tokencake: until released
+    for pol in (ContinuumTTL(), TokencakeOffload()):
+        assert pol.unpin_reason(5.0, "running", 1.0) == "admitted"

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import pytest
 
-
 from policy_scripts import calls_of, scripted
 
 
