@@ -631,6 +631,9 @@ def build_run(d: Path) -> Report:
     if kinds is not None:
         rep.tables.append(kinds)
     rep.figures, rep.notes = run_figures(d, manifest)
+    if manifest.get("complete") is False:
+        rep.notes.insert(0, f"this run is incomplete (status {manifest.get('status', 'unknown')}): its tables hold the "
+                            "results written so far")
     rep.provenance = [prov]
     return rep
 
@@ -906,6 +909,7 @@ td:first-child, th:first-child { text-align:left; }
 tbody tr:nth-child(even) td { background:#fafbfd; }
 .scroll { overflow-x:auto; }
 .note { color:var(--muted); font-size:.85em; margin:2px 0 12px; }
+.callout { background:#fff8e6; border-left:4px solid #d9a21b; padding:6px 10px; margin:8px 0; font-size:.92em; }
 .facts { display:grid; grid-template-columns:max-content 1fr; gap:2px 16px; font-size:.92em; margin:8px 0; }
 .facts dt { color:var(--muted); } .facts dd { margin:0; word-break:break-word; }
 figure { margin:14px 0 22px; }
@@ -970,6 +974,7 @@ def render_html(rep: Report) -> str:
            f'<p class="sub">agentsim {_e(rep.kind)} report of <code>{_e(rep.directory)}</code></p>',
            "<nav>" + "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in sections) + "</nav>",
            '<h2 id="summary">Summary</h2>', _facts(rep.facts)]
+    out += [f'<p class="callout">{_e(n)}</p>' for n in rep.notes]
     if rep.findings or rep.failed:
         out.append('<h2 id="findings">Findings</h2>')
         if rep.findings:
@@ -979,7 +984,6 @@ def render_html(rep: Report) -> str:
                        + "".join(f"<li>{_e(f)}</li>" for f in rep.failed) + "</ul>")
         out.append('<h2 id="tables">Tables</h2>')
     out += [_html_table(t) for t in rep.tables]
-    out += [f'<p class="note">{_e(n)}</p>' for n in rep.notes]
     if rep.figures:
         out.append('<h2 id="figures">Figures</h2>')
         for i, f in enumerate(rep.figures, 1):
@@ -1028,6 +1032,7 @@ def render_md(rep: Report, figure_dir: str) -> str:
     """The report as markdown; figure ``f`` is linked as ``figure_dir/<f.name>.png`` (relative)."""
     out = [f"# {_md(rep.title)}", "", f"agentsim {rep.kind} report of `{rep.directory}`", ""]
     out += [f"- **{_md(k)}**: {_md(v)}" for k, v in rep.facts.items()] + [""]
+    out += [f"> {_md(n)}\n" for n in rep.notes]
     if rep.findings or rep.failed:
         out += ["## Findings", ""] + [f"- {_md(f)}" for f in rep.findings] + [""]
     if rep.failed:
@@ -1035,7 +1040,6 @@ def render_md(rep: Report, figure_dir: str) -> str:
     if rep.findings or rep.failed:
         out += ["## Tables", ""]
     out += [_md_table(t) for t in rep.tables]
-    out += [f"*{_md(n)}*\n" for n in rep.notes]
     if rep.figures:
         out += ["## Figures", ""]
         for i, f in enumerate(rep.figures, 1):

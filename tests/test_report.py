@@ -281,8 +281,10 @@ def test_live_run_report_names_where_it_ran_and_the_live_command(dirs, tmp_path)
                            "kill_engines": [[1, 4.0]]})
     (live / "manifest.json").write_text(json.dumps(m))
     rep = build_report(live)
-    assert rep.title.startswith("Run (live)")
+    assert rep.title.startswith("Run (live)") and not any("incomplete" in n for n in rep.notes)
     assert rep.command == (f"agentsim live -c config.toml --local-nodes 2 --model tiny --load-format dummy "
                            f"--dtype float32 --sample-interval 1.0 --flush-interval 5.0 --kill-engine 1@4.0 -o {live}")
     assert rep.provenance[0].fields["cluster"] == "local 2-node Ray cluster"
     assert rep.provenance[0].fields["wall time"] == "21.50 s"
+    (live / "manifest.json").write_text(json.dumps({**m, "complete": False, "status": "interrupted"}))
+    assert "this run is incomplete (status interrupted)" in build_report(live).notes[0]
