@@ -275,11 +275,12 @@ class AgentsimScheduler(Scheduler):
                 r.priority = i
                 changed.append(r.request_id)
         if changed:
-            heap = getattr(self.waiting, "_heap", None)
-            if heap is not None:
-                import heapq
-
-                heapq.heapify(heap)
+            if self.waiting:
+                # vLLM's queue orders a request by its priority when it is added: re-add the waiting
+                # ones through the queue's public interface so their new priorities take effect
+                reqs = list(self.waiting)
+                self.waiting.remove_requests(reqs)
+                self.waiting.prepend_requests(reqs)
             self.log("rerank", order=[c.call_id for c in ranked], changed=len(changed))
         self._decided("rank", now, calls=ranked)
 
