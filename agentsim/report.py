@@ -10,8 +10,8 @@ What a report holds, for every kind of directory:
 - **figures** drawn with matplotlib (Agg backend, PNG): for a run the TTFT / TPOT / E2E / program
   latency distributions as CDFs, the engines' KV-cache usage and queues over time and the token
   throughput over time; for a sweep each headline metric against the swept key; for a study the
-  PNGs the study wrote (listed in its ``study.json``, see ``study_contract``) plus its tables, its
-  findings and its failed cells;
+  PNGs the study wrote (listed in its ``study.json``, written by ``agentsim study``:
+  :mod:`agentsim.experiments.study_cli`) plus its tables, its findings and its failed cells;
 - the **config and provenance** of every run (its ``manifest.json``: seed, policy, profile,
   versions, git revision, and the run config as TOML that ``agentsim simulate -c`` reads back) in
   collapsible ``<details>``.
@@ -28,7 +28,8 @@ A report of the same directory is byte-for-byte the same each time (no timestamp
 writer stores no date).
 
 Output rules (:mod:`agentsim.outputs`): the default output is ``DIR/report.html`` (``DIR/report.md``),
-which agentsim's output checks accept inside a result or sweep directory; an existing output file
+which agentsim's output checks accept inside a result, sweep or study directory
+(:data:`agentsim.outputs.REPORT_ENTRIES`); an existing output file
 (or figure folder) is refused without ``--force``, a directory or symbolic link always. Files are
 written beside their destination and renamed into place, so an interrupted report leaves nothing
 half-written.
@@ -756,6 +757,9 @@ def build_sweep(d: Path) -> Report:
     rep.facts = {"spec": spec, "cells": f"{len(table)} of {total}",
                  "agentsim": str(marker.get("agentsim", "-"))}
     present = [k for k in keys if k in table]
+    for k in present:  # a grid value that is a table or a list (Parquet struct / list) as JSON text
+        if table[k].map(lambda v: isinstance(v, (dict, list, np.ndarray))).any():
+            table[k] = table[k].map(lambda v: _val(_strip_none(v.tolist() if isinstance(v, np.ndarray) else v)))
     cols = present + [m for m in SWEEP_METRICS if m in table]
     if len(table):
         rep.tables.append(_df_table("Results (one row per cell)", table[cols],

@@ -84,7 +84,8 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     assert _cli("simulate", "--duration", "20", "--agents", "8", "--seed", "3", "-q", "-o", run) == 0
     spec = root / "sweep.toml"
     spec.write_text('[sweep]\nout = "unused"\n[base]\nduration = 10.0\n[base.workload]\nagents = 4\n'
-                    '[grid]\npolicy = ["vllm", "least-loaded"]\n"workload.agents,seed" = [[2, 0], [6, 1]]\n')
+                    '[grid]\npolicy = [{name = "vllm", route = "round-robin"}, {name = "vllm", route = "least-loaded"}]\n'
+                    '"workload.agents,seed" = [[2, 0], [6, 1]]\n')
     sweep = root / "sweep"
     assert _cli("sweep", spec, "-o", sweep) == 0
     study = root / "study"
@@ -151,9 +152,12 @@ def test_sweep_report_plots_metrics_against_the_swept_key(dirs):
     results = pd.read_parquet(sweep / "results.parquet")
     assert len(rep.tables[0].rows) == len(results) == 4
     assert len(rep.provenance) == 4
-    assert [p.label.split(": ", 1)[1] for p in rep.provenance] == [  # grid order; a linked key's two keys
-        "policy=vllm, workload.agents=2, seed=0", "policy=vllm, workload.agents=6, seed=1",
-        "policy=least-loaded, workload.agents=2, seed=0", "policy=least-loaded, workload.agents=6, seed=1"]
+    rr, ll = '{"name": "vllm", "route": "round-robin"}', '{"name": "vllm", "route": "least-loaded"}'
+    # grid order; a linked key's two keys; a policy given as a table shown as JSON
+    assert [p.label.split(": ", 1)[1] for p in rep.provenance] == [
+        f"policy={rr}, workload.agents=2, seed=0", f"policy={rr}, workload.agents=6, seed=1",
+        f"policy={ll}, workload.agents=2, seed=0", f"policy={ll}, workload.agents=6, seed=1"]
+    assert [r[0] for r in rep.tables[0].rows] == [rr, rr, ll, ll]
     assert rep.tables[0].columns[:3] == ["policy", "workload.agents", "seed"]
     text = " ".join(page.text)
     assert "agentsim sweep" in text and "workload.agents" in text
