@@ -1,12 +1,17 @@
-"""Simulator speed and memory benchmark (issue 2). Not a test: run it on a quiet machine.
+"""Simulator speed and memory benchmark (issues 2 and 10). Not a test: run it on a quiet machine.
 
     python benchmarks/sim_speed.py a        # 1 engine x 10,000 single calls, Azure-conv-like lengths
     python benchmarks/sim_speed.py b        # 20 nodes x 4 A100, 4,000 closed-loop ReAct agents, 600 s
-    python benchmarks/sim_speed.py all --repeat 3
+    python benchmarks/sim_speed.py c        # case b for one simulated hour (3,600 s): issue 10's goal
+    python benchmarks/sim_speed.py d        # one ScaleSim-style society of 1,000 agents, `scalesim` bundle
+    python benchmarks/sim_speed.py all --repeat 3   # a, b and d (c: name it)
 
 Each case runs in a fresh subprocess (so peak RSS is that run's alone) and prints simulated LLM
-calls per wall-clock second, wall and CPU time, and peak RSS; with --repeat the median is
-reported. Results are also written as JSON lines to benchmarks/results/sim_speed.jsonl.
+calls per wall-clock second and per CPU second, wall and CPU time, and peak RSS; with --repeat the
+median is reported. Results are also written as JSON lines to benchmarks/results/sim_speed.jsonl.
+``--reference-loop`` runs every engine's plain call-by-call step loop
+(:meth:`agentsim.sim.engine.Engine.use_reference_loop`) instead of the optimized one: same results,
+the speed before issue 10.
 """
 
 from __future__ import annotations
@@ -27,19 +32,32 @@ CASES = {
           "sim.drain": True, "duration": 1e9},
     "b": {"cluster.num_nodes": 20, "cluster.gpus_per_node": 4, "workload.arrival": "closed",
           "workload.agents": 4000, "workload.generator": "react", "duration": 600.0},
+    "c": {"cluster.num_nodes": 20, "cluster.gpus_per_node": 4, "workload.arrival": "closed",
+          "workload.agents": 4000, "workload.generator": "react", "duration": 3600.0},
+    # the README's ScaleSim-like study cell (experiments/specs/scalesim.toml): an evict policy
+    # whose order depends on the clock, so its engine runs without fast-forward windows
+    "d": {"cluster.num_nodes": 1, "cluster.gpus_per_node": 1, "workload.arrival": "closed",
+          "workload.agents": 1, "workload.num_programs": 1, "workload.generator": "society",
+          "workload.params": {"num_agents": 1000, "num_steps": 20}, "policy": "scalesim",
+          "sim.drain": True, "duration": 100000.0},
 }
 
 
-def child(case: str, fast_forward: bool) -> None:
+def child(case: str, fast_forward: bool, reference: bool) -> None:
     from agentsim.config import load_config
-    from agentsim.sim.runner import run
+    from agentsim.sim.runner import Simulation
 
     cfg = load_config(None, {**CASES[case], "sim.fast_forward": fast_forward})
     w0, c0 = time.perf_counter(), time.process_time()
-    r = run(cfg)
+    sim = Simulation(cfg)
+    if reference:
+        for e in sim.engines:
+            e.use_reference_loop()
+    r = sim.run()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(json.dumps({"case": case, "fast_forward": fast_forward, "llm_calls": r.stats["num_llm_calls"],
+    print(json.dumps({"case": case, "fast_forward": fast_forward, "reference_loop": reference,
+                      "llm_calls": r.stats["num_llm_calls"], "calls_per_cpu_s": r.stats["num_llm_calls"] / cpu,
                       "finished_calls": int((r.calls["status"] == "finished").sum()),
                       "steps": r.stats["num_steps"], "wall_s": wall, "cpu_s": cpu,
                       "calls_per_wall_s": r.stats["num_llm_calls"] / wall, "peak_rss_gib": rss,
@@ -48,29 +66,33 @@ def child(case: str, fast_forward: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=["a", "b", "all"])
+    ap.add_argument("case", choices=[*CASES, "all"])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-fast-forward", action="store_true")
+    ap.add_argument("--reference-loop", action="store_true", help="the plain call-by-call step loop (before issue 10)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.case, not args.no_fast_forward)
+        child(args.case, not args.no_fast_forward, args.reference_loop)
         return
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    for case in (["a", "b"] if args.case == "all" else [args.case]):
+    for case in (["a", "b", "d"] if args.case == "all" else [args.case]):
         runs = []
         for _ in range(args.repeat):
-            cmd = [sys.executable, __file__, case, "--child"] + (["--no-fast-forward"] if args.no_fast_forward else [])
+            cmd = [sys.executable, __file__, case, "--child"] + (["--no-fast-forward"] if args.no_fast_forward else []) \
+                + (["--reference-loop"] if args.reference_loop else [])
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             runs.append(res)
             with open(out / "sim_speed.jsonl", "a") as f:
                 f.write(json.dumps({**res, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-        med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "cpu_s", "calls_per_wall_s", "peak_rss_gib")}
+        med = {k: statistics.median(r[k] for r in runs)
+               for k in ("wall_s", "cpu_s", "calls_per_wall_s", "calls_per_cpu_s", "peak_rss_gib")}
         r0 = runs[0]
         print(f"case {case}: {r0['llm_calls']:,} LLM calls ({r0['finished_calls']:,} finished), {r0['steps']:,} engine steps, "
               f"{r0['sim_s']:.0f} s simulated | median of {len(runs)}: {med['wall_s']:.1f} s wall, {med['cpu_s']:.1f} s CPU, "
-              f"{med['calls_per_wall_s']:,.0f} calls/s, peak RSS {med['peak_rss_gib']:.2f} GiB")
+              f"{med['calls_per_wall_s']:,.0f} calls/wall-s, {med['calls_per_cpu_s']:,.0f} calls/CPU-s, "
+              f"peak RSS {med['peak_rss_gib']:.2f} GiB" + (" (reference loop)" if args.reference_loop else ""))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ a prompt only while ``watermark_blocks = int(0.01 * num_gpu_blocks)`` blocks sta
 
 from __future__ import annotations
 
+from itertools import islice, takewhile
+
 from agentsim.policies.base import BlockView, FreeBlockQueue
 
 V0_WATERMARK = 0.01  # vllm/core/block_manager.py (V0): BlockSpaceManager(watermark=0.01)
@@ -111,11 +113,11 @@ class BlockPool:
 
     def num_cached_prefix(self, hashes: list[int], limit: int) -> int:
         """How many of the first ``limit`` hashes are cached, as a prefix."""
-        cached = self.cached
-        n = 0
-        while n < limit and hashes[n] in cached:
-            n += 1
-        return n
+        # the scan runs in C (takewhile over the map's membership test): routers and prefetch
+        # planners ask this for every candidate at every decision
+        if limit < len(hashes):
+            return len(list(takewhile(self.cached.__contains__, islice(hashes, limit))))
+        return len(list(takewhile(self.cached.__contains__, hashes)))
 
     def touch(self, blocks: list[BlockView], now: float, program_id: int, agent_id: int) -> None:
         """Take a reference on prefix-cache hits (removing free ones from the free queue)."""
