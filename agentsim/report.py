@@ -1117,8 +1117,12 @@ def write_report(directory: str | Path, out: str | Path | None = None, fmt_: str
     outp.parent.mkdir(parents=True, exist_ok=True)
     tmp = outp.with_name(f".{outp.name}.tmp-{os.getpid()}")
     if fmt_ == HTML:
-        tmp.write_text(render_html(rep), encoding="utf-8")
-        os.replace(tmp, outp)
+        try:
+            tmp.write_text(render_html(rep), encoding="utf-8")
+            os.replace(tmp, outp)
+        finally:  # an interrupted write leaves no temporary (it would block a rerun into DIR)
+            if tmp.exists():
+                tmp.unlink()
         return outp
     fd = figure_dir_for(outp)
     ftmp = fd.with_name(f".{fd.name}.tmp-{os.getpid()}")
