@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import ExampleConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import ExampleConnector, align_to_block_size
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 #: the counters, all cumulative sums (seconds, bytes, tokens, calls)
@@ -70,6 +70,8 @@ class TimedExampleConnector(ExampleConnector):
         super().__init__(*args, **kwargs)
         self._stats = TransferStats()
         self._counted: Any = None
+        self._req_loads: dict[str, tuple[int, int]] = {}  # scheduler side: request id -> (external, injected)
+        self._req_saves: dict[str, int] = {}               # scheduler side: request id -> tokens saved
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
         t = time.perf_counter()
@@ -99,6 +101,30 @@ class TimedExampleConnector(ExampleConnector):
         self._stats.data["load_bytes"] += n * per_token
         self._stats.data["load_tokens"] += n
         self._stats.data["num_loads"] += len(loads)
+
+    # ---- scheduler side: per-request counts, returned with the request's output (kv_transfer_params)
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        super().update_state_after_alloc(request, blocks, num_external_tokens)
+        if num_external_tokens > 0:
+            self._req_loads[request.request_id] = (
+                int(num_external_tokens), align_to_block_size(len(request.prompt_token_ids or []), self._block_size))
+
+    def build_connector_meta(self, scheduler_output: Any) -> Any:
+        for new_req in scheduler_output.scheduled_new_reqs:  # the requests the parent's rule will save
+            ids = list(new_req.prompt_token_ids or [])
+            if new_req.req_id not in self._requests_need_load and not self._found_match_for_prompt(
+                    ids, [f.identifier for f in new_req.mm_features]):
+                self._req_saves[new_req.req_id] = align_to_block_size(len(ids), self._block_size)
+        return super().build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Blocks are freed at once (False) and the request's output carries
+        ``kv_transfer_params = {"agentsim": {"external_tokens", "loaded_tokens", "saved_tokens"}}``:
+        vLLM's count of prompt tokens taken from the connector (beyond local prefix hits), the
+        tokens the connector injected (the whole block-aligned ``prompt[:-1]``) and wrote."""
+        ext, loaded = self._req_loads.pop(request.request_id, (0, 0))
+        saved = self._req_saves.pop(request.request_id, 0)
+        return False, {"agentsim": {"external_tokens": ext, "loaded_tokens": loaded, "saved_tokens": saved}}
 
     def get_kv_connector_stats(self) -> TransferStats | None:
         if self._stats.is_empty():

@@ -150,13 +150,16 @@ class PDClient(EngineClient):
     engines' clients, shared by every :class:`PDClient` of a run. Replies are the decode engine's
     reply with ``scheduled_at`` / ``queued_at`` / ``recv_at`` from the prefill (on the decode
     node's clock), ``num_cached_tokens`` = the prefill engine's prefix hits (the simulator's
-    convention), ``kv_transfer_bytes`` = the KV the connector moves for this prompt (its
-    block-aligned ``prompt[:-1]``) x the bytes per token the decode engine's connector measured,
+    convention), ``kv_transfer_bytes`` = the tokens the decode engine's connector injected for
+    this call (its ``kv_transfer_params``, :mod:`agentsim.live.kvconnector`; 0 when it loaded
+    nothing) x the bytes per token that connector measured,
     ``kv_transfer_time`` = the hand-off, s: prefill engine done -> decode engine schedules the step
     that injects the KV (the connector's own write and read times are inside the two engines'
     steps; per engine in ``stats["kv_transfer"]``), and a ``pd`` dict: ``prefill_engine_id``,
     ``prefill_token_ids``, ``prefill_scheduled_at``, ``prefill_done_at``, ``decode_recv_at``,
-    ``decode_scheduled_at``, ``decode_num_cached_tokens`` (node-monotonic seconds, token counts).
+    ``decode_scheduled_at``, ``decode_num_cached_tokens``, ``loaded_tokens``, ``external_tokens``
+    (vLLM's count: loaded beyond the decode engine's own prefix hits), ``saved_tokens`` (by the
+    prefill engine) (node-monotonic seconds, token counts).
     """
 
     def __init__(self, decode: EngineClient, prefills: Sequence[EngineClient],
@@ -213,8 +216,8 @@ class PDClient(EngineClient):
         reply["num_cached_tokens"] = int(pre.get("num_cached_tokens", 0))
         kv = (dec.get("stats") or {}).get("kv_transfer") or {}
         per_token = kv.get("load_bytes", 0) / kv["load_tokens"] if kv.get("load_tokens") else 0.0
-        bs = int(self.info.get("block_size", 0) or 0)
-        moved = (len(token_ids) - 1) // bs * bs if bs else 0  # the connector's rule: block-aligned prompt[:-1]
+        mine = ((dec.get("kv_transfer_params") or {}).get("agentsim") or {})  # agentsim.live.kvconnector
+        moved = int(mine.get("loaded_tokens", 0))
         reply["kv_transfer_bytes"] = int(round(moved * per_token))
         # hand-off: prefill engine done -> decode engine schedules the step that injects the KV
         handoff = dec.get("scheduled_at", 0.0) - on_decode_clock(pre.get("done_at", 0.0))
@@ -225,6 +228,8 @@ class PDClient(EngineClient):
             "prefill_done_at": on_decode_clock(pre.get("done_at", 0.0)),
             "decode_recv_at": dec.get("recv_at", 0.0), "decode_scheduled_at": dec.get("scheduled_at", 0.0),
             "decode_num_cached_tokens": int(dec.get("num_cached_tokens", 0)),
+            "loaded_tokens": moved, "external_tokens": int(mine.get("external_tokens", 0)),
+            "saved_tokens": int(((pre.get("kv_transfer_params") or {}).get("agentsim") or {}).get("saved_tokens", 0)),
         }
         return reply
 
@@ -321,7 +326,7 @@ def _call_metrics(r: dict) -> dict:
             "e2el_ms": 1e3 * (r["done_at"] - r["recv_at"])}
 
 
-def run_pd_bench(model: str, prompt_lens: Sequence[int] = (256, 1024, 2048), output_tokens: int = 32,
+def run_pd_bench(model: str, prompt_lens: Sequence[int] = (256, 512, 1024, 1536), output_tokens: int = 32,
                  repeats: int = 3, seed: int = 0, kv_cache_gib: float = 1.0, block_size: int = 32,
                  progress: Any = None) -> dict:
     """One prefill + one decode engine vs one co-located (mixed) engine, same prompts, one call at a time.
@@ -431,7 +436,7 @@ def _option(default: Any, name: str, help_text: str) -> Any:
 def pd_bench_command(
     model: str = _option("tiny-weights", "--model", "Model directory for vLLM; 'tiny-weights' = agentsim's tiny "
                               "Llama with random weights of std 0.2 (made offline in the agentsim cache)."),
-    prompt_tokens: str = _option("256,1024,2048", "--prompt-tokens", "Prompt lengths, comma-separated."),
+    prompt_tokens: str = _option("256,512,1024,1536", "--prompt-tokens", "Prompt lengths, comma-separated."),
     output_tokens: int = _option(32, "--output-tokens", "Output tokens per call (ignore_eos)."),
     repeats: int = _option(3, "--repeats", "Calls per prompt length (fresh prompts)."),
     seed: int = _option(0, "--seed", "Seed of the prompts and the engines."),

@@ -80,6 +80,7 @@ def test_decode_loads_the_prefill_kv_and_matches_colocated(pair):
     prefill, decode = (RayEngineClient(h) for h in handles)
     client = pd.PDClient(decode, [prefill])
     a, b = _prompts(200, seed=1)
+    c = _prompts(6 * BS + 1, seed=2)[0]
 
     async def run() -> dict:
         out = {}
@@ -89,8 +90,9 @@ def test_decode_loads_the_prefill_kv_and_matches_colocated(pair):
         out["decode"] = pd.transfer_totals((await decode.poll())["stats"])
         out["decode_before"] = before
         out["prefill"] = pd.transfer_totals((await prefill.poll())["stats"])
+        out["c"] = await client.generate("pd-c", c, 12, 0, {}, None)
         # co-located reference: the same prompts prefilled and decoded on one engine, from scratch
-        for name, ids in (("a", a), ("b", b)):
+        for name, ids in (("a", a), ("b", b), ("c", c)):
             assert await prefill.reset_prefix_cache()
             out["ref_" + name] = await prefill.generate(f"ref-{name}", ids, 12, 0, {}, None)
         client.close()
@@ -102,11 +104,20 @@ def test_decode_loads_the_prefill_kv_and_matches_colocated(pair):
         r = out[name]
         assert r["pd"]["prefill_engine_id"] == 0 and len(r["pd"]["prefill_token_ids"]) == 1
         assert r["pd"]["decode_num_cached_tokens"] == loaded
+        assert r["pd"]["loaded_tokens"] == r["pd"]["external_tokens"] == r["pd"]["saved_tokens"] == loaded
+        assert r["kv_transfer_bytes"] == loaded * 2048
         assert len(r["token_ids"]) == 12
         assert r["scheduled_at"] <= r["pd"]["prefill_done_at"] <= r["pd"]["decode_recv_at"] <= r["first_token_at"]
         assert r["token_ids"] == out["ref_" + name]["token_ids"], name
     # the outputs depend on the first block, whose KV only the prefill engine computed
     assert out["ref_a"]["token_ids"] != out["ref_b"]["token_ids"]
+    # vLLM 0.32's ExampleConnector misses prompts of k * block_size + 1 tokens: it saves them under
+    # the hash of prompt[:k*bs] and looks for prompt[:(k-1)*bs] (example_connector.py, make_meta vs
+    # get_num_new_matched_tokens); the decode engine then recomputes, and the counters say so
+    c = out["c"]
+    assert c["pd"]["loaded_tokens"] == c["pd"]["external_tokens"] == c["kv_transfer_bytes"] == 0
+    assert c["pd"]["saved_tokens"] == 6 * BS and c["pd"]["decode_num_cached_tokens"] == 0
+    assert c["token_ids"] == out["ref_c"]["token_ids"]
     d0, d1, p = out["decode_before"], out["decode"], out["prefill"]
     assert d1["external_tokens"] - d0["external_tokens"] == 2 * loaded      # vLLM's own counter
     assert d1["load_tokens"] - d0["load_tokens"] == 2 * loaded              # the connector's
@@ -140,11 +151,17 @@ def test_live_driver_runs_programs_disaggregated(pair, tmp_path):
     assert (calls["engine_id"] == 1).all()
     assert (calls["ttft"] > 0).all() and (calls["first_token_at"] >= calls["scheduled_at"]).all()
     loaded = after["1"]["external_tokens"] - before["1"]["external_tokens"]
-    assert loaded > 0 and loaded == after["1"]["load_tokens"] - before["1"]["load_tokens"]
+    injected = after["1"]["load_tokens"] - before["1"]["load_tokens"]
+    # vLLM counts the tokens beyond the decode engine's own prefix hits (a program's earlier turns);
+    # the example connector re-injects the whole block-aligned prompt[:-1], hits included
+    assert 0 < loaded < injected
+    # per call (the connector's kv_transfer_params): what it injected, 2 KiB per token; the calls
+    # add up to the engine's counter
+    assert calls["kv_transfer_bytes"].sum() == injected * 2048
+    assert ((calls["kv_transfer_bytes"] == 0)
+            | (calls["kv_transfer_bytes"] == (calls["num_prompt_tokens"] - 1) // BS * BS * 2048)).all()
     # every call's prompt went through the prefill engine (one token each)
     assert after["0"]["save_tokens"] > before["0"]["save_tokens"]
-    # per call: the connector moves the block-aligned prompt[:-1], 2 KiB of KV per token here
-    assert (calls["kv_transfer_bytes"] == (calls["num_prompt_tokens"] - 1) // BS * BS * 2048).all()
     assert (calls["kv_transfer_time"] >= 0).all()
     assert res.summary["total_kv_transfer_bytes"] == calls["kv_transfer_bytes"].sum()
 
