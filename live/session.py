@@ -19,6 +19,7 @@ hit blocks cached by the previous one. Runs given to one session must share its 
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -105,6 +106,24 @@ class LiveSession:
                             manifest=manifest, on_kill=lambda eid: self.cluster.kill_engine(by_id[eid]),
                             max_num_seqs=cfg.cluster.engine.max_num_seqs, progress=settings.progress)
         return driver.run(source)
+
+    def engine_processes(self) -> list[list[str]]:
+        """Per engine on this host: the names of its actor's descendant processes now (e.g.
+        ``["VLLM::EngineCore"]``; a multiprocessing executor adds its worker), from psutil; engines on
+        other hosts give ``[]``."""
+        import psutil
+
+        out = []
+        here = os.uname().nodename
+        for h in self.handles:
+            names: list[str] = []
+            if h.info.get("hostname") == here:
+                try:
+                    names = sorted(c.name() for c in psutil.Process(h.info["pid"]).children(recursive=True))
+                except (psutil.Error, KeyError):
+                    names = []
+            out.append(names)
+        return out
 
     def close(self) -> None:
         if self.cluster is not None:

@@ -140,6 +140,9 @@ def test_quick_study_live(tmp_path):
     for d in live.dir:  # each repeat is a complete live run of its own
         man = json.loads((Path(d) / "manifest.json").read_text())
         assert man["complete"] and man["backend"] == "live"
+        # the test bed: the engine core runs the model itself (no worker process busy-spinning beside it)
+        procs = man["engine_processes"][0]
+        assert any("EngineCore" in p for p in procs) and not any("Worker" in p for p in procs), procs
     assert live.host_loadavg_1min_before.notna().all()
     sim = runs[runs.source == "sim"].iloc[0]
     sim0 = runs[runs.source == "sim-profile"].iloc[0]

@@ -428,7 +428,8 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
             failed.append(f"live/engine: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
     def host_load() -> dict:
-        return {"host_loadavg_1min_before": round(os.getloadavg()[0], 2)}
+        return {"host_loadavg_1min_before": round(os.getloadavg()[0], 2),
+                "engine_processes": session.engine_processes() if session is not None else None}
 
     try:
         if hand_summary is None and session is not None:
