@@ -75,12 +75,14 @@ def test_fit_handoff_recovers_terms_despite_outliers():
         fit_handoff(calls.head(2))
 
 
-def test_bad_study_option_is_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("item, names", [("fidelity.repeats=0", "fidelity.repeats"),
+                                         ("cluster.profile=nowhere.json", "nowhere.json")])
+def test_bad_study_option_is_one_line_exit_2(tmp_path, item, names):
     r = subprocess.run([sys.executable, "-m", "agentsim", "study", "fidelity", "--quick", "-o", str(tmp_path / "o"),
-                        "--set", "fidelity.repeats=0"], capture_output=True, text=True, cwd=REPO, timeout=120)
+                        "--set", item], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "fidelity.repeats" in lines[0]
+    assert len(lines) == 1 and names in lines[0], lines
 
 
 def test_step_correction_and_calibrated_profile(tmp_path):
