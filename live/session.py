@@ -91,7 +91,7 @@ class LiveSession:
         settings = self.settings
         bundle = make_bundle(cfg.policy)
         if needs_engine_scheduler(bundle) != needs_engine_scheduler(make_bundle(self.cfg.policy)):
-            raise ValueError("LiveSession.run: the policy needs a different engine scheduler than the session's engines")
+            raise ValueError("LiveSession.run: the policy needs another engine scheduler than the session's engines")
         source = ProgramSource(cfg.workload, cfg.seed)
         opt = replace(settings.options, duration=cfg.duration,
                       slo_ttft=cfg.slo_ttft if settings.options.slo_ttft is None else settings.options.slo_ttft,

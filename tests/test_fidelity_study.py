@@ -93,7 +93,8 @@ def test_step_correction_and_calibrated_profile(tmp_path):
     rows = []
     t = 0.0
     for k, (prompt, n) in enumerate([(200, 30), (400, 34), (800, 20), (300, 2)]):
-        steps = [prof.step_time(BatchShape(num_decode_seqs=1, decode_ctx_tokens=prompt + i)) + 0.7e-3 for i in range(1, n)]
+        steps = [prof.step_time(BatchShape(num_decode_seqs=1, decode_ctx_tokens=prompt + i)) + 0.7e-3
+                 for i in range(1, n)]
         first = t + 0.01
         rows.append({"status": "finished", "arrival_at": t, "scheduled_at": t + 0.002, "first_token_at": first,
                      "service_time": first + sum(steps) - (t + 0.002), "finish_at": first + sum(steps) + 0.001,

@@ -36,9 +36,10 @@ The calibrated profile is written to ``cells/profile.json`` (its provenance hold
 
 **Runs.** Each load (``workload.agents`` of the spec's grid) is simulated once with the calibrated profile
 (deterministic; through the sweep machinery, ``cells/sim``), once with the step profile alone
-(``cells/sim-profile``: what the live calibration buys), and run live ``repeats`` times on the same engine (same seed, so the same
-programs; prefix caches reset before each run), results under ``cells/live/<cell id>-r<k>/`` (the live
-run layout; ``agentsim compare`` takes a sim cell and a live run). A rerun reuses complete live runs of the
+(``cells/sim-profile``: what the live calibration buys), and run live ``repeats`` times on the same
+engine (same seed, so the same programs; prefix caches reset before each run), results under
+``cells/live/<cell id>-r<k>/`` (the live run layout, its manifest with the host's load average before the
+run and the engine's processes; ``agentsim compare`` takes a sim cell and a live run). A rerun reuses complete live runs of the
 same config and finished sim cells.
 
 **Tables.** ``fidelity``: per load x metric, the sim value, the live median, min and max over the
@@ -48,9 +49,12 @@ further from the live median than the repeats are from each other), and ``sim_pr
 ``rel_error_profile_only``. ``fidelity_summary``: per metric, the median signed and the median / p95
 absolute relative error over the loads (both simulations), the median noise band and how many loads are
 within noise. ``fidelity_runs``: every run's metrics (live runs with the host's 1-minute load average
-before the run). ``fidelity_calibration``: the two live fits. Figure ``fidelity.png``: sim vs live median with min-max error bars per metric and load.
-Metrics (``agentsim.metrics.summarize`` names): mean / p95 TTFT, TPOT and E2E latency (ms), mean / p95
-program latency (s), output throughput (tok/s) and program throughput (programs/s).
+before the run). ``fidelity_calibration``: the two live fits and the
+prefill-step diagnostic. Figure ``fidelity.png``: sim (calibrated and profile-only) vs live median with
+min-max error bars, per metric and load. Metrics (``agentsim.metrics.summarize`` names): mean / median /
+p95 TTFT, TPOT and E2E latency (ms), mean / median / p95 program latency (s), output throughput (tok/s)
+and program throughput (programs/s). On a shared machine the means and p95s carry the tails of steps held
+up by other processes; the medians show the model's centre.
 
 Raises ConfigError for a bad ``--set`` value (``fidelity.repeats`` < 1, an unknown config key). A live
 run or the engine start that fails is listed in ``StudyResult.failed`` (``live/...: reason``), never
@@ -313,10 +317,10 @@ def findings(t: pd.DataFrame, s: pd.DataFrame, hand: dict | None, repeats: int, 
                    f"{hand['per_request_s'] * 1e3:.2f} ms + {hand['per_prompt_token_s'] * 1e6:.2f} us/prompt token "
                    f"(median {hand['median_handoff_in_ms']:.2f} ms in; {hand['median_handoff_back_ms']:.2f} ms back, "
                    f"not modelled); live decode step {hand['median_live_tpot_ms']:.2f} ms vs the profile's "
-                   f"{hand['median_profile_tpot_ms']:.2f} ms, so {hand['step_const_delta_s'] * 1e3:+.2f} ms per step; "
-                   f"its first (prefill) steps, median {hand['median_uncached_prompt_tokens']:.0f} uncached tokens, took "
-                   f"{hand['median_live_prefill_step_ms']:.2f} ms live vs {hand['median_calibrated_prefill_step_ms']:.2f} ms "
-                   "calibrated (not fitted).")
+                   f"{hand['median_profile_tpot_ms']:.2f} ms, so {hand['step_const_delta_s'] * 1e3:+.2f} ms per "
+                   f"step; its first (prefill) steps, median {hand['median_uncached_prompt_tokens']:.0f} uncached "
+                   f"tokens, took {hand['median_live_prefill_step_ms']:.2f} ms live vs "
+                   f"{hand['median_calibrated_prefill_step_ms']:.2f} ms calibrated (not fitted).")
     for r in s.itertuples():
         verdict = ("within the live noise at every load" if r.loads_within_noise == r.loads
                    else f"within the live noise at {r.loads_within_noise} of {r.loads} loads")
@@ -497,8 +501,8 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
     table = compare_table(sims["sim"], {a: v for a, v in live.items() if v}, sims["sim-profile"])
     summ = summary_table(table) if not table.empty else pd.DataFrame()
     figs = [plot(table, out / "fidelity.png")] if not table.empty else []
-    tables_out = {"fidelity": table, "fidelity_summary": summ,
-                  "fidelity_runs": pd.DataFrame(runs).sort_values(["agents", "source", "repeat"]) if runs else pd.DataFrame()}
+    runs_t = pd.DataFrame(runs).sort_values(["agents", "source", "repeat"]) if runs else pd.DataFrame()
+    tables_out = {"fidelity": table, "fidelity_summary": summ, "fidelity_runs": runs_t}
     if hand is not None:
         tables_out["fidelity_calibration"] = pd.DataFrame([hand])
     return StudyResult("fidelity", tables=tables_out, figures=figs,
