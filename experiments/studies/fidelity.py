@@ -39,8 +39,8 @@ The calibrated profile is written to ``cells/profile.json`` (its provenance hold
 (``cells/sim-profile``: what the live calibration buys), and run live ``repeats`` times on the same
 engine (same seed, so the same programs; prefix caches reset before each run), results under
 ``cells/live/<cell id>-r<k>/`` (the live run layout, its manifest with the host's load average before the
-run and the engine's processes; ``agentsim compare`` takes a sim cell and a live run). A rerun reuses complete live runs of the
-same config and finished sim cells.
+run and the engine's processes; ``agentsim compare`` takes a sim cell and a live run). A rerun reuses
+complete live runs of the same config and finished sim cells.
 
 **Tables.** ``fidelity``: per load x metric, the sim value, the live median, min and max over the
 repeats, ``rel_error`` = sim / live median - 1, ``noise_band`` = (max - min) / median of the repeats,
