@@ -250,7 +250,7 @@ def test_reports_render_in_headless_chromium(dirs):
         if not p.exists():
             assert _cli("report", p.parent if p.name == "report.html" else dirs["sweep"], "-o", p) == 0
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
             for p in pages:
                 page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -277,7 +277,7 @@ def test_live_run_report_names_where_it_ran_and_the_live_command(dirs, tmp_path)
     (live/runner.py manifest_base) and the driver options (live/driver.py). The directory here is the
     simulated run with those keys set as a live run writes them (a real live run takes minutes)."""
     live = tmp_path / "live"
-    shutil.copytree(dirs["run"], live)
+    shutil.copytree(dirs["run"], live, ignore=shutil.ignore_patterns("*.parquet", "report*"))  # no figures: faster
     m = json.loads((live / "manifest.json").read_text())
     m.update(backend="live", cluster="local 2-node Ray cluster", live_model="tiny", load_format="dummy",
              dtype="float32", gpu="no GPU", status="finished", wall_time_s=21.5,
