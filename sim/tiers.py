@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agentsim.policies.oracle import plan_body
+from agentsim.programs import program_body
 from agentsim.workload import ProgramContext
 
 GiB = float(1 << 30)
@@ -660,14 +661,9 @@ class Mechanisms:
             return
         arrival_at = prog.arrival_at
         if self._planners:
-            rng = copy.deepcopy(prog.meta["rng"])
-            pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, rng)
-            if getattr(gen, "is_team", False):
-                task = gen.task(rng)
-                body = gen.team_body(pc, task, task.default_topology)
-            else:
-                body = gen.body(pc)
-            plan = plan_body(body)
+            # a copy of the body a run would take (agentsim.programs.program_body; teams: default topology)
+            pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, copy.deepcopy(prog.meta["rng"]))
+            plan = plan_body(program_body(prog, pc))
             for comp in self._planners:
                 comp.on_program_plan(prog.program_id, plan, arrival_at)
         if self._wrap is not None and getattr(gen, "is_team", False):
