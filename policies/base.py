@@ -25,7 +25,7 @@ define all of them (checked once, in :func:`check_bundle`; backends read the res
   usage, so the simulator runs its engines step by step (no fast-forward window hides evictions).
 - :class:`TieredEvict` (evict) ``tier_settings() -> TierSettings`` -- the CPU KV tier it wants.
 - :class:`LeveledEvict` (evict) ``level(agent_id, now)``, ``is_suffix(block, block_size)``,
-  ``depends_on_clock: bool`` -- its free queues are :class:`LeveledFreeQueue` s ranking blocks by their
+  ``depends_on_clock: bool`` -- its free queues are :class:`LeveledQueue` s ranking blocks by their
   agent's level; ``depends_on_clock``: the order changes with time alone (no fast-forward).
 - :class:`Retention` (evict) ``retain(call, now)``, ``is_pinned``, ``on_unpin``, ``unpin_key``,
   ``unpin_reason`` -- keep a finished call's KV (Continuum, Tokencake): the policy decides how long
@@ -201,7 +201,7 @@ class TieredEvict(Protocol):
     def tier_settings(self) -> TierSettings: ...
 
 
-class LeveledFreeQueue(FreeBlockQueue, Protocol):
+class LeveledQueue(FreeBlockQueue, Protocol):
     """A free queue ranking blocks by their agent's level (farthest evicted first)."""
 
     block_size: int   # set by the backend to the engine's block size
@@ -211,7 +211,8 @@ class LeveledFreeQueue(FreeBlockQueue, Protocol):
 
 
 class LeveledEvict(Protocol):
-    """An evict policy whose free queues are :class:`LeveledFreeQueue` s (ScaleSim, KVFlow)."""
+    """An evict policy whose free queues are :class:`LeveledQueue` s (ScaleSim, KVFlow:
+    ``agentsim.policies.distance.LeveledFreeQueue``)."""
 
     depends_on_clock: bool   # levels change with time alone: the simulator runs step by step
 

@@ -1,4 +1,5 @@
-"""Distance-based eviction and prefetch (ScaleSim invocation distance, KVFlow steps-to-execution), the CPU tier's held calls."""
+"""Distance-based eviction and prefetch (ScaleSim invocation distance, KVFlow steps-to-execution) and the
+CPU tier's held calls."""
 
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ class LiveRecorder:
         self.events: list[tuple] = []
         # the policy's events and the scheduler's ranking decisions, through their public subscriptions
         for name in ("on_call_arrive", "on_call_finish"):
-            sched.bundle.subscribe(name, lambda call, now, name=name: self.events.append((name, now, self.snapshot(call))))
+            sched.bundle.subscribe(name, lambda call, now, name=name:
+                                   self.events.append((name, now, self.snapshot(call))))
 
         def decided(event, now, data):
             if event == "rank":

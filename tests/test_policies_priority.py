@@ -1,4 +1,5 @@
-"""Order policies (Autellix PLAS/ATLAS, MLFQ, SJF oracle, Kairos) on hand-checked scenarios run on the real engine model.
+"""Order policies (Autellix PLAS/ATLAS, MLFQ, SJF oracle, Kairos) on hand-checked scenarios run on the real
+engine model.
 
 Most scenarios use a constant 10 ms step (``conftest.constant_profile``): a call with P <= budget
 prompt tokens and O output tokens then runs exactly O steps (one prefill step that samples the first

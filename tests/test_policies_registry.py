@@ -1,4 +1,5 @@
-"""The policy registry: every bundle builds, bad parameters name their field, CLI errors, the policy report helpers."""
+"""The policy registry: every bundle builds, bad parameters name their field, CLI errors, the policy report
+helpers."""
 
 from __future__ import annotations
 
