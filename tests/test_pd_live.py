@@ -187,3 +187,17 @@ def test_bad_role_config_is_one_line_exit_2(tmp_path, capsys, roles, flags, need
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt-tokens", "256,x"], "--prompt-tokens"),
+    (["--prompt-tokens", "1"], "--prompt-tokens"),
+    (["--output-tokens", "1"], "--output-tokens"),
+    (["--repeats", "0"], "--repeats"),
+    (["--model", "no/such/model/dir"], "--model"),
+])
+def test_pd_bench_bad_input_is_one_line_exit_2(capsys, args, needle):
+    rc = run_cli(["pd-bench", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith(f"error: {needle}"), err
