@@ -99,9 +99,12 @@ class _StatSink:
                 self.cached_tokens += int(getattr(pcs, "hits", 0))
             kcs = getattr(sched, "kv_connector_stats", None)
             if isinstance(kcs, dict):
-                for k, v in kcs.items():
+                for k, v in kcs.items():  # numbers are summed; lists (NIXL's per-transfer values) too, and counted
                     if isinstance(v, (int, float)):
                         self.kv_transfer[k] = self.kv_transfer.get(k, 0) + v
+                    elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+                        self.kv_transfer[k] = self.kv_transfer.get(k, 0) + sum(v)
+                        self.kv_transfer[f"{k}_count"] = self.kv_transfer.get(f"{k}_count", 0) + len(v)
             self.num_steps += 1
             self._last_busy = self.num_running + self.num_waiting > 0
         if it is not None:
