@@ -65,6 +65,7 @@ import simpy
 
 from agentsim.calibration.profile import Profile
 from agentsim.config import EngineLimits
+from agentsim.metrics import CallStatus
 from agentsim.policies.base import BlockView, FreeBlockQueue
 from agentsim.policies.ranking import pick_victim, rank_key, should_preempt, sort_by_rank
 from agentsim.sim.kv import BlockPool, num_reserved_blocks, v0_watermark_blocks
@@ -130,7 +131,7 @@ class SimCall:
         self.finish_at = math.nan
         self.enqueued_at = arrival_at
         self.seq = call_id
-        self.status = "new"
+        self.status = CallStatus.NEW
         self.num_retries = 0
         self.key = None
         # KV moved to this call's engine over the links (agentsim.sim.disagg): bytes, seconds, and
@@ -264,7 +265,7 @@ class Engine:
     def add_call(self, call: SimCall) -> None:
         """Queue a call; it joins at the next step boundary after ``now`` (or wakes an idle engine)."""
         call.engine = self
-        call.status = "waiting"
+        call.status = CallStatus.WAITING
         call.enqueued_at = self.env.now
         if not call.full_hashes:
             full = call.context.extend(Segment(call.output_seg_id, call.num_output_tokens))
@@ -986,7 +987,7 @@ class Engine:
             call.num_cached_tokens = num_hit_tokens
             call.scheduled_at = now
         call.wait_time += now - call.enqueued_at
-        call.status = "running"
+        call.status = CallStatus.RUNNING
         call._service_mark = self.busy_cum
         self.running.append(call)
         self._num_admitted += 1
@@ -1042,7 +1043,7 @@ class Engine:
         call._skipped = 0.0
         call.num_preemptions += 1
         self.num_preemptions += 1
-        call.status = "preempted"
+        call.status = CallStatus.PREEMPTED
         if enqueue:
             self._enqueue(call, now, front=True)
 
@@ -1140,7 +1141,7 @@ class Engine:
         call._service += (self.busy_cum - call._service_mark) - call._skipped
         call._service_mark = -1.0
         call.finish_at = now
-        call.status = "finished"
+        call.status = CallStatus.FINISHED
         self.num_outstanding_tokens -= call.num_prompt_tokens + call.num_output_tokens
         self.on_finish(call)
 

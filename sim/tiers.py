@@ -41,6 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agentsim.metrics import CallStatus
 from agentsim.policies.oracle import plan_body
 from agentsim.programs import program_body
 from agentsim.workload import ProgramContext
@@ -249,7 +250,7 @@ class EngineTiers:
                 et.engine.notify()  # the program moved on: that engine drops its pin at its next boundary
         if self.cpu is None:
             return False
-        call.status = "loading"
+        call.status = CallStatus.LOADING
         self.held.append(call)
         self.engine.notify()
         return True
@@ -259,7 +260,7 @@ class EngineTiers:
             # straight into the inbox with its arrival time: the engine drains it right after
             # this hook exactly as if it had never been taken aside
             e = self.engine
-            call.status = "waiting"
+            call.status = CallStatus.WAITING
             e.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
             e.inbox.append(call)
         else:
@@ -517,7 +518,7 @@ class EngineTiers:
                     keep.append(ld)
                 elif ld.kind == "call":
                     c = ld.call
-                    if c.status in ("running", "finished", "preempted"):
+                    if c.status in (CallStatus.RUNNING, CallStatus.FINISHED, CallStatus.PREEMPTED):
                         self.pool.free(ld.blocks + ld.protect, now)
                     else:
                         keep.append(ld)
