@@ -284,7 +284,8 @@ def _run_cell(base: dict, cell: dict, cell_dir: str, key: str | None = None) -> 
         cfg = config_from_dict(_cell_data(base, cell))
         r = run(cfg)
         write_results(cell_dir, r.calls, r.programs, r.engines, r.summary,
-                      {**r.manifest, "stats": r.stats, "cell": cell, "cell_key": key or cell_key(cfg)})
+                      {**r.manifest, "stats": r.stats, "cell": cell, "cell_key": key or cell_key(cfg)},
+                      links=r.links)
         return {**cell, **r.summary}
     except AgentsimError as e:
         return {"_error": str(e), "_bad_input": True}
