@@ -48,6 +48,11 @@ from agentsim.live.driver import EngineClient
 KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
 CONNECTOR = "TimedExampleConnector"
 CONNECTOR_MODULE = "agentsim.live.kvconnector"
+#: ``--kv-connector`` choices: the disk-based example connector (default) or NIXL (needs the nixl package)
+CONNECTORS = ("example", "nixl")
+#: what a NIXL prefill request carries (vLLM's examples/online_serving/disaggregated_serving proxies)
+NIXL_PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                       "remote_block_ids": None, "remote_host": None, "remote_port": None}
 #: the connector's counters (``agentsim.live.kvconnector.STAT_KEYS``; not imported here: it imports vLLM)
 TRANSFER_KEYS = ("save_s", "save_bytes", "save_tokens", "load_s", "load_bytes", "load_tokens", "num_loads")
 
@@ -69,20 +74,59 @@ def is_disaggregated(roles: Sequence[str]) -> bool:
     return any(r != "mixed" for r in roles)
 
 
-def apply_roles(specs: list[dict], roles: Sequence[str], storage_path: str) -> list[dict]:
+def nixl_kv_transfer_config(buffer_device: str = "cpu") -> dict:
+    """vLLM ``KVTransferConfig`` fields for ``NixlConnector`` (every P/D engine ``kv_both``, as vLLM's
+    ``disaggregated_serving`` NIXL examples run it); ``buffer_device``: ``cpu`` on vLLM's CPU build
+    (``vllm/distributed/kv_transfer/kv_connector/v1/nixl/utils.py`` ``_NIXL_SUPPORTED_DEVICE``)."""
+    return {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": buffer_device}
+
+
+def check_nixl() -> None:
+    """ConfigError (exit 2) unless the ``nixl`` package vLLM imports (``nixl._api``) is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("nixl") is None:
+        raise ConfigError("--kv-connector", "nixl needs the `nixl` Python package, which vLLM imports as nixl._api "
+                          "(pip install nixl; its nixl-cu12 UCX build also runs on CPU-only machines)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def apply_roles(specs: list[dict], roles: Sequence[str], storage_path: str | None,
+                connector: str = "example", buffer_device: str = "cpu") -> list[dict]:
     """Engine specs (``EngineSpec.to_dict()`` rows, by engine id) with each role's KV connector.
 
-    Prefill engines also get ``enable_chunked_prefill = False`` and ``max_num_batched_tokens >=
-    max_model_len`` (the example connector saves a prompt's KV in its first scheduled step only).
-    Raises ConfigError when ``roles`` and ``specs`` disagree in length.
+    ``connector``: ``example`` (:class:`agentsim.live.kvconnector.TimedExampleConnector`, files in
+    ``storage_path``) or ``nixl`` (vLLM's ``NixlConnector``: the decode engine reads the prefill
+    engine's KV blocks over UCX; each P/D engine gets its own NIXL side-channel port on 127.0.0.1,
+    ``VLLM_NIXL_SIDE_CHANNEL_PORT`` / ``_HOST``). With the example connector, prefill engines also
+    get ``enable_chunked_prefill = False`` and ``max_num_batched_tokens >= max_model_len`` (it saves
+    a prompt's KV in its first scheduled step only). Raises ConfigError when ``roles`` and ``specs`` disagree
+    in length or for an unknown connector.
     """
     if len(roles) != len(specs):
         raise ConfigError("cluster.disagg.roles", f"{len(roles)} roles for {len(specs)} engines")
+    if connector not in CONNECTORS:
+        raise ConfigError("--kv-connector", f"must be one of {', '.join(CONNECTORS)}, got {connector!r}")
     out = []
     for spec, role in zip(specs, roles):
         s = dict(spec)
-        s["kv_transfer_config"] = kv_transfer_config(role, storage_path)
-        if role == "prefill":
+        if connector == "nixl":
+            if role not in ("mixed", *KV_ROLE):
+                kv_transfer_config(role, "")  # raises the role error
+            s["kv_transfer_config"] = None if role == "mixed" else nixl_kv_transfer_config(buffer_device)
+            if role != "mixed":
+                s["env"] = dict(s.get("env") or {}, VLLM_NIXL_SIDE_CHANNEL_PORT=str(_free_port()),
+                                VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1")
+        else:
+            s["kv_transfer_config"] = kv_transfer_config(role, str(storage_path))
+        if role == "prefill" and connector == "example":
             s["enable_chunked_prefill"] = False
             s["max_num_batched_tokens"] = max(int(s.get("max_num_batched_tokens") or 0), int(s["max_model_len"]))
         out.append(s)
@@ -163,9 +207,11 @@ class PDClient(EngineClient):
     """
 
     def __init__(self, decode: EngineClient, prefills: Sequence[EngineClient],
-                 inflight: dict[int, int] | None = None) -> None:
+                 inflight: dict[int, int] | None = None, connector: str = "example") -> None:
         if not prefills:
             raise ValueError("a P/D client needs at least one prefill engine")
+        self.connector = connector
+        self._nixl_blocks = 0  # NIXL: blocks the decode engine was told to pull so far
         self.decode = decode
         self.prefills = list(prefills)
         self.engine_id = decode.engine_id
@@ -199,11 +245,17 @@ class PDClient(EngineClient):
         off = await self._offset(p)
         self._inflight[p.engine_id] = self._inflight.get(p.engine_id, 0) + 1
         try:
-            pre = await p.generate(f"{request_id}-p", token_ids, 1, priority, extra_args,
+            pre_args = dict(extra_args or {})
+            if self.connector == "nixl":  # ask the prefill engine to keep the blocks for a remote decode
+                pre_args["kv_transfer_params"] = dict(NIXL_PREFILL_PARAMS)
+            pre = await p.generate(f"{request_id}-p", token_ids, 1, priority, pre_args,
                                    None if run_epoch is None else run_epoch + off)
         finally:
             self._inflight[p.engine_id] -= 1
-        dec = await self.decode.generate(request_id, token_ids, max_tokens, priority, extra_args, run_epoch)
+        dec_args = dict(extra_args or {})
+        if self.connector == "nixl":  # where the decode engine pulls the blocks from
+            dec_args["kv_transfer_params"] = pre.get("kv_transfer_params")
+        dec = await self.decode.generate(request_id, token_ids, max_tokens, priority, dec_args, run_epoch)
 
         def on_decode_clock(t: float) -> float:
             return t - off if t else 0.0
@@ -219,6 +271,14 @@ class PDClient(EngineClient):
         mine = ((dec.get("kv_transfer_params") or {}).get("agentsim") or {})  # agentsim.live.kvconnector
         moved = int(mine.get("loaded_tokens", 0))
         reply["kv_transfer_bytes"] = int(round(moved * per_token))
+        if self.connector == "nixl":
+            # NIXL pulls the prefill's blocks: this call's block count x the decode engine's measured
+            # bytes per block so far (exact one call at a time; an estimate while pulls overlap)
+            blocks = len(((pre.get("kv_transfer_params") or {}).get("remote_block_ids") or [[]])[0])
+            self._nixl_blocks += blocks
+            per_block = kv.get("bytes_transferred", 0) / self._nixl_blocks if self._nixl_blocks else 0.0
+            moved = blocks * int(self.info.get("block_size", 0) or 0)
+            reply["kv_transfer_bytes"] = int(round(blocks * per_block))
         # hand-off: prefill engine done -> decode engine schedules the step that injects the KV
         handoff = dec.get("scheduled_at", 0.0) - on_decode_clock(pre.get("done_at", 0.0))
         reply["kv_transfer_time"] = max(0.0, handoff) if dec.get("scheduled_at") and pre.get("done_at") else 0.0
@@ -253,7 +313,7 @@ class PDClient(EngineClient):
                 c.close()
 
 
-def wrap_clients(clients: Sequence[EngineClient], roles: Sequence[str]) -> list[EngineClient]:
+def wrap_clients(clients: Sequence[EngineClient], roles: Sequence[str], connector: str = "example") -> list[EngineClient]:
     """The clients the driver routes over: decode engines as :class:`PDClient` s sharing the prefill
     engines, mixed engines as they are; prefill engines only behind the P/D clients.
 
@@ -267,7 +327,7 @@ def wrap_clients(clients: Sequence[EngineClient], roles: Sequence[str]) -> list[
     out: list[EngineClient] = []
     for c, r in zip(clients, roles):
         if r == "decode":
-            out.append(PDClient(c, prefills, inflight))
+            out.append(PDClient(c, prefills, inflight, connector))
         elif r == "mixed":
             out.append(c)
     if not prefills or not any(r == "decode" for r in roles):
@@ -312,7 +372,12 @@ def make_pd_model(out_dir: str | Path, init_std: float = 0.2, seed: int = 0) -> 
 def transfer_totals(stats: dict) -> dict:
     """The KV connector counters of one engine's stats snapshot (zeros when it has none)."""
     kv = stats.get("kv_transfer") or {}
-    return {k: kv.get(k, 0) for k in TRANSFER_KEYS} | {"external_tokens": int(stats.get("external_tokens", 0))}
+    out = {k: kv.get(k, 0) for k in TRANSFER_KEYS}
+    # NIXL's statistics (vllm/.../kv_connector/v1/nixl/stats.py): the decode engine's pulls are its loads
+    out["load_s"] += kv.get("transfer_duration", 0)
+    out["load_bytes"] += kv.get("bytes_transferred", 0)
+    out["num_loads"] += kv.get("transfer_duration_count", 0)
+    return out | {"external_tokens": int(stats.get("external_tokens", 0))}
 
 
 # ---------------------------------------------------------------------------------------------------- bench
@@ -328,7 +393,7 @@ def _call_metrics(r: dict) -> dict:
 
 def run_pd_bench(model: str, prompt_lens: Sequence[int] = (256, 512, 1024, 1536), output_tokens: int = 32,
                  repeats: int = 3, seed: int = 0, kv_cache_gib: float = 1.0, block_size: int = 32,
-                 progress: Any = None) -> dict:
+                 progress: Any = None, connector: str = "example") -> dict:
     """One prefill + one decode engine vs one co-located (mixed) engine, same prompts, one call at a time.
 
     A local 2-node Ray cluster: prefill engine 0 on node 0, decode engine 1 on node 1, mixed engine 2
@@ -354,10 +419,10 @@ def run_pd_bench(model: str, prompt_lens: Sequence[int] = (256, 512, 1024, 1536)
             specs = apply_roles([EngineSpec(engine_id=0, node_id=0, **common).to_dict(),
                                  EngineSpec(engine_id=1, node_id=1, **common).to_dict(),
                                  EngineSpec(engine_id=2, node_id=0, **common).to_dict()],
-                                ["prefill", "decode", "mixed"], store.path)
+                                ["prefill", "decode", "mixed"], store.path, connector=connector)
             handles = cluster.start_engines(specs, progress=say)
             prefill, decode, mixed = (RayEngineClient(h) for h in handles)
-            client = PDClient(decode, [prefill])
+            client = PDClient(decode, [prefill], connector=connector)
 
             async def stats(c: EngineClient) -> dict:
                 return transfer_totals((await c.poll())["stats"])
@@ -387,6 +452,7 @@ def run_pd_bench(model: str, prompt_lens: Sequence[int] = (256, 512, 1024, 1536)
                             "load_ms": 1e3 * (d1["load_s"] - d0["load_s"]),
                             "kv_bytes": int(d1["load_bytes"] - d0["load_bytes"]),
                             "loaded_tokens": int(d1["external_tokens"] - d0["external_tokens"]),
+                            "kv_transfer_bytes": int(r.get("kv_transfer_bytes", 0)),
                             "same_output": r["token_ids"] == m["token_ids"],
                         })
                         say(f"prompt {n} tokens, repeat {k + 1}/{repeats}: P/D TTFT {pm['ttft_ms']:.1f} ms, "
@@ -408,7 +474,8 @@ def run_pd_bench(model: str, prompt_lens: Sequence[int] = (256, 512, 1024, 1536)
         summary.append(row)
     return {"calls": rows, "summary": summary,
             "setup": {"model": model, "output_tokens": output_tokens, "repeats": repeats, "seed": seed,
-                      "block_size": block_size, "kv_connector": f"{CONNECTOR_MODULE}.{CONNECTOR}"}}
+                      "block_size": block_size,
+                      "kv_connector": f"{CONNECTOR_MODULE}.{CONNECTOR}" if connector == "example" else "NixlConnector"}}
 
 
 def format_bench(res: dict) -> str:
@@ -440,6 +507,8 @@ def pd_bench_command(
     output_tokens: int = _option(32, "--output-tokens", "Output tokens per call (ignore_eos)."),
     repeats: int = _option(3, "--repeats", "Calls per prompt length (fresh prompts)."),
     seed: int = _option(0, "--seed", "Seed of the prompts and the engines."),
+    kv_connector: str = _option("example", "--kv-connector", "example (vLLM's disk-based ExampleConnector) or nixl "
+                                "(vLLM's NixlConnector over UCX; needs the nixl package)."),
     as_json: bool = _option(False, "--json", "Print every call and the summary as JSON instead of the table."),
 ) -> None:
     """Live P/D on vLLM's CPU build: 1 prefill + 1 decode engine (ExampleConnector) vs 1 co-located engine."""
@@ -456,12 +525,16 @@ def pd_bench_command(
         raise ConfigError("--output-tokens", f"must be >= 2 (TPOT needs two tokens), got {output_tokens}")
     if repeats < 1:
         raise ConfigError("--repeats", f"must be >= 1, got {repeats}")
+    if kv_connector not in CONNECTORS:
+        raise ConfigError("--kv-connector", f"must be one of {', '.join(CONNECTORS)}, got {kv_connector!r}")
+    if kv_connector == "nixl":
+        check_nixl()
     if model == "tiny-weights":
         from agentsim.live.runner import default_model_cache
 
         model = str(make_pd_model(default_model_cache() / "tiny-llama-pd"))
     elif not Path(model).is_dir():
         raise ConfigError("--model", f"{model}: not a model directory")
-    res = run_pd_bench(model, lens, output_tokens, repeats, seed,
+    res = run_pd_bench(model, lens, output_tokens, repeats, seed, connector=kv_connector,
                        progress=None if as_json else (lambda line: print(line, file=sys.stderr, flush=True)))
     print(json.dumps(res, indent=1) if as_json else format_bench(res))
