@@ -73,6 +73,16 @@ def test_apply_roles_sets_connectors_and_prefill_limits():
     assert (d["enable_chunked_prefill"], d["max_num_batched_tokens"]) == (True, 512)
     with pytest.raises(ConfigError, match="cluster.disagg.roles"):
         pd.apply_roles([spec], ["prefill", "decode"], "/kv")
+    # NIXL: every P/D engine kv_both with a CPU buffer and its own side-channel port; no prefill limits
+    p, d, m = pd.apply_roles([spec, dict(spec, engine_id=1), dict(spec, engine_id=2)],
+                             ["prefill", "decode", "mixed"], None, connector="nixl")
+    assert p["kv_transfer_config"] == d["kv_transfer_config"] == {
+        "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+    assert m["kv_transfer_config"] is None and "VLLM_NIXL_SIDE_CHANNEL_PORT" not in m["env"]
+    assert p["env"]["VLLM_NIXL_SIDE_CHANNEL_PORT"] != d["env"]["VLLM_NIXL_SIDE_CHANNEL_PORT"]
+    assert (p["enable_chunked_prefill"], p["max_num_batched_tokens"]) == (True, 512)
+    with pytest.raises(ConfigError, match="--kv-connector"):
+        pd.apply_roles([spec], ["prefill"], None, connector="p2p")
 
 
 def test_decode_loads_the_prefill_kv_and_matches_colocated(pair):
