@@ -2,8 +2,10 @@
 
 Sweeps ``experiments/specs/capacity.toml``: one node of 4 A100-80GB (one Llama-3-8B engine per GPU),
 closed-loop agents of a ReAct mix and a SWE-agent-like mix, agents swept upward, per policy bundle.
-The seed's per-node targets (4x A100, 7-14B model): TTFT < 150 ms -- read here as the **p95** TTFT of
-all calls (``p95_ttft_ms``; the seed gives no percentile) -- and 5,000-6,000 tok/s per node -- read as
+The seed's per-node targets (4x A100, 7-14B model): TTFT < 150 ms -- read here as the **p95** TTFT
+(``p95_ttft_ms``; the seed gives no percentile) of the calls that arrive after the first third of the run
+(every closed-loop agent starts at time 0, so the run opens with one cold prefill per agent at once;
+``p95_ttft_ms_all_calls`` keeps the whole run's) -- and 5,000-6,000 tok/s per node -- read as
 **output** tokens per second (``output_throughput``, the ``vllm bench serve`` name), at least 5,000.
 
 Table ``capacity.csv``: one row per (mix, policy) with ``max_agents_ttft`` (the agent count where p95
@@ -27,6 +29,8 @@ from agentsim.experiments.studies.base import figure, load, policy_label, run_sp
 TTFT_TARGET_MS = 150.0
 THROUGHPUT_TARGET = 5000.0
 SEED_RANGE = (200, 400)
+#: share of the run before the TTFT target is read (the start-up burst of first calls)
+WARMUP_FRACTION = 1 / 3
 
 
 def mix_label(mix) -> str:
@@ -43,6 +47,21 @@ def crossing_up(x, y, target: float) -> tuple[float, bool]:
                 return float(x[0]), False
             return float(x[i - 1] + (x[i] - x[i - 1]) * (target - y[i - 1]) / (y[i] - y[i - 1])), False
     return math.nan, True
+
+
+def steady_p95_ttft_ms(cell_dir: str, duration: float) -> float:
+    """p95 TTFT (ms) of the finished calls that arrived after the warm-up (the first third of the run).
+
+    Every closed-loop agent sends its first call at time 0, so the first seconds hold a burst of cold
+    prefills (one per agent) that a steady state never sees; the seed's target is read on the rest."""
+    import numpy as np
+    import pandas as pd
+
+    c = pd.read_parquet(Path(cell_dir) / "calls.parquet", columns=["arrival_at", "ttft", "status"])
+    c = c[(c["status"] == "finished") & (c["arrival_at"] >= duration * WARMUP_FRACTION)]
+    x = c["ttft"].to_numpy(float) * 1e3
+    x = x[~np.isnan(x)]
+    return float(np.percentile(x, 95)) if len(x) else math.nan
 
 
 def capacity_table(cells):
@@ -129,7 +148,8 @@ def run(out: Path, opts: StudyOptions) -> StudyResult:
     cells = pd.DataFrame({"mix": [mix_label(c["workload"]["mix"]) for c in t["_config"]],
                           "policy": [policy_label(v["policy"]) for v in t["_values"]],
                           "agents": [int(c["workload"]["agents"]) for c in t["_config"]],
-                          "p95_ttft_ms": t["p95_ttft_ms"], "median_ttft_ms": t["median_ttft_ms"],
+                          "p95_ttft_ms": [steady_p95_ttft_ms(d, c["duration"]) for d, c in zip(t["_cell"], t["_config"])],
+                          "p95_ttft_ms_all_calls": t["p95_ttft_ms"], "median_ttft_ms": t["median_ttft_ms"],
                           "output_throughput": t["output_throughput"],
                           "total_token_throughput": t["total_token_throughput"],
                           "p95_program_latency_s": t["p95_program_latency_s"],
