@@ -122,16 +122,16 @@ def plot(cells, path: Path) -> Path:
         ax[1].plot(g["agents"], g["output_throughput"], color=c, ls=ls, marker="o", ms=4, label=f"{pol} ({mix})")
     ax[0].axhline(TTFT_TARGET_MS, color="k", lw=0.8, ls=":")
     ax[0].set_yscale("log")
-    ax[0].set_ylabel("p95 TTFT (ms); target < 150 ms")
+    ax[0].set_ylabel("p95 TTFT after warm-up (ms); target < 150")
     ax[1].axhspan(THROUGHPUT_TARGET, 6000, color="grey", alpha=0.2)
-    ax[1].set_ylabel("output throughput per node (tok/s); target 5,000-6,000")
+    ax[1].set_ylabel("output tok/s per node; target 5,000-6,000")
     for a in ax:
         a.axvspan(*SEED_RANGE, color="tab:green", alpha=0.07)
         a.set_xlabel("concurrent agents per node (closed loop)")
         a.grid(alpha=0.3)
     ax[1].legend(fontsize=7)
-    fig.suptitle("Capacity of one 4x A100-80GB node, Llama-3-8B per GPU (green: the seed's 200-400 agents)",
-                 fontsize=9)
+    fig.suptitle("Capacity of one 4x A100-80GB node, Llama-3-8B per GPU; solid: ReAct, dashed: SWE-like; "
+                 "green: the seed's 200-400 agents", fontsize=9, y=1.02)
     fig.tight_layout()
     return save_figure(fig, path)
 
