@@ -88,6 +88,8 @@ def live(
     sample_interval: float = typer.Option(1.0, help="Engine time-series period (s)."),
     kill_engine: List[str] = typer.Option([], "--kill-engine", help="Fault injection: ENGINE_ID@SECONDS (repeatable)."),
     engine_scheduler: bool = typer.Option(False, "--engine-scheduler", help="Host order/evict policies in vLLM even for FCFS/LRU."),
+    kv_connector: str = typer.Option("example", "--kv-connector", help="P/D roles (cluster.disagg): example (vLLM's "
+                                     "disk-based ExampleConnector) or nixl (NixlConnector over UCX; needs the nixl package)."),
     policy_import: List[str] = typer.Option([], "--policy-import", help="Module registering extra policies (imported in the engines too)."),
     out: Path = typer.Option(Path("runs/live"), "--out", "-o", help="Result directory (written atomically)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary table."),
@@ -133,6 +135,7 @@ def live(
     settings = LiveSettings(local_nodes=local_nodes, address=address, endpoints=eps, model=model,
                             load_format=load_format, dtype=dtype, kv_cache_gib=kv_cache_gib, data_plane=data_plane,
                             force_engine_scheduler=engine_scheduler, policy_imports=tuple(policy_import),
+                            kv_connector=kv_connector,
                             options=opt, log_to_driver=verbose, progress=None if quiet else _progress_printer())
 
     signals: list[int] = []

@@ -133,8 +133,11 @@ def apply_roles(specs: list[dict], roles: Sequence[str], storage_path: str | Non
     return out
 
 
-def check_live_roles(roles: Sequence[str], *, endpoints: bool, address: str | None) -> None:
+def check_live_roles(roles: Sequence[str], *, endpoints: bool, address: str | None,
+                     connector: str = "example") -> None:
     """Refuse P/D set-ups the live driver cannot run (one line, ConfigError -> exit 2)."""
+    if connector not in CONNECTORS:
+        raise ConfigError("--kv-connector", f"must be one of {', '.join(CONNECTORS)}, got {connector!r}")
     if not is_disaggregated(roles):
         return
     if endpoints:
@@ -142,7 +145,10 @@ def check_live_roles(roles: Sequence[str], *, endpoints: bool, address: str | No
                           "--address); --endpoints servers have no KV connector agentsim can configure")
     if address:
         raise ConfigError("cluster.disagg.roles", "live P/D uses vLLM's disk-based ExampleConnector, whose KV "
-                          "files every engine must see on one filesystem: run it on --local-nodes")
+                          "files every engine must see on one filesystem (or NIXL with its side channel on "
+                          "127.0.0.1): run it on --local-nodes")
+    if connector == "nixl":
+        check_nixl()
 
 
 class PDStorage:
@@ -165,8 +171,11 @@ class PDStorage:
             self.path = None
 
 
-def manifest_entry(roles: Sequence[str]) -> dict:
+def manifest_entry(roles: Sequence[str], connector: str = "example") -> dict:
     """What a P/D run records in ``manifest.json`` under ``pd`` (before the transfer totals)."""
+    if connector == "nixl":
+        return {"roles": list(roles), "kv_connector": "NixlConnector", "vllm_connector": "NixlConnector",
+                "kv_roles": {r: (None if r == "mixed" else "kv_both") for r in sorted(set(roles))}}
     return {"roles": list(roles), "kv_connector": f"{CONNECTOR_MODULE}.{CONNECTOR}",
             "vllm_connector": "ExampleConnector", "kv_roles": {r: KV_ROLE.get(r) for r in sorted(set(roles))}}
 

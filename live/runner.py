@@ -44,6 +44,7 @@ class LiveSettings:
     policy_imports: tuple[str, ...] = ()  # extra modules that register policies (imported in engines too)
     scheduler_log_dir: str | None = None
     engine_env: dict = field(default_factory=dict)
+    kv_connector: str = "example"         # P/D roles: example (vLLM's disk-based connector) or nixl (agentsim.live.pd)
     options: LiveOptions = field(default_factory=LiveOptions)
     log_to_driver: bool = False
     progress: Any = None                  # progress(line): start-up and run progress (cluster, engines, programs)
@@ -189,7 +190,8 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
     from agentsim.live import pd
 
     roles = cfg.cluster.engine_roles
-    pd.check_live_roles(roles, endpoints=bool(settings.endpoints), address=settings.address)
+    pd.check_live_roles(roles, endpoints=bool(settings.endpoints), address=settings.address,
+                        connector=settings.kv_connector)
     if settings.endpoints:
         from agentsim.live.http import run_endpoints
 
@@ -220,16 +222,16 @@ def run_live(cfg: RunConfig, settings: LiveSettings, out_dir: str | Path | None 
     with cluster, pd.PDStorage(enabled=pd.is_disaggregated(roles)) as pd_store:
         specs = engine_specs(cfg, settings, model, run_tag, scheduler, gpu=cluster.has_gpus())
         if pd_store.path is not None:  # P/D: each role's KV connector (agentsim.live.pd)
-            specs = pd.apply_roles(specs, roles, pd_store.path)
+            specs = pd.apply_roles(specs, roles, pd_store.path, connector=settings.kv_connector)
         say(f"starting {len(specs)} vLLM engine(s) (each loads the model and profiles its KV cache)")
         handles = cluster.start_engines(specs, progress=settings.progress)
         say(f"running the workload: programs start for {opt.duration:g} s"
             + (", then running ones finish" if opt.drain else ", then the run ends"))
         by_id = {h.engine_id: h for h in handles}
-        clients = pd.wrap_clients([RayEngineClient(h) for h in handles], roles)
+        clients = pd.wrap_clients([RayEngineClient(h) for h in handles], roles, settings.kv_connector)
         manifest = manifest_base(cfg, settings, model)
         if pd_store.path is not None:
-            manifest["pd"] = pd.manifest_entry(roles)
+            manifest["pd"] = pd.manifest_entry(roles, settings.kv_connector)
         manifest["gpu"] = _gpu_summary(handles)
         driver = LiveDriver(clients, bundle, block_size=handles[0].info["block_size"], options=opt,
                             out_dir=out_dir, seed=cfg.seed, manifest=manifest,
