@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
 from agentsim.errors import ConfigError
 from agentsim.outputs import REPORT_ENTRIES, OutputError, dir_entries
@@ -218,12 +219,33 @@ def run_study(name: str, quick: bool, out: Optional[Path], workers: int, ray_add
     return 0
 
 
+STUDY_HELP = "Run a study: its sweeps (resumable), tables, figures, findings and study.json."
+
+
+class _StudyCommand(typer.core.TyperCommand):
+    """``agentsim study``: its help lists the registered studies, imported only when help is shown
+    (so other commands do not import every study module)."""
+
+    @property
+    def help(self) -> str:
+        if not getattr(self, "_full", False):
+            return STUDY_HELP
+        return STUDY_HELP + "\n\nStudies:\n\n" + study_help()
+
+    @help.setter
+    def help(self, value) -> None:
+        pass
+
+    def get_help(self, ctx) -> str:
+        self._full = True
+        return super().get_help(ctx)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``agentsim study`` to ``app``."""
     from agentsim.commands import err, parse_set_options
 
-    @app.command("study", help="Run a study: its sweeps (resumable), tables, figures, findings and study.json.\n\n"
-                               "Studies:\n\n" + study_help(),
+    @app.command("study", cls=_StudyCommand, help=STUDY_HELP,
                  context_settings={"help_option_names": ["--help", "-h"]})
     def study(
         name: str = typer.Argument(..., metavar="NAME", help="The study (listed above)."),
