@@ -69,6 +69,7 @@ from agentsim.metrics import CallStatus
 from agentsim.policies.base import BlockView, FreeBlockQueue
 from agentsim.policies.ranking import pick_victim, rank_key, should_preempt, sort_by_rank
 from agentsim.sim.kv import BlockPool, num_reserved_blocks, v0_watermark_blocks
+from agentsim.sim.kv_manager import KVCacheManager
 from agentsim.workload import CallHints, Context, Segment
 
 
@@ -200,6 +201,8 @@ class Engine:
         self.num_gpu_blocks = num_blocks
         self.num_total_blocks = self.pool.num_blocks  # usable by requests (V1: without the null block)
         self.prefix_caching = limits.enable_prefix_caching
+        # the scheduler asks the KV cache manager (vLLM v1's layering: manager -> pool -> free queue)
+        self.kv = KVCacheManager(self.pool, self.block_size, self.prefix_caching)
         self.running: list[SimCall] = []
         self.waiting: list = []          # heap of (rank_key, call), or plain list if dynamic
         self.inbox: list[SimCall] = []   # arrived, not yet seen by the scheduler
@@ -535,7 +538,7 @@ class Engine:
             finished = fin
         if prefills:
             caching = self.prefix_caching
-            cached = self.pool.cached
+            kv = self.kv
             more = []
             for call, n in prefills:
                 before = call.num_computed
@@ -544,20 +547,8 @@ class Engine:
                 ng = call.num_generated
                 if ng == 0:
                     call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
-                if caching:
-                    full_after = nc // bs
-                    full_before = before // bs
-                    if full_after > full_before:
-                        hashes = call.full_hashes
-                        blocks = call.blocks
-                        if full_after > len(hashes):
-                            full_after = len(hashes)
-                        for k in range(full_before, full_after):
-                            b = blocks[k]
-                            h = hashes[k]
-                            if b.block_hash is None and h not in cached:
-                                b.block_hash = h
-                                cached[h] = b
+                if caching and nc // bs > before // bs:
+                    kv.cache_full_blocks(call, before, nc)  # full computed blocks enter the prefix cache
                 if nc == call.num_prompt_tokens + ng:
                     ng += 1
                     call.num_generated = ng
@@ -813,12 +804,10 @@ class Engine:
             sampled = n <= budget
             if n > budget:
                 n = budget
-            evictable = 0
-            for b in hit_blocks:
-                if b.ref_count == 0:
-                    evictable += 1
-            need = -(-(num_hit_tokens + n) // bs) - len(hit_blocks)
-            if need + evictable > pool.num_blocks - pool.num_used:
+            if self.kv.allocate_slots(call, n, now, hit_blocks) is None:
+                # the KV cache cannot hold it (free hits count as taken)
+                need = -(-(num_hit_tokens + n) // bs) - len(hit_blocks)
+                evictable = sum(1 for b in hit_blocks if b.ref_count == 0)
                 if self.tiers is not None and self.tiers.reclaim(
                         call, need + evictable - (pool.num_blocks - pool.num_used), now):
                     continue  # pinned KV released (Continuum's deadlock guard): look at the head again
@@ -827,7 +816,7 @@ class Engine:
                 if self._preemptive and self._try_preempt_for_head(now, decodes, prefills):
                     preempted = True
                 break
-            self._admit(call, hit_blocks, need, num_hit_tokens, n, now, prefills)
+            self._admit(call, num_hit_tokens, n, now, prefills)
             budget -= n
             n_prefill += n
             n_sampled += sampled
@@ -961,27 +950,19 @@ class Engine:
                 if self.tiers is not None and self.tiers.reclaim(call, short, now):
                     continue  # pinned KV released: look at the head again
                 break
-            self._admit(call, hit_blocks, required - len(hit_blocks), num_hit_tokens, n, now, prefills)
+            # can_allocate passed, so the manager has the blocks: every block of the prompt (+ lookahead)
+            self.kv.allocate_slots(call, total + lookahead - num_hit_tokens, now, hit_blocks)
+            self._admit(call, num_hit_tokens, n, now, prefills)
             budget -= n
 
-    def _admit(self, call: SimCall, hit_blocks: list, need: int, num_hit_tokens: int, n: int, now: float,
-               prefills: list) -> None:
-        """Move the waiting queue's head into the running batch (V0 and V1 alike): take references on
-        its prefix-cache hits, allocate ``need`` new blocks, and schedule ``n`` of its tokens this step."""
+    def _admit(self, call: SimCall, num_hit_tokens: int, n: int, now: float, prefills: list) -> None:
+        """Move the waiting queue's head into the running batch (V0 and V1 alike) once
+        :meth:`KVCacheManager.allocate_slots` gave it its blocks (its ``num_hit_tokens`` prefix hits
+        and new ones), and schedule ``n`` of its tokens this step."""
         if self._dynamic:
             self.waiting.pop(0)
         else:
             heapq.heappop(self.waiting)
-        pool = self.pool
-        if hit_blocks:
-            pool.touch(hit_blocks, now, call.program_id, call.agent_id)
-        if call.kv_hold is not None:
-            # blocks a KV transfer loaded for this call (agentsim.sim.disagg): its hits now hold them
-            pool.free(call.kv_hold, now)
-            call.kv_hold = None
-        call.blocks = hit_blocks
-        if need > 0:
-            call.blocks.extend(pool.allocate(need, now, call.program_id, call.agent_id, len(hit_blocks)))
         call.num_computed = num_hit_tokens
         if call.num_cached_tokens < 0:
             call.num_cached_tokens = num_hit_tokens
@@ -997,20 +978,8 @@ class Engine:
         prefills.append((call, n))
 
     def _lookup(self, call: SimCall) -> list[BlockView]:
-        if not self.prefix_caching:
-            return []
-        bs = self.block_size
         # whole blocks only, and never the last known token (vLLM recomputes it for logits)
-        limit = (call.num_prompt_tokens + call.num_generated - 1) // bs
-        hashes = call.full_hashes
-        cached = self.pool.cached
-        out = []
-        for k in range(min(limit, len(hashes))):
-            b = cached.get(hashes[k])
-            if b is None:
-                break
-            out.append(b)
-        return out
+        return self.kv.get_computed_blocks(call)
 
     def _pick_victim(self, now: float) -> SimCall:
         return pick_victim(self.order, self.running, now)
@@ -1035,8 +1004,7 @@ class Engine:
         """Preempt by recompute: free the call's blocks and send it back to the waiting queue's
         front (``enqueue=False``: the caller queues it later, as V0 does after planning)."""
         self.running.remove(call)
-        self.pool.free(call.blocks, now)
-        call.blocks = []
+        self.kv.free(call, now)
         call.num_computed = 0
         call._service += (self.busy_cum - call._service_mark) - call._skipped
         call._service_mark = -1.0
@@ -1080,6 +1048,7 @@ class Engine:
         bs = self.block_size
         caching = self.prefix_caching
         cached = self.pool.cached
+        kv = self.kv
         finished = []
         for call in decodes:
             # one token: computed into KV, and one new token sampled
@@ -1104,21 +1073,8 @@ class Engine:
             ng = call.num_generated
             if ng == 0:
                 call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
-            if caching:
-                full_after = nc // bs
-                full_before = before // bs
-                if full_after > full_before:
-                    hashes = call.full_hashes
-                    blocks = call.blocks
-                    if full_after > len(hashes):
-                        full_after = len(hashes)
-                    for k in range(full_before, full_after):
-                        b = blocks[k]
-                        h = hashes[k]
-                        # register full computed blocks (a duplicate stays uncached, as in vLLM)
-                        if b.block_hash is None and h not in cached:
-                            b.block_hash = h
-                            cached[h] = b
+            if caching and nc // bs > before // bs:
+                kv.cache_full_blocks(call, before, nc)  # full computed blocks enter the prefix cache
             if nc == call.num_prompt_tokens + ng:
                 ng += 1
                 call.num_generated = ng
@@ -1136,8 +1092,7 @@ class Engine:
         if call._d0 >= 0:
             self._unlazy(call)
         self.running.remove(call)
-        self.pool.free(call.blocks, now)
-        call.blocks = []
+        self.kv.free(call, now)
         call._service += (self.busy_cum - call._service_mark) - call._skipped
         call._service_mark = -1.0
         call.finish_at = now
