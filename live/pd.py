@@ -205,7 +205,8 @@ class PDClient(EngineClient):
     node's clock), ``num_cached_tokens`` = the prefill engine's prefix hits (the simulator's
     convention), ``kv_transfer_bytes`` = the tokens the decode engine's connector injected for
     this call (its ``kv_transfer_params``, :mod:`agentsim.live.kvconnector`; 0 when it loaded
-    nothing) x the bytes per token that connector measured,
+    nothing) x the bytes per token that connector measured (NIXL: this call's pulled blocks x the
+    decode engine's measured bytes per block),
     ``kv_transfer_time`` = the hand-off, s: prefill engine done -> decode engine schedules the step
     that injects the KV (the connector's own write and read times are inside the two engines'
     steps; per engine in ``stats["kv_transfer"]``), and a ``pd`` dict: ``prefill_engine_id``,
