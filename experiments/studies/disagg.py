@@ -116,6 +116,9 @@ def _layout_findings(df, cap) -> list[str]:
         else:
             out.append(f"{w}: no layout kept {ATTAINMENT:.0%} of calls within both SLOs at any rate of the grid")
         top = df[df["workload"] == w]
+        hits = top.groupby("layout", sort=False)["prefix_hit_rate"].mean()
+        out.append(f"{w}: mean prefix-cache hit rate " + ", ".join(f"{k} {v:.0%}" for k, v in hits.items())
+                   + " (P/D: on the prefill engines)")
         hi = top[top["rate"] == top["rate"].max()].set_index("layout")["request_goodput"]
         if len(hi):
             b = hi.idxmax()
