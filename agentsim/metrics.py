@@ -34,12 +34,13 @@ CALL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("num_prompt_tokens", "i"), ("num_cached_tokens", "i"), ("num_computed_prompt_tokens", "i"),
     ("num_output_tokens", "i"), ("num_generated_tokens", "i"), ("num_preemptions", "i"),
     ("num_retries", "i"), ("service_time", "f"), ("status", "s"),
+    ("kv_transfer_bytes", "i"), ("kv_transfer_time", "f"),
 )
 PROGRAM_COLUMNS: tuple[tuple[str, str], ...] = (
     ("program_id", "i"), ("agent_id", "i"), ("kind", "s"), ("arrival_at", "f"), ("end_at", "f"),
     ("latency", "f"), ("num_calls", "i"), ("num_tool_calls", "i"), ("num_prompt_tokens", "i"),
     ("num_output_tokens", "i"), ("llm_time", "f"), ("tool_time", "f"), ("critical_path_time", "f"),
-    ("token_latency", "f"), ("status", "s"),
+    ("token_latency", "f"), ("status", "s"), ("coordination_overhead", "f"),
 )
 ENGINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("engine_id", "i"), ("node_id", "i"), ("time", "f"), ("num_running", "i"), ("num_waiting", "i"),
