@@ -322,3 +322,38 @@ def test_same_seed_gives_identical_disaggregated_runs():
     # between the two decode engines of node 1 uses NVLink)
     nic = a.links[a.links["kind"] == "nic"]
     assert set(nic["node_id"]) == {0, 1} and nic["bytes"].sum() > 0
+
+
+OFFERED: list = []
+
+
+def _probe_class():
+    from agentsim.policies.registry import register
+
+    @register("route", "test-disagg-role-probe")
+    class RoleProbe:
+        """Records the roles it is offered; picks the first ``mixed`` engine if any, else the first."""
+
+        def route(self, call, engines, now):
+            roles = [e.role for e in engines]
+            OFFERED.append(tuple(roles))
+            return roles.index("mixed") if "mixed" in roles and call.call_id % 2 == 0 else 0
+
+    return RoleProbe
+
+
+def test_the_route_policy_picks_the_pair_from_role_aware_views():
+    _probe_class()
+    OFFERED.clear()
+    cfg = _cfg("test-disagg-scenario", {"name": "two"}, 2, 3, **{
+        "policy": {"name": "vllm", "route": "test-disagg-role-probe"},
+        "cluster.disagg": {"roles": ["prefill", "decode", "mixed"]},
+        "cluster.network": {"nvlink_GBps": MS_GBPS, "intra_node_latency": 0.001}})
+    _, r = _run(cfg)
+    # asked twice per call: prefill-capable engines first, decode-capable second
+    assert OFFERED == [("prefill", "mixed"), ("decode", "mixed")] * 2
+    c = r.calls.sort_values("call_id")
+    # call 0: both picks are the mixed engine -> co-located, nothing moves; call 1: prefill -> decode
+    assert list(c["engine_id"]) == [2, 1]
+    assert list(c["kv_transfer_bytes"]) == [0, 3 * BLOCK_BYTES]
+    assert c.iloc[0]["ttft"] == pytest.approx(STEP)
