@@ -5,7 +5,7 @@ A program body (:mod:`agentsim.workload`) is a generator that yields requests --
 each result in, normalises :class:`Parallel` branches into *strands*, gives every call its thread
 id, adds up the critical path and keeps the program's statistics (:class:`ProgramRun`, whose
 :meth:`ProgramRun.row` is the ``programs.parquet`` row). A backend supplies only the three
-operations that take time, as an :class:`ProgramOps` adapter:
+operations that take time, as a :class:`ProgramOps` adapter:
 
 - ``llm_call(req, strand, thread_id)`` runs one LLM call and returns its :class:`CallResult`;
 - ``tool_call(req, strand)`` waits out one tool call (the simulator: ``req.duration`` of simulated
@@ -18,14 +18,12 @@ driver is itself a generator run by the backend's own kernel, as SimPy's ``Proce
 the one stepper of every SimPy process and ``simpy/rt.py`` reuses it for wall-clock time by
 overriding one method:
 
-============================ ============================================ =============================
-adapter                      operations yield                              the driver runs inside
-============================ ============================================ =============================
-``sim/runner.py`` Simulation SimPy events (``call.done``, ``env.timeout``) a SimPy process
-``live/driver.py`` LiveDriver asyncio futures (``coroutine.__await__()``)  an asyncio task
-``policies/oracle.py``       nothing (answers at once)                     :func:`run_now`
-``traces/record.py``         nothing (answers at once)                     :func:`run_now`
-============================ ============================================ =============================
+- ``sim/runner.py`` ``Simulation``: operations yield SimPy events (``call.done``,
+  ``env.timeout``); the driver runs inside the program's SimPy process;
+- ``live/driver.py`` ``LiveDriver``: operations yield asyncio futures (``coroutine.__await__()``);
+  the driver runs inside the program's asyncio task;
+- ``policies/oracle.py`` ``plan_body`` and ``traces/record.py`` ``record_body``: operations answer
+  at once (:func:`answer`); :func:`walk` runs the driver to its end (:func:`run_now`).
 
 Where the four steppers used to differ, this is the one behaviour (issue 9):
 
@@ -52,6 +50,9 @@ Where the four steppers used to differ, this is the one behaviour (issue 9):
 - **The body**: :func:`program_body` -- the program's own ``body``, else its generator's ``body``,
   or for a team generator ``team_body`` with the topology the shape policy picks (recorded in
   ``prog.meta["topology"]``) or, without a shape policy, the task's default topology.
+- **The context**: :func:`program_context` -- the program's own RNG stream
+  (``prog.meta["rng"]``), else the run seed's stream for its program id (live used the program's
+  ``seed`` there).
 
 Nothing here imports simpy, ray or vllm.
 """
