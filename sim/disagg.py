@@ -326,7 +326,12 @@ class Disagg:
             p = dec = self.engines[self._route(call, self.engines, now)]
         if p is dec:
             self.num_colocated += 1
-            if not self._maybe_fetch(call, dec, now):
+            if self.sim.frontends is not None:
+                # router cost only (P/D and fetch refuse frontend profiles): the engine's API server first
+                fe = self.sim.frontends[dec.engine_id]
+                call.frontend = fe
+                yield from fe.intake(call)
+            if not self._maybe_fetch(call, dec, env.now):
                 dec.add_call(call)
         else:
             self.num_disaggregated += 1
