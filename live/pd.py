@@ -87,7 +87,7 @@ def check_nixl() -> None:
 
     if importlib.util.find_spec("nixl") is None:
         raise ConfigError("--kv-connector", "nixl needs the `nixl` Python package, which vLLM imports as nixl._api "
-                          "(pip install nixl; its nixl-cu12 UCX build also runs on CPU-only machines)")
+                          "(e.g. pip install --no-deps nixl==1.5.2 nixl-cu12==1.5.1: UCX, runs on CPU-only machines)")
 
 
 def _free_port() -> int:
