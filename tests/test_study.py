@@ -30,6 +30,10 @@ EXPECTED = {
     "kvflow": {"kvflow": (["policy", "prefix_hit_rate"], 2)},
     "toolgap": {"toolgap": (["policy", "cluster.engine.num_gpu_blocks_override", "mean_program_latency_s"], 4)},
     "topology": {"topology": (["policy", "mean_program_latency_s"], 2)},
+    "disagg": {"layouts": (["workload", "layout", "rate", "request_goodput", "slo_attainment",
+                            "mean_kv_transfer_time_ms"], 8),
+               "capacity": (["workload", "layout", "max_rate_at_90pct_slo"], 4),
+               "fetch": (["prefix_fetch", "rate", "mean_ttft_ms", "prefix_hit_rate"], 2)},
 }
 
 
