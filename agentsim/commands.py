@@ -89,6 +89,11 @@ def print_summary(summary: dict, title: str, stats: dict | None = None) -> None:
     t2.add_row("preemptions", _fmt(g("num_preemptions"), "n"))
     if "request_goodput" in summary:
         t2.add_row("goodput (calls/s within SLO)", _fmt(summary["request_goodput"]))
+    if g("total_kv_transfer_bytes"):  # KV moved between engines (agentsim.sim.disagg)
+        t2.add_row("KV moved between engines (GB)  |  mean transfer (ms)",
+                   f"{_fmt(g('total_kv_transfer_bytes') / 1e9)}  |  {_fmt(g('mean_kv_transfer_time_ms'))}")
+    if g("mean_coordination_overhead_s"):
+        t2.add_row("router time per program (s)", _fmt(g("mean_coordination_overhead_s")))
     if stats:
         t2.add_row("simulator speed", f"{stats['num_llm_calls']:,} calls in {stats['wall_time_s']:.1f} s wall "
                                       f"({stats['calls_per_wall_s']:,.0f} calls/s)")
@@ -227,7 +232,8 @@ def register_commands(app: typer.Typer) -> None:
             print_json(result.summary)
         elif not quiet:
             print_summary(result.summary, simulate_title(cfg, result), result.stats)
-            console.print(f"results: {out}/ (calls, programs, engines .parquet; summary.json; manifest.json)")
+            links = ", links" if result.links is not None else ""
+            console.print(f"results: {out}/ (calls, programs, engines{links} .parquet; summary.json; manifest.json)")
 
     @app.command()
     def sweep(
