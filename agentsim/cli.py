@@ -90,7 +90,7 @@ def _register_subapps() -> None:
 
         app.command("report")(report_command)
     if "pd-bench" not in {c.name for c in app.registered_commands}:
-        from agentsim.live.pd import pd_bench_command
+        from agentsim.live.pd_cli import pd_bench_command
 
         app.command("pd-bench")(pd_bench_command)
 

@@ -7,10 +7,12 @@ examples do (``examples/online_serving/disaggregated_serving``):
 
 - a ``prefill`` engine runs with ``kv_role = "kv_producer"``, a ``decode`` engine with
   ``"kv_consumer"``; a ``mixed`` engine has no connector. The connector is vLLM's disk-based
-  ``ExampleConnector`` (the only built-in one that runs on vLLM's CPU build: see
+  ``ExampleConnector`` (the only built-in one that runs on vLLM's CPU build as installed: see
   ``docs/notes/pd-live.md`` for what the others need), wrapped by
   :class:`agentsim.live.kvconnector.TimedExampleConnector` to count transfer seconds and bytes.
   Its ``shared_storage_path`` is one directory all engines of the run see (same host / shared FS).
+  With ``connector="nixl"`` it is vLLM's ``NixlConnector`` instead (every P/D engine ``kv_both``,
+  UCX pulls of the prefill engine's blocks; needs the ``nixl`` package).
 - :class:`PDClient` is the proxy, in the driver's engine-client slot: a call routed to a decode
   engine is first sent to a prefill engine with ``max_tokens = 1`` (vLLM's
   ``disagg_proxy_demo.py`` / ``toy_proxy_server.py``), which writes the prompt's KV; then the same
@@ -20,7 +22,8 @@ examples do (``examples/online_serving/disaggregated_serving``):
   prefill's one token is discarded, as the proxies do), so TTFT includes the prefill, the KV
   write/read and the decode engine's first step.
 
-Prefill engines are hidden from the route policy: it picks among decode (and mixed) engines, and
+:func:`run_pd_bench` (``agentsim pd-bench``, :mod:`agentsim.live.pd_cli`) measures a P/D pair against
+a co-located engine one call at a time. Prefill engines are hidden from the route policy: it picks among decode (and mixed) engines, and
 :class:`PDClient` picks the prefill engine with the fewest calls in flight (lowest id on ties).
 
 Two limits of ``ExampleConnector`` shape the engine settings (:func:`apply_roles`): it saves a
@@ -502,49 +505,3 @@ def format_bench(res: dict) -> str:
             f"{s['median_colocated_e2el_ms']:.0f} ms | {s['median_pd_e2el_ms']:.0f} ms | "
             f"{'yes' if s['same_output'] else 'NO'} |")
     return "\n".join(lines)
-
-
-def _option(default: Any, name: str, help_text: str) -> Any:
-    import typer
-
-    return typer.Option(default, name, help=help_text)
-
-
-def pd_bench_command(
-    model: str = _option("tiny-weights", "--model", "Model directory for vLLM; 'tiny-weights' = agentsim's tiny "
-                              "Llama with random weights of std 0.2 (made offline in the agentsim cache)."),
-    prompt_tokens: str = _option("256,512,1024,1536", "--prompt-tokens", "Prompt lengths, comma-separated."),
-    output_tokens: int = _option(32, "--output-tokens", "Output tokens per call (ignore_eos)."),
-    repeats: int = _option(3, "--repeats", "Calls per prompt length (fresh prompts)."),
-    seed: int = _option(0, "--seed", "Seed of the prompts and the engines."),
-    kv_connector: str = _option("example", "--kv-connector", "example (vLLM's disk-based ExampleConnector) or nixl "
-                                "(vLLM's NixlConnector over UCX; needs the nixl package)."),
-    as_json: bool = _option(False, "--json", "Print every call and the summary as JSON instead of the table."),
-) -> None:
-    """Live P/D on vLLM's CPU build: 1 prefill + 1 decode engine (ExampleConnector) vs 1 co-located engine."""
-    import json
-    import sys
-
-    try:
-        lens = tuple(int(x) for x in prompt_tokens.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError("--prompt-tokens", f"expected integers separated by commas, got {prompt_tokens!r}") from None
-    if not lens or min(lens) < 2:
-        raise ConfigError("--prompt-tokens", "give prompt lengths >= 2")
-    if output_tokens < 2:
-        raise ConfigError("--output-tokens", f"must be >= 2 (TPOT needs two tokens), got {output_tokens}")
-    if repeats < 1:
-        raise ConfigError("--repeats", f"must be >= 1, got {repeats}")
-    if kv_connector not in CONNECTORS:
-        raise ConfigError("--kv-connector", f"must be one of {', '.join(CONNECTORS)}, got {kv_connector!r}")
-    if kv_connector == "nixl":
-        check_nixl()
-    if model == "tiny-weights":
-        from agentsim.live.runner import default_model_cache
-
-        model = str(make_pd_model(default_model_cache() / "tiny-llama-pd"))
-    elif not Path(model).is_dir():
-        raise ConfigError("--model", f"{model}: not a model directory")
-    res = run_pd_bench(model, lens, output_tokens, repeats, seed, connector=kv_connector,
-                       progress=None if as_json else (lambda line: print(line, file=sys.stderr, flush=True)))
-    print(json.dumps(res, indent=1) if as_json else format_bench(res))
