@@ -22,9 +22,10 @@ examples do (``examples/online_serving/disaggregated_serving``):
   prefill's one token is discarded, as the proxies do), so TTFT includes the prefill, the KV
   write/read and the decode engine's first step.
 
-:func:`run_pd_bench` (``agentsim pd-bench``, :mod:`agentsim.live.pd_cli`) measures a P/D pair against
-a co-located engine one call at a time. Prefill engines are hidden from the route policy: it picks among decode (and mixed) engines, and
+Prefill engines are hidden from the route policy: it picks among decode (and mixed) engines, and
 :class:`PDClient` picks the prefill engine with the fewest calls in flight (lowest id on ties).
+:func:`run_pd_bench` (``agentsim pd-bench``, :mod:`agentsim.live.pd_cli`) measures a P/D pair
+against a co-located engine, one call at a time.
 
 Two limits of ``ExampleConnector`` shape the engine settings (:func:`apply_roles`): it saves a
 request's KV only in the step the request is first scheduled (``build_connector_meta``), so a
@@ -326,7 +327,8 @@ class PDClient(EngineClient):
                 c.close()
 
 
-def wrap_clients(clients: Sequence[EngineClient], roles: Sequence[str], connector: str = "example") -> list[EngineClient]:
+def wrap_clients(clients: Sequence[EngineClient], roles: Sequence[str],
+                 connector: str = "example") -> list[EngineClient]:
     """The clients the driver routes over: decode engines as :class:`PDClient` s sharing the prefill
     engines, mixed engines as they are; prefill engines only behind the P/D clients.
 
