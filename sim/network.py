@@ -208,7 +208,19 @@ def network_for(engines: Sequence[Any], profile: Any, cluster: Any) -> Network:
     profile's GPU-kind link figures (``Profile.links``: ``nvlink_GBps``, ``pcie_GBps``, ``internode_GBps``)."""
     net = cluster.network
     links = profile.links
-    return Network(engines, nvlink_GBps=net.nvlink_GBps or links.nvlink_GBps,
-                   pcie_GBps=net.pcie_GBps or links.pcie_GBps, nic_GBps=net.nic_GBps or links.internode_GBps,
+    bw = {"nvlink_GBps": net.nvlink_GBps or links.nvlink_GBps, "pcie_GBps": net.pcie_GBps or links.pcie_GBps,
+          "nic_GBps": net.nic_GBps or links.internode_GBps}
+    nodes = [e.node_id for e in engines]
+    used = ((("nvlink_GBps" if net.intra_node == "nvlink" else "pcie_GBps"),) if len(nodes) > len(set(nodes)) else ())
+    used += ("nic_GBps",) if len(set(nodes)) > 1 else ()
+    for key in used:
+        value = bw[key]
+        if not (value and value > 0 and math.isfinite(value)):
+            from agentsim.errors import ConfigError
+            raise ConfigError(f"cluster.network.{key}", f"the profile {profile.name!r} (GPU {profile.gpu.name}) has no "
+                              f"{key[:-5]} bandwidth ({value!r}); set "
+                              f"cluster.network.{key} to the link's GB/s per GPU and direction")
+    return Network(engines, nvlink_GBps=bw["nvlink_GBps"] or 1.0, pcie_GBps=bw["pcie_GBps"] or 1.0,
+                   nic_GBps=bw["nic_GBps"] or 1.0,
                    tp=cluster.tp, intra_node=net.intra_node, intra_node_latency=net.intra_node_latency,
                    inter_node_latency=net.inter_node_latency)

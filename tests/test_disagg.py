@@ -9,6 +9,7 @@ hand in the test. KV bytes: the roofline Llama-3-8B profile's 131,072 bytes per 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -267,11 +268,17 @@ def test_invariants_no_block_both_in_flight_and_free_and_bytes_conserved(seed, l
     ('cluster.disagg.roles=["decode","decode","decode","decode"]', "cluster.disagg: no engine can prefill"),
     ('cluster.disagg.node_roles=["prefill","decode"]', "cluster.disagg.node_roles: 2 roles for 1 node(s): node 1"),
     ("cluster.network.nic_GBps=0", "cluster.network.nic_GBps: must be a number > 0, got 0"),
+    # a profile without link figures (the CPU profile: 0 GB/s) and KV that must cross nodes
+    (("cluster.profile=tests/data/vllm-bench-cpu/profile.json", 'cluster.disagg.roles=["prefill","decode"]',
+      "cluster.num_nodes=2", "cluster.gpus_per_node=1", "cluster.engine.max_model_len=2048"),
+     "cluster.network.nic_GBps: the profile 'cpu-amd-epyc_tiny-llama-h256-l2_tp1'"),
 ])
 def test_bad_cluster_specs_are_one_line_and_exit_2(tmp_path, setting, message):
     out = tmp_path / "out"
+    sets = [a for s in ([setting] if isinstance(setting, str) else setting) for a in ("--set", s)]
     p = subprocess.run([sys.executable, "-m", "agentsim", "simulate", "--duration", "5", "-q", "-o", str(out),
-                        "--set", setting], capture_output=True, text=True, timeout=120)
+                        *sets], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], p.stderr
