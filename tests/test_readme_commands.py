@@ -53,7 +53,7 @@ NOT_HERE = {
 TEMPLATES = ("agentsim calibrate profile --model DIR --tp N --out JOB", "agentsim calibrate fit JOB ",
              "agentsim calibrate check my_profile.json JOB", "agentsim calibrate show my_profile.json",
              "agentsim simulate --profile my_profile.json ...",
-             "python -m agentsim.experiments.policy_report autellix|")
+             "python -m agentsim.experiments.policy_report autellix|", "agentsim study autellix|")
 #: command prefixes run only in the slow test (vLLM engines on CPU), in README order
 SLOW = ("python -m agentsim.live.tiny_model", "agentsim calibrate profile --model tiny-llama",
         "agentsim calibrate fit job", "agentsim calibrate check tiny.json", "agentsim live -c run.toml --model tiny-llama",
