@@ -224,3 +224,30 @@ def test_linked_grid_keys_and_quick_grid(tmp_path):
     p.write_text('[grid]\n"cluster.num_nodes,workload.agents" = [[1, 4], [2]]\n')
     with pytest.raises(Exception, match="linked key"):
         load_spec(p)
+
+
+@pytest.mark.slow
+def test_study_cells_run_as_ray_tasks(quick_runs, tmp_path, monkeypatch):
+    """`agentsim study joint --quick --ray ADDRESS` on a real 2-node Ray cluster (loopback) gives the local table."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray", reason="ray is part of the test install ('.[test,cpu]')")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # as tests/test_cli.py's sweep --ray test
+    from ray.cluster_utils import Cluster
+
+    common = dict(num_cpus=1, object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(common, include_dashboard=False))
+    try:
+        cluster.add_node(**common)
+        cluster.wait_for_nodes()
+        address = cluster.address
+        p = subprocess.run([sys.executable, "-m", "agentsim", "study", "joint", "--quick", "-o", str(tmp_path / "r"),
+                            "--ray", address], capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.shutdown()
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "r" / "study.json").read_text())["command"].endswith(f"--ray {address}")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "r" / "joint.csv"),
+                                  pd.read_csv(quick_runs["joint"][2] / "joint.csv"))
