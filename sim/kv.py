@@ -122,14 +122,17 @@ class BlockPool:
     def touch(self, blocks: list[BlockView], now: float, program_id: int, agent_id: int) -> None:
         """Take a reference on prefix-cache hits (removing free ones from the free queue)."""
         remove = self.free_queue.remove
+        n = 0
         for b in blocks:
-            if b.ref_count == 0:
+            rc = b.ref_count
+            if rc == 0:
                 remove(b)
-                self.num_used += 1
-            b.ref_count += 1
+                n += 1
+            b.ref_count = rc + 1
             b.last_used_at = now
             b.program_id = program_id
             b.agent_id = agent_id
+        self.num_used += n
 
     def allocate(self, n: int, now: float, program_id: int, agent_id: int, first_position: int) -> list[BlockView]:
         """Hand out ``n`` free blocks (caller checked ``n <= num_free``), evicting cached ones."""

@@ -13,8 +13,15 @@ are precomputed per call (``SimCall.full_hashes``: every full block of prompt + 
 
 from __future__ import annotations
 
+from functools import partial
+from itertools import islice, takewhile
+from operator import is_not
+
 from agentsim.policies.base import BlockView
 from agentsim.sim.kv import BlockPool
+
+
+_is_block = partial(is_not, None)  # x -> x is not None
 
 
 class KVCacheManager:
@@ -35,15 +42,8 @@ class KVCacheManager:
         if not self.enable_caching:
             return []
         limit = (call.num_prompt_tokens + call.num_generated - 1) // self.block_size
-        hashes = call.full_hashes
-        get = self.pool.cached.get
-        out = []
-        for k in range(min(limit, len(hashes))):
-            b = get(hashes[k])
-            if b is None:
-                break
-            out.append(b)
-        return out
+        # the cached blocks of the first ``limit`` hashes up to the first miss, scanned in C
+        return list(takewhile(_is_block, map(self.pool.cached.get, islice(call.full_hashes, limit))))
 
     def allocate_slots(self, call, num_new_tokens: int, now: float,
                        new_computed_blocks: list[BlockView] | None = None) -> list[BlockView] | None:
