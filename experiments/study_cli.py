@@ -144,7 +144,10 @@ class Progress:
             self.bar.update(self.task, completed=done, total=total, failed=self.failed, eta=eta,
                             description=message[:60])
             if "FAILED" in message:
-                self.bar.console.print(f"[red]failed[/red] {message}", highlight=False, soft_wrap=True)
+                from rich.text import Text
+
+                self.bar.console.print(Text.assemble(("failed ", "red"), message.replace("FAILED ", "", 1)),
+                                       highlight=False, soft_wrap=True)
         else:
             self.console.print(f"[{done}/{total}] {self.failed} failed, ETA {eta}  {message}",
                                highlight=False, soft_wrap=True, markup=False)
