@@ -72,6 +72,21 @@ class CallStatus(StrEnum):
     FAILED = "failed"
 
 
+class ProgramStatus(StrEnum):
+    """Where a program is (``ProgramRun.status``; the ``status`` column of ``programs.parquet``).
+
+    The values are the strings that column has always held; a member compares equal to its string.
+    ``RUNNING`` (being stepped; live partial results only), ``FINISHED`` (its body returned),
+    ``UNFINISHED`` (still running when the run ended), ``FAILED`` (live: a call failed past the
+    retries, did not fit, or the body raised).
+    """
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    UNFINISHED = "unfinished"
+    FAILED = "failed"
+
+
 def call_row(call: Any, engine_id: int, node_id: int, status: str) -> tuple:
     """One call's row of :data:`CALL_COLUMNS`, for the simulator and the live driver alike.
 
@@ -109,7 +124,7 @@ def program_row(run: Any) -> tuple:
     program-level token latency, arXiv:2502.13965 §6), NaN without output tokens.
     """
     p = run.prog
-    done = run.status == "finished"
+    done = run.status == ProgramStatus.FINISHED
     lat = run.end_at - p.arrival_at if done else math.nan
     return (
         p.program_id, p.agent_id, p.kind, p.arrival_at, run.end_at, lat, run.num_calls, run.num_tool_calls,
