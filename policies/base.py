@@ -471,6 +471,17 @@ class PolicyBundle:
             raise ValueError(f"unknown event {name!r} (known: {', '.join(HOOKS)})")
         self._hooks[name].append(fn)
 
+    def component_hooks(self, decision: str) -> dict[str, Callable]:
+        """The event hooks (:data:`HOOKS`) that the component of ``decision`` (``route``, ``order``,
+        ``evict``, ``shape``) defines, name -> callable, in :data:`HOOKS` order: what a backend
+        subscribes (:meth:`subscribe`) when it runs a second instance of one component (the
+        simulator's P/D proxy picks prefill and decode engines with two route policies). Raises
+        ValueError for an unknown decision."""
+        if decision not in REQUIRED:
+            raise ValueError(f"unknown decision {decision!r} (known: {', '.join(REQUIRED)})")
+        comp = getattr(self, decision)
+        return {hook: getattr(comp, hook) for hook in HOOKS if hasattr(comp, hook)}
+
     def emit(self, name: str, *args: Any) -> None:
         for fn in self._hooks[name]:
             fn(*args)
