@@ -27,7 +27,7 @@ from typing import List, Optional
 import typer
 import typer.core
 
-from agentsim.errors import ConfigError
+from agentsim.errors import AgentsimError, ConfigError
 from agentsim.outputs import REPORT_ENTRIES, OutputError, dir_entries
 
 #: the marker file of a study directory (written before any cell runs)
@@ -178,6 +178,8 @@ def run_study(name: str, quick: bool, out: Optional[Path], workers: int, ray_add
     study = STUDIES[name]
     out = Path(out) if out is not None else Path("runs/studies") / (f"{name}-quick" if quick else name)
     previous = check_study_dir(out, name)
+    created = not out.exists()  # on bad input, undo what this run made in a new or empty directory
+    fresh = created or not any(out.iterdir())
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_text(out / MARKER, name + "\n")
@@ -189,6 +191,16 @@ def run_study(name: str, quick: bool, out: Optional[Path], workers: int, ray_add
                         extra={**extra, "set": sets})
     try:
         result = study.run(out, opts)
+    except AgentsimError:
+        # bad input found by the study itself (an option, a file): nothing half-written is left behind
+        # in a directory this run created; a previous result or an interrupted run's cells are kept
+        if fresh and not (out / "cells").exists():
+            for entry in out.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
     finally:
         progress.close()
     tables = {}

@@ -83,6 +83,16 @@ def test_bad_study_option_is_one_line_exit_2(tmp_path, item, names):
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and names in lines[0], lines
+    assert not (tmp_path / "o").exists()  # nothing half-written: no marker left in a directory the run made
+
+
+def test_bad_study_option_leaves_a_users_empty_directory_as_it_was(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-m", "agentsim", "study", "fidelity", "--quick", "-o", str(out),
+                        "--set", "fidelity.repeats=0"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 def test_step_correction_and_calibrated_profile(tmp_path):
