@@ -73,7 +73,7 @@ class LiveCall:
     @property
     def num_computed_prompt_tokens(self) -> int:
         """Prompt tokens the engine computed (not served from its prefix cache); 0 until finished."""
-        return self.num_prompt_tokens - self.num_cached_tokens if self.status == "finished" else 0
+        return self.num_prompt_tokens - self.num_cached_tokens if self.status == CallStatus.FINISHED else 0
 
     def row(self) -> tuple:
         """A row of ``metrics.CALL_COLUMNS`` (:func:`agentsim.metrics.call_row`; ``kv_transfer_bytes`` /
