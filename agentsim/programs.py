@@ -49,7 +49,15 @@ Where the four steppers used to differ, this is the one behaviour (issue 9):
   (Autellix's critical path, arXiv:2502.13965 §4.2).
 - **The body**: :func:`program_body` -- the program's own ``body``, else its generator's ``body``,
   or for a team generator ``team_body`` with the topology the shape policy picks (recorded in
-  ``prog.meta["topology"]``) or, without a shape policy, the task's default topology.
+  ``prog.meta["topology"]``) or, without a shape policy, the task's default topology; a shape
+  policy with a :class:`~agentsim.policies.base.TeamWrapper` (AdaptOrch's decomposer call) wraps
+  the team's body.
+- **Before a program starts**: :func:`prepare_program` is what every backend calls (the simulator
+  and the live driver alike): it hands the program's whole call plan to the bundle's
+  :class:`~agentsim.policies.base.ProgramPlanner` s (``sjf-oracle``; the plan is a dry run of a
+  copy of the body, :func:`agentsim.policies.oracle.plan_program`) and returns the body
+  (:func:`program_body` with the bundle's shape policy and team wrapper). The backend then emits
+  ``on_program_start`` and steps the body with :func:`drive`.
 - **The context**: :func:`program_context` -- the program's own RNG stream
   (``prog.meta["rng"]``), else the run seed's stream for its program id (live used the program's
   ``seed`` there).
@@ -61,10 +69,12 @@ from __future__ import annotations
 
 from typing import Any, Generator, Iterable, Protocol
 
+from agentsim.metrics import ProgramStatus
 from agentsim.workload import CallResult, LLMCall, Parallel, Program, ProgramContext, ToolCall
 
 __all__ = [
-    "ProgramYieldError", "ProgramOps", "Strand", "ProgramRun", "program_context", "program_body", "drive",
+    "ProgramYieldError", "ProgramOps", "Strand", "ProgramRun", "program_context", "program_body",
+    "prepare_program", "drive",
     "run_now", "answer", "run_all_now", "walk",
 ]
 
@@ -112,8 +122,9 @@ class ProgramRun:
     ``prog`` may be None for a bare body walked without a backend (the oracle, the recorder).
 
     Counts are integers; ``llm_time``, ``tool_time`` and ``critical_path`` are seconds of the
-    backend's clock; ``end_at`` is NaN until the backend ends the program; ``status`` is
-    ``"running"``, then ``"finished"``, ``"failed"`` or ``"unfinished"``.
+    backend's clock; ``end_at`` is NaN until the backend ends the program; ``status`` is a
+    :class:`~agentsim.metrics.ProgramStatus`: ``RUNNING``, then ``FINISHED``, ``FAILED`` or
+    ``UNFINISHED``.
     """
 
     __slots__ = ("prog", "pc", "body", "num_calls", "num_tool_calls", "prompt_tokens", "output_tokens",
@@ -130,7 +141,7 @@ class ProgramRun:
         self.llm_time = 0.0
         self.tool_time = 0.0
         self.critical_path = float("nan")
-        self.status = "running"
+        self.status = ProgramStatus.RUNNING
         self.end_at = float("nan")
         self.error: str | None = None
         self.coordination_overhead = 0.0  # router time of its calls (s), set by a backend that models it
@@ -157,11 +168,14 @@ def program_context(prog: Program, seed: int) -> ProgramContext:
     return ProgramContext(prog.program_id, prog.agent_id, prog.kind, rng)
 
 
-def program_body(prog: Program, pc: ProgramContext, shape: Any = None, now: float = 0.0) -> Generator:
+def program_body(prog: Program, pc: ProgramContext, shape: Any = None, now: float = 0.0,
+                 team_wrapper: Any = None) -> Generator:
     """The body generator of ``prog`` (see the module docstring, **The body**).
 
     ``shape``: the bundle's shape policy (``shape(task, now) -> topology``) or None for the task's
-    default topology; ``now``: the time the program starts (seconds), passed to the shape policy.
+    default topology; ``now``: the time the program starts (seconds), passed to the shape policy;
+    ``team_wrapper``: ``wrap_team_body(pc, task, topology, body) -> body`` of a shape policy whose
+    routing costs LLM calls of its own (``Capabilities.team_wrapper``), applied to team bodies only.
     """
     if prog.body is not None:
         return prog.body(pc)
@@ -169,11 +183,40 @@ def program_body(prog: Program, pc: ProgramContext, shape: Any = None, now: floa
     if getattr(spec, "is_team", False):
         task = spec.task(pc.rng)
         if shape is None:
-            return spec.team_body(pc, task, task.default_topology)
-        topology = shape.shape(task, now)
-        prog.meta["topology"] = topology
-        return spec.team_body(pc, task, topology)
+            topology = task.default_topology
+        else:
+            topology = shape.shape(task, now)
+            prog.meta["topology"] = topology
+        body = spec.team_body(pc, task, topology)
+        if team_wrapper is not None:
+            body = team_wrapper(pc, task, topology, body)
+        return body
     return spec.body(pc)
+
+
+def prepare_program(prog: Program, pc: ProgramContext, bundle: Any, now: float) -> Generator:
+    """What a backend does before it starts ``prog`` (its context ``pc``); returns the body to drive.
+
+    1. The bundle's :class:`~agentsim.policies.base.ProgramPlanner` s (``bundle.caps.planners``)
+       get the program's whole call plan, ``on_program_plan(program_id, plan, prog.arrival_at)``:
+       a dry run of a copy of the body without the shape policy (a team: its default topology;
+       :func:`agentsim.policies.oracle.plan_program`). Only a program made by a generator
+       (``prog.meta["generator"]``) is planned; a replayed trace program is not.
+    2. The body: :func:`program_body` with the bundle's shape policy at ``now`` (seconds) and its
+       team wrapper (``bundle.caps.team_wrapper``: AdaptOrch's charged decomposer call).
+
+    ``bundle``: a :class:`~agentsim.policies.base.PolicyBundle` (its checked ``caps`` and ``shape``).
+    Whatever the plan's dry run or the body's construction raises passes through (the simulator
+    stops; the live driver records the program as failed).
+    """
+    caps = bundle.caps
+    if caps.planners and prog.meta.get("generator") is not None:
+        from agentsim.policies.oracle import plan_program
+
+        plan = plan_program(prog, pc)
+        for comp in caps.planners:
+            comp.on_program_plan(prog.program_id, plan, prog.arrival_at)
+    return program_body(prog, pc, bundle.shape, now, caps.team_wrapper)
 
 
 def _one(request: Any) -> Generator:

@@ -35,8 +35,8 @@ import numpy as np
 from agentsim import metrics as M
 from agentsim.policies.base import PolicyBundle
 from agentsim.policies.ranking import PRIORITY_SCALE, priority_number  # noqa: F401  (PRIORITY_SCALE re-exported)
-from agentsim.metrics import CallStatus
-from agentsim.programs import ProgramRun, ProgramYieldError, Strand, drive, program_body, program_context
+from agentsim.metrics import CallStatus, ProgramStatus
+from agentsim.programs import ProgramRun, ProgramYieldError, Strand, drive, prepare_program, program_context
 from agentsim.workload import CallResult, LLMCall, Program, Segment, ToolCall
 
 
@@ -446,34 +446,42 @@ class LiveDriver:
 
     # ------------------------------------------------------------------ programs
     async def _run_program(self, prog: Program, source: Any) -> None:
+        """One program's task: prepared as in the simulator (:func:`agentsim.programs.prepare_program`:
+        the planners' plans, the body incl. a shape policy's own calls), then ``on_program_start``
+        and the body stepped by :func:`agentsim.programs.drive`. A program whose preparation raises
+        is recorded as failed, without start or end events."""
         pc = program_context(prog, self.seed)
         st = ProgramRun(prog, pc)
         self.programs[prog.program_id] = st
-        self.bundle.emit("on_program_start", prog.program_id, prog.agent_id, prog.kind, self.now())
+        started = False
         try:
-            st.body = program_body(prog, pc, self.bundle.shape, self.now())
+            now = self.now()
+            st.body = prepare_program(prog, pc, self.bundle, now)
+            self.bundle.emit("on_program_start", prog.program_id, prog.agent_id, prog.kind, now)
+            started = True
             st.critical_path, _ = await _Awaiting(drive(st.body, Strand(st), self))
-            st.status = "finished"
+            st.status = ProgramStatus.FINISHED
         except asyncio.CancelledError:
-            st.status = "unfinished"
+            st.status = ProgramStatus.UNFINISHED
             raise
         except (ProgramFailed, ProgramYieldError) as e:
-            st.status = "failed"
+            st.status = ProgramStatus.FAILED
             st.error = str(e)
         except Exception as e:  # noqa: BLE001 - a program bug fails that program, not the run
-            st.status = "failed"
+            st.status = ProgramStatus.FAILED
             st.error = f"{type(e).__name__}: {e}"
             self.errors.append(f"program {prog.program_id}: {traceback.format_exc(limit=3)}")
         finally:
-            if st.status != "unfinished":
+            if st.status != ProgramStatus.UNFINISHED:
                 st.end_at = self.now()
             if st.error and len(self.errors) < 50:
                 self.errors.append(f"program {prog.program_id}: {st.error}")
             self.tokens.drop_program(prog.program_id)
-            if st.status != "unfinished":
+            if st.status != ProgramStatus.UNFINISHED:
                 self.finished_programs.append(st.row())
                 del self.programs[prog.program_id]
-                self.bundle.emit("on_program_end", prog.program_id, self.now())
+                if started:
+                    self.bundle.emit("on_program_end", prog.program_id, self.now())
 
     # ------------------------------------------------------------------ program operations (asyncio)
     def llm_call(self, req: LLMCall, strand: Strand, thread_id: int) -> Any:
@@ -667,7 +675,7 @@ class LiveDriver:
         while True:
             await asyncio.sleep(self.progress_interval)
             phase = "starting programs" if self.now() < self.opt.duration else "draining"
-            failed = sum(1 for r in self.finished_programs if r[_STATUS] == "failed")
+            failed = sum(1 for r in self.finished_programs if r[_STATUS] == ProgramStatus.FAILED)
             self.progress(f"{self.now():.0f} s ({phase}): {len(self.finished_programs)} program(s) done"
                           f"{f' ({failed} failed)' if failed else ''}, {len(self.programs)} running, "
                           f"{len(self.calls)} call(s) done, {len(self.inflight_calls)} in flight")
@@ -721,8 +729,8 @@ class LiveDriver:
         summary = M.summarize(calls, programs, engines, max(duration, 0.0), self.opt.slo_ttft, self.opt.slo_tpot)
         summary["num_retries"] = float(self.num_retries)
         summary["num_engine_failures"] = float(len(self.engine_failures))
-        summary["num_programs_failed"] = float((programs["status"] == "failed").sum())
-        summary["num_programs_unfinished"] = float((programs["status"].isin(["unfinished", "running"])).sum())
+        summary["num_programs_failed"] = float((programs["status"] == ProgramStatus.FAILED).sum())
+        summary["num_programs_unfinished"] = float((programs["status"].isin([ProgramStatus.UNFINISHED, ProgramStatus.RUNNING])).sum())
         complete = final and self._complete
         manifest = dict(self.base_manifest)
         manifest.update({

@@ -8,16 +8,18 @@ other; a branch that draws from the shared RNG while it runs (``fanout`` workers
 different order than in a real run, so the plan of such a program is close, not exact -- every shape
 in ``traces/shapes.py`` prepares its branches' requests before yielding them and is planned exactly.
 
-Pure workload logic (no simpy, ray or vllm): the simulator and the live driver can both call it.
+Pure workload logic (no simpy, ray or vllm): every backend calls :func:`plan_program` through
+:func:`agentsim.programs.prepare_program` before a program starts.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Generator
 
-from agentsim.programs import ProgramRun, Strand, answer, run_all_now, walk
-from agentsim.workload import CallResult, LLMCall, ProgramContext, Segment, ToolCall
+from agentsim.programs import ProgramRun, Strand, answer, program_body, run_all_now, walk
+from agentsim.workload import CallResult, LLMCall, Program, ProgramContext, Segment, ToolCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +77,15 @@ def plan_body(body: Generator, max_calls: int = 1_000_000) -> ProgramPlan:
     walk(body, run, _Planner(plan, max_calls))
     plan.tool_time = run.tool_time
     return plan
+
+
+def plan_program(prog: Program, pc: ProgramContext, max_calls: int = 1_000_000) -> ProgramPlan:
+    """The plan of the body a run of ``prog`` takes, without touching the run's RNG stream.
+
+    The body is built by :func:`agentsim.programs.program_body` without a shape policy (a team:
+    its task's default topology, no router calls) on a deep copy of ``pc.rng``, then
+    :func:`plan_body` walks it. Called by :func:`agentsim.programs.prepare_program` before the
+    program starts, in every backend. Raises as :func:`plan_body` does.
+    """
+    twin = ProgramContext(pc.program_id, pc.agent_id, pc.kind, copy.deepcopy(pc.rng))
+    return plan_body(program_body(prog, twin), max_calls)

@@ -55,6 +55,7 @@ from collections import defaultdict
 from typing import Any
 
 from agentsim.errors import ConfigError
+from agentsim.metrics import CallStatus
 from agentsim.policies.kvfetch import FetchOption, make_fetch_policy
 from agentsim.sim.engine import SimCall, delay_to
 from agentsim.sim.network import Network, Transfer, network_for
@@ -135,7 +136,7 @@ class KVPort:
         for c in reversed(self.held):
             if c.kv_hold is None:
                 continue
-            if c is not call and before - self.pool.num_used < num_blocks and c.status == "waiting":
+            if c is not call and before - self.pool.num_used < num_blocks and c.status == CallStatus.WAITING:
                 self.pool.free(c.kv_hold, now)
                 c.kv_hold = None
                 self.owner.num_holds_reclaimed += 1
@@ -178,7 +179,7 @@ class KVPort:
     def receive(self, job: _Job) -> None:
         """Queue a pull; it starts at this engine's next step boundary (or a later one, for room)."""
         job.call.engine = self.engine
-        job.call.status = "loading"
+        job.call.status = CallStatus.LOADING
         self.pending.append(job)
         self.engine.notify()
 
@@ -242,7 +243,7 @@ class KVPort:
         # straight into the inbox, as the CPU tier releases a loaded call: the engine drains it
         # right after this hook (or at the next boundary if it arrived exactly now)
         e = self.engine
-        call.status = "waiting"
+        call.status = CallStatus.WAITING
         call.enqueued_at = min(enqueued_at, now)
         e.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
         e.inbox.append(call)
@@ -294,12 +295,11 @@ class Disagg:
             # each list): a second instance of the route policy, with its own state and hooks
             from agentsim.policies.registry import make_bundle
 
-            other = make_bundle(cfg.policy).route
-            self._route_p = other.route
-            for name, fns in sim._hooks.items():
-                fn = getattr(other, name, None)
-                if fn is not None:
-                    fns.append(fn)
+            # its event hooks, as the bundle declares them, follow the run's events after the policies'
+            other = make_bundle(cfg.policy)
+            self._route_p = other.route.route
+            for name, fn in other.component_hooks("route").items():
+                sim.bundle.subscribe(name, fn)
         self.coordination: dict[int, float] = defaultdict(float)
         self.inflight: dict[int, _Job] = {}
         self.num_disaggregated = 0

@@ -24,10 +24,10 @@ from agentsim.calibration.profile import Profile, resolve_profile
 from agentsim.config import RunConfig
 from agentsim.errors import ConfigError
 from agentsim.metrics import (
-    CALL_COLUMNS, ENGINE_COLUMNS, PROGRAM_COLUMNS, CallStatus, ColumnStore, call_row, run_manifest,
-    summarize,
+    CALL_COLUMNS, ENGINE_COLUMNS, PROGRAM_COLUMNS, CallStatus, ColumnStore, ProgramStatus, call_row,
+    run_manifest, summarize,
 )
-from agentsim.programs import ProgramRun, Strand, drive, program_body, program_context
+from agentsim.programs import ProgramRun, Strand, drive, prepare_program, program_context
 from agentsim.policies.registry import make_bundle
 from agentsim.sim.engine import Engine, SimCall
 from agentsim.sim.kv import call_fits, num_call_blocks, num_reserved_blocks, v0_watermark_blocks
@@ -122,8 +122,8 @@ class Simulation:
         self._hooks = {name: self.bundle.hooks(name) for name in (
             "on_program_start", "on_program_end", "on_call_arrive", "on_call_finish", "on_tool_start", "on_tool_end")}
         self._route = self.bundle.route.route
-        # the KV mechanisms and workload helpers the bundle's policies need (CPU tier, pins, oracle
-        # plans, router calls); None for bundles that need none
+        # the KV mechanisms the bundle's policies need (CPU tier, pins, prefetch, offload); None for
+        # bundles that need none
         from agentsim.sim.tiers import attach_mechanisms
 
         self.mechanisms = attach_mechanisms(self)
@@ -155,12 +155,11 @@ class Simulation:
             yield from self._program(prog)
 
     def _program(self, prog: Program):
-        """One program's SimPy process: its body stepped by :func:`agentsim.programs.drive`."""
+        """One program's SimPy process: prepared (planners' plans, the body incl. a team wrapper) by
+        :func:`agentsim.programs.prepare_program`, its body stepped by :func:`agentsim.programs.drive`."""
         env = self.env
-        if self.mechanisms is not None:
-            self.mechanisms.prepare_program(prog)   # oracle plans, the shape policy's own calls (sim/tiers.py)
         pc = program_context(prog, self.cfg.seed)
-        run = ProgramRun(prog, pc, program_body(prog, pc, self.bundle.shape, env.now))
+        run = ProgramRun(prog, pc, prepare_program(prog, pc, self.bundle, env.now))
         self._active[prog.program_id] = run
         start = env.now
         for fn in self._hooks["on_program_start"]:
@@ -170,7 +169,7 @@ class Simulation:
         run.end_at = end = env.now
         for fn in self._hooks["on_program_end"]:
             fn(prog.program_id, end)
-        run.status = "finished"
+        run.status = ProgramStatus.FINISHED
         if self.disagg is not None:
             run.coordination_overhead = self.disagg.coordination.pop(prog.program_id, 0.0)
         self.programs.append(run.row())
@@ -330,7 +329,7 @@ class Simulation:
                     # a disaggregated call still in its prefill leg is recorded as the call itself
                     self._record_call(getattr(c, "parent", c), CallStatus.UNFINISHED)
         for st in sorted(self._active.values(), key=lambda s: s.prog.program_id):
-            st.status = "unfinished"
+            st.status = ProgramStatus.UNFINISHED
             if self.disagg is not None:
                 st.coordination_overhead = self.disagg.coordination.get(st.prog.program_id, 0.0)
             self.programs.append(st.row())

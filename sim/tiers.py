@@ -34,7 +34,6 @@ in vLLM v1 (no swap).
 
 from __future__ import annotations
 
-import copy
 import heapq
 import math
 from collections import OrderedDict
@@ -42,9 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agentsim.metrics import CallStatus
-from agentsim.policies.oracle import plan_body
-from agentsim.programs import program_body
-from agentsim.workload import ProgramContext
 
 GiB = float(1 << 30)
 
@@ -571,7 +567,11 @@ class EngineTiers:
 
 
 class Mechanisms:
-    """All engines' KV mechanisms plus the workload-side helpers (oracle plans, router LLM calls)."""
+    """All engines' KV mechanisms (CPU tier, pins, prefetch, offload) and the events they follow.
+
+    Only mechanisms: what happens before a program starts (an oracle's plan, a shape policy's own
+    LLM calls) is the program driver's, :func:`agentsim.programs.prepare_program`, in every backend.
+    """
 
     def __init__(self, sim: Any) -> None:
         self.sim = sim
@@ -596,12 +596,10 @@ class Mechanisms:
             bundle.subscribe("on_program_end", self._on_program_end)
             if caps.prefetch_on_events:
                 bundle.subscribe("on_tool_end", self._on_tool_end)
-        self._planners = list(caps.planners)
-        self._wrap = caps.team_wrapper
 
     @property
     def active(self) -> bool:
-        return bool(self.engines or self._planners or self._wrap is not None)
+        return bool(self.engines)
 
     # ------------------------------------------------------------------ hooks (after the policy's)
     def _on_call_arrive(self, call: Any, now: float) -> None:
@@ -650,44 +648,6 @@ class Mechanisms:
                 et.engine.notify()
         for k in [k for k in self.returned if k[0] == program_id]:
             del self.returned[k]
-
-    # ------------------------------------------------------------------ workload-side helpers
-    def prepare_program(self, prog: Any) -> None:
-        """Before ``prog`` starts (the runner calls this): hand its call plan to the bundle's
-        :class:`~agentsim.policies.base.ProgramPlanner` s (a dry run of a copy of its body,
-        ``agentsim.policies.oracle.plan_body``), and give a team the shape policy's own LLM calls
-        (:class:`~agentsim.policies.base.TeamWrapper`)."""
-        gen = prog.meta.get("generator")
-        if gen is None:
-            return
-        arrival_at = prog.arrival_at
-        if self._planners:
-            # a copy of the body a run would take (agentsim.programs.program_body; teams: default topology)
-            pc = ProgramContext(prog.program_id, prog.agent_id, prog.kind, copy.deepcopy(prog.meta["rng"]))
-            plan = plan_body(program_body(prog, pc))
-            for comp in self._planners:
-                comp.on_program_plan(prog.program_id, plan, arrival_at)
-        if self._wrap is not None and getattr(gen, "is_team", False):
-            prog.meta["generator"] = _ChargedTeam(gen, self._wrap)
-
-
-class _ChargedTeam:
-    """A team generator whose body runs the shape policy's router calls first."""
-
-    is_team = True
-
-    def __init__(self, gen: Any, wrap: Any) -> None:
-        self._gen = gen
-        self._wrap = wrap
-
-    def task(self, rng: Any) -> Any:
-        return self._gen.task(rng)
-
-    def team_body(self, pc: Any, task: Any, topology: str):
-        return self._wrap(pc, task, topology, self._gen.team_body(pc, task, topology))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._gen, name)
 
 
 def _prefill_time(sim: Any):
