@@ -137,14 +137,69 @@ def test_the_simulator_engine_uses_the_shared_victim_rule():
     assert engine._pick_victim(0.0) is pick_victim(order, engine.running, 0.0) is engine.running[2]
 
 
-def test_backends_do_not_probe_policies():
-    """Every capability comes from ``bundle.caps``: no getattr/hasattr on a policy object in the backends."""
-    policy_names = r"(order|evict|route|shape|pol|policy|bundle|ev|opts|comp|self\.order|self\.policy|self\.evict)"
-    probe = re.compile(rf"\b(getattr|hasattr)\(\s*{policy_names}\s*,")
+POLICY_NAMES = re.compile(r"^(self\.)?(order|evict|route|shape|pol|policy|bundle|ev|opts|comp|other|component)$")
+
+
+def _contract_members() -> set[str]:
+    """Every hook and capability member named in policies/base.py, and the dead probes removed in issue 9."""
+    from agentsim.policies.base import CAPABILITIES, HOOKS, REQUIRED
+
+    names = set(HOOKS) | {"victim", "preempted_to_front", "live_priority"}
+    for _, members in REQUIRED.values():
+        names.update(members)
+    for _, _, members in CAPABILITIES.values():
+        names.update(members)
+    return names
+
+
+def _probes(source: str, rel: str) -> list[str]:
+    """getattr/hasattr calls in ``source`` that probe a policy: on a policy-named object, for a
+    contract member by name, or for an attribute named by a variable (outside ``__getattr__``
+    delegation)."""
+    import ast
+
+    members = _contract_members()
     found = []
-    for rel in ("sim/engine.py", "sim/tiers.py", "sim/runner.py", "live/scheduler.py", "live/driver.py",
-                "live/runner.py", "policies/retention.py", "policies/distance.py", "policies/priority.py"):
-        for i, line in enumerate((ROOT / rel).read_text().splitlines(), 1):
-            if probe.search(line):
-                found.append(f"{rel}:{i}: {line.strip()}")
+
+    def visit(node, func: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            if (isinstance(child, ast.Call) and isinstance(child.func, ast.Name)
+                    and child.func.id in ("getattr", "hasattr") and len(child.args) >= 2):
+                obj, attr = ast.unparse(child.args[0]), child.args[1]
+                if (POLICY_NAMES.match(obj)
+                        or (isinstance(attr, ast.Constant) and attr.value in members)
+                        or (not isinstance(attr, ast.Constant) and func != "__getattr__")):
+                    found.append(f"{rel}:{child.lineno}: {ast.unparse(child)}")
+            visit(child, inner)
+
+    visit(ast.parse(source), "")
+    return found
+
+
+def test_the_probe_check_finds_the_probes_it_is_for():
+    old_disagg = (
+        "def __init__(self, sim):\n"
+        "    other = make_bundle(cfg.policy).route\n"
+        "    for name, fns in sim._hooks.items():\n"
+        "        fn = getattr(other, name, None)\n")
+    assert _probes(old_disagg, "sim/disagg.py") == ["sim/disagg.py:4: getattr(other, name, None)"]
+    assert len(_probes("def f(x, order):\n    hasattr(x, 'on_call_arrive')\n    getattr(order, 'key')\n", "x")) == 2
+    # not probes: a vLLM object's optional field, delegation in __getattr__
+    assert _probes("def f(sched):\n    getattr(sched, 'num_waiting_reqs', 0)\n"
+                   "def __getattr__(self, name):\n    return getattr(self.inner, name)\n", "x") == []
+
+
+def test_backends_do_not_probe_policies():
+    """Every capability comes from ``bundle.caps`` and every hook from the bundle (``hooks``,
+    ``subscribe``, ``component_hooks``): no getattr/hasattr on a policy in any module of the
+    simulator (sim/) or the live backend (live/), nor in the program driver."""
+    files = sorted((ROOT / "sim").rglob("*.py")) + sorted((ROOT / "live").rglob("*.py"))
+    files += [ROOT / rel for rel in ("agentsim/programs.py", "policies/retention.py", "policies/distance.py",
+                                      "policies/priority.py")]
+    assert {"sim/disagg.py", "sim/tiers.py", "live/driver.py", "live/scheduler.py"} <= {
+        str(f.relative_to(ROOT)) for f in files}
+    found = []
+    for f in files:
+        found += _probes(f.read_text(), str(f.relative_to(ROOT)))
     assert found == []
