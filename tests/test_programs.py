@@ -5,7 +5,9 @@ engine in a local Ray cluster, the oracle's plan and the trace recorder agree pr
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from agentsim.sim.runner import Simulation
 from agentsim.traces.generators import generators
 from agentsim.traces.record import program_body, record_body
 from agentsim.traces.source import ProgramSource
-from agentsim.workload import CallResult, Context, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall
+from agentsim.workload import (
+    CallResult, Context, LLMCall, Parallel, Program, ProgramContext, Segment, ToolCall, stable_id,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,9 +187,9 @@ def test_every_generator_is_scaled_down_here():
     assert set(SMALL) == set(generators())
 
 
-def _cfg(generator: str):
+def _cfg(generator: str, policy: object = "least-loaded"):
     return load_config(None, {
-        "seed": 11, "duration": 60.0, "policy": "least-loaded", "sim.drain": True,
+        "seed": 11, "duration": 60.0, "policy": policy, "sim.drain": True,
         "cluster.num_nodes": 1, "cluster.gpus_per_node": 1, "cluster.engine.block_size": BS,
         "workload.generator": generator, "workload.params": SMALL[generator],
         "workload.arrival": "poisson", "workload.rate": 4.0, "workload.num_programs": NUM_PROGRAMS,
@@ -225,6 +229,79 @@ def _offline(cfg) -> tuple[list[tuple], dict, list[tuple], dict]:
         for c in plan.calls:
             plan_threads[(pid, c.thread_id)].append((c.num_prompt_tokens, c.num_output_tokens))
     return rec_rows, dict(rec_threads), plan_rows, dict(plan_threads)
+
+
+class InstantEngine:
+    """A fake engine client (only to isolate the live driver): answers every call at once with
+    ``max_tokens`` token ids; the node clock is the driver's own."""
+
+    engine_id = 0
+    node_id = 0
+    info = {"vocab_size": 32000, "num_blocks": 4096, "max_model_len": 4096}
+
+    async def generate(self, request_id, token_ids, max_tokens, priority, extra_args, run_epoch):
+        await asyncio.sleep(0)
+        t = time.monotonic()
+        return {"token_ids": [7] * max_tokens, "scheduled_at": t, "first_token_at": t, "last_token_at": t,
+                "num_cached_tokens": 0, "num_preemptions": 0}
+
+    async def poll(self):
+        return {"stats": {"t": time.monotonic(), "num_running": 0, "num_waiting": 0, "kv_usage": 0.0,
+                          "prefill_tokens": 0, "decode_tokens": 0, "busy_time": 0.0}, "events": []}
+
+    async def clock(self):
+        return time.monotonic()
+
+    async def reset_prefix_cache(self):
+        return False
+
+
+def _spy_plans(bundle) -> dict:
+    """program id -> the plan the bundle's planner (``caps.planners``) was handed."""
+    plans = {}
+    (planner,) = bundle.caps.planners
+    handed = planner.on_program_plan
+
+    def on_program_plan(program_id, plan, now):
+        plans[program_id] = plan
+        handed(program_id, plan, now)
+
+    planner.on_program_plan = on_program_plan   # the instance attribute is what prepare_program calls
+    return plans
+
+
+def _decomposer_calls(calls, programs) -> dict:
+    """program id -> output tokens of its AdaptOrch decomposer call (its agent id says which)."""
+    agent = dict(zip(programs["program_id"], programs["agent_id"]))
+    return {int(r.program_id): int(r.num_output_tokens) for r in calls.itertuples()
+            if r.agent_id == stable_id("agent", agent[r.program_id], "decomposer")}
+
+
+def test_the_live_driver_prepares_programs_as_the_simulator_does():
+    """Program preparation is the driver's (agentsim.programs.prepare_program), not the simulator's:
+    the live driver hands the planner (sjf-oracle's ``on_program_plan``) the same plans and charges
+    the shape policy's decomposer call (adaptorch's ``wrap_team_body``) as the simulator does."""
+    from agentsim.live.driver import LiveDriver, LiveOptions
+    from agentsim.policies.registry import make_bundle
+
+    cfg = _cfg("team", {"name": "adaptorch", "order": "sjf-oracle"})
+    sim_run = Simulation(cfg)
+    sim_plans = _spy_plans(sim_run.bundle)
+    sim = sim_run.run()
+    bundle = make_bundle(cfg.policy)
+    live_plans = _spy_plans(bundle)
+    live = LiveDriver([InstantEngine()], bundle, block_size=BS, kv_events=False,
+                      options=LiveOptions(duration=cfg.duration, flush_interval=0, sample_interval=5.0),
+                      seed=cfg.seed, max_num_seqs=8).run(ProgramSource(cfg.workload, cfg.seed))
+    assert sorted(sim_plans) == sorted(live_plans) == list(range(NUM_PROGRAMS))
+    assert live_plans == sim_plans and all(p.calls for p in live_plans.values())
+    assert (live.programs["status"] == "finished").all() and (live.calls["status"] == "finished").all()
+    assert _programs(live.programs) == _programs(sim.programs)
+    assert _threads(live.calls) == _threads(sim.calls)
+    # one decomposer call per team program, 48 output tokens per task node, in both backends
+    charged = _decomposer_calls(live.calls, live.programs)
+    assert charged == _decomposer_calls(sim.calls, sim.programs)
+    assert sorted(charged) == list(range(NUM_PROGRAMS)) and all(n % 48 == 0 and n > 0 for n in charged.values())
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +350,27 @@ def test_sim_live_recorder_and_oracle_make_the_same_programs_on_every_generator(
         assert rec_rows == sim_rows, where
         assert plan_rows == [(r[0], r[1], r[2], r[4], r[5], r[6]) for r in sim_rows], where
         assert rec_threads == _threads(sim.calls) == plan_threads, where
+
+
+@pytest.mark.slow
+def test_adaptorch_makes_the_same_programs_with_its_decomposer_call_in_sim_and_live(engine):
+    """A shape policy's own LLM call (adaptorch's decomposer, ``wrap_team_body``) is charged in both
+    backends, because both prepare a program through the one driver (``prepare_program``)."""
+    from agentsim.live.driver import LiveDriver, LiveOptions, RayEngineClient
+    from agentsim.policies.registry import make_bundle
+
+    cfg = _cfg("team", "adaptorch")
+    sim = Simulation(cfg).run()
+    live = LiveDriver([RayEngineClient(engine)], make_bundle(cfg.policy), block_size=BS,
+                      options=LiveOptions(duration=cfg.duration, flush_interval=0, sample_interval=5.0),
+                      seed=cfg.seed, max_num_seqs=8).run(ProgramSource(cfg.workload, cfg.seed))
+    assert (sim.programs["status"] == "finished").all() and (live.calls["status"] == "finished").all()
+    assert _programs(live.programs) == _programs(sim.programs)
+    assert _threads(live.calls) == _threads(sim.calls)
+    charged = _decomposer_calls(live.calls, live.programs)
+    assert sorted(charged) == list(range(NUM_PROGRAMS)) and charged == _decomposer_calls(sim.calls, sim.programs)
+    # the decomposer call comes first in its program, then the team's calls
+    agent = dict(zip(live.programs["program_id"], live.programs["agent_id"]))
+    for pid, n_out in charged.items():
+        first = live.calls[live.calls["program_id"] == pid].sort_values(["arrival_at", "call_id"]).iloc[0]
+        assert first["agent_id"] == stable_id("agent", agent[pid], "decomposer") and first["num_output_tokens"] == n_out
