@@ -219,7 +219,7 @@ def test_router_cost_is_coordination_overhead_per_program():
 
 
 # ----------------------------------------------------------------------------- invariants
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(seed=st.integers(0, 10_000), layout=st.sampled_from([("prefill", "decode", "decode"),
                                                                ("prefill", "prefill", "decode"),
                                                                ("mixed", "decode", "prefill")]),
