@@ -730,7 +730,8 @@ class LiveDriver:
         summary["num_retries"] = float(self.num_retries)
         summary["num_engine_failures"] = float(len(self.engine_failures))
         summary["num_programs_failed"] = float((programs["status"] == ProgramStatus.FAILED).sum())
-        summary["num_programs_unfinished"] = float((programs["status"].isin([ProgramStatus.UNFINISHED, ProgramStatus.RUNNING])).sum())
+        unfinished = programs["status"].isin([ProgramStatus.UNFINISHED, ProgramStatus.RUNNING])
+        summary["num_programs_unfinished"] = float(unfinished.sum())
         complete = final and self._complete
         manifest = dict(self.base_manifest)
         manifest.update({
