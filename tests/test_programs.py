@@ -184,7 +184,9 @@ PROGRAM_FIELDS = ["program_id", "kind", "num_calls", "num_tool_calls", "num_prom
 
 
 def test_every_generator_is_scaled_down_here():
-    assert set(SMALL) == set(generators())
+    # the generators agentsim ships (other test modules register their own test-* generators in the session)
+    shipped = {n for n, cls in generators().items() if cls.__module__.startswith("agentsim.")}
+    assert len(shipped) >= 10 and set(SMALL) == shipped
 
 
 def _cfg(generator: str, policy: object = "least-loaded"):
