@@ -8,7 +8,7 @@ examples do (``examples/online_serving/disaggregated_serving``):
 - a ``prefill`` engine runs with ``kv_role = "kv_producer"``, a ``decode`` engine with
   ``"kv_consumer"``; a ``mixed`` engine has no connector. The connector is vLLM's disk-based
   ``ExampleConnector`` (the only built-in one that runs on vLLM's CPU build as installed: see
-  ``docs/notes/pd-live.md`` for what the others need), wrapped by
+  ``docs/design/live-pd.md`` for what the others need), wrapped by
   :class:`agentsim.live.kvconnector.TimedExampleConnector` to count transfer seconds and bytes.
   Its ``shared_storage_path`` is one directory all engines of the run see (same host / shared FS).
   With ``connector="nixl"`` it is vLLM's ``NixlConnector`` instead (every P/D engine ``kv_both``,
