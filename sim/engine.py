@@ -59,7 +59,7 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import bisect_left, bisect_right
-from typing import Callable
+from typing import Any, Callable
 
 import simpy
 
@@ -84,6 +84,34 @@ def delay_to(now: float, t: float) -> float:
         d = math.nextafter(d, 0.0)
     return d
 
+
+
+_SAMPLED, _FINISHED = 1, 2
+
+
+def _advance_prefill(call: "SimCall", n: int, t1: float, bs: int, kv: Any) -> int:
+    """Apply ``n`` computed prompt tokens of ``call`` in a step ending at ``t1`` (both loops share it).
+
+    Full computed blocks enter the prefix cache through ``kv`` (None: prefix caching off). Returns 0 when
+    the prompt is not complete yet, ``_SAMPLED`` when the step sampled a token (the first one stamps
+    ``first_token_at``), ``_FINISHED`` when that token was the call's last (vLLM v1
+    ``Scheduler.update_from_output``: a request whose computed tokens reach its prompt samples).
+    """
+    before = call.num_computed
+    nc = before + n
+    call.num_computed = nc
+    ng = call.num_generated
+    if ng == 0:
+        call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
+    if kv is not None and nc // bs > before // bs:
+        kv.cache_full_blocks(call, before, nc)  # full computed blocks enter the prefix cache
+    if nc != call.num_prompt_tokens + ng:
+        return 0
+    ng += 1
+    call.num_generated = ng
+    if ng == 1:
+        call.first_token_at = t1
+    return _FINISHED if ng >= call.num_output_tokens else _SAMPLED
 
 class SimCall:
     """A call inside the simulator; satisfies :class:`agentsim.policies.base.CallView`."""
@@ -541,23 +569,11 @@ class Engine:
             kv = self.kv
             more = []
             for call, n in prefills:
-                before = call.num_computed
-                nc = before + n
-                call.num_computed = nc
-                ng = call.num_generated
-                if ng == 0:
-                    call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
-                if caching and nc // bs > before // bs:
-                    kv.cache_full_blocks(call, before, nc)  # full computed blocks enter the prefix cache
-                if nc == call.num_prompt_tokens + ng:
-                    ng += 1
-                    call.num_generated = ng
-                    if ng == 1:
-                        call.first_token_at = t1
-                    if ng >= call.num_output_tokens:
-                        more.append(call)
-                    else:
-                        self._lazify(call, D1)
+                sampled = _advance_prefill(call, n, t1, bs, kv if caching else None)
+                if sampled == _FINISHED:
+                    more.append(call)
+                elif sampled:
+                    self._lazify(call, D1)
             if more:
                 finished = finished + more if finished else more
             self._nonlazy = [c for c in self._nonlazy if c._d0 < 0 and c not in more]
@@ -1067,21 +1083,8 @@ class Engine:
             if ng >= call.num_output_tokens:
                 finished.append(call)
         for call, n in prefills:
-            before = call.num_computed
-            nc = before + n
-            call.num_computed = nc
-            ng = call.num_generated
-            if ng == 0:
-                call.num_computed_prompt_tokens += n  # prompt tokens computed, not taken from cache
-            if caching and nc // bs > before // bs:
-                kv.cache_full_blocks(call, before, nc)  # full computed blocks enter the prefix cache
-            if nc == call.num_prompt_tokens + ng:
-                ng += 1
-                call.num_generated = ng
-                if ng == 1:
-                    call.first_token_at = t1
-                if ng >= call.num_output_tokens:
-                    finished.append(call)
+            if _advance_prefill(call, n, t1, bs, kv if caching else None) == _FINISHED:
+                finished.append(call)
         self._account_step(t0, t1, n_prefill, n_decode)
         for call in finished:
             self._finish(call, t1)
