@@ -17,6 +17,8 @@ from agentsim.experiments.studies import StudyOptions
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+    from agentsim.experiments.studies import StudyResult
+
 
 def spec_path(name: str) -> Path:
     """The shipped spec ``experiments/specs/<name>.toml``."""
@@ -66,6 +68,19 @@ def run_specs(out: Path, opts: StudyOptions, specs: list[tuple[str, object]]) ->
         tables[name] = t
         offset += len(spec.cells())
     return tables, failed
+
+
+def run_one(out: Path, opts: StudyOptions, name: str, spec: str) -> tuple["pd.DataFrame", "StudyResult"]:
+    """Run study ``name``'s one sweep (``experiments/specs/<spec>.toml``, see :func:`run_specs`) and start its
+    result: ``(table, StudyResult)`` with the failed cells; an empty table's result already says that no
+    cell finished, so a study returns it as it is."""
+    from agentsim.experiments.studies import StudyResult
+
+    tables, failed = run_specs(out, opts, [(name, load(spec, opts))])
+    res = StudyResult(name, failed=failed)
+    if not len(tables[name]):
+        res.findings.append("no cell finished; nothing to analyse")
+    return tables[name], res
 
 
 def save_figure(fig, path: Path) -> Path:

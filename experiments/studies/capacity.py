@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 from agentsim.experiments.studies import Study, StudyOptions, StudyResult, register
-from agentsim.experiments.studies.base import figure, load, policy_label, run_specs, save_figure
+from agentsim.experiments.studies.base import figure, policy_label, run_one, save_figure
 
 #: the seed's per-node targets
 TTFT_TARGET_MS = 150.0
@@ -139,11 +139,8 @@ def plot(cells, path: Path) -> Path:
 def run(out: Path, opts: StudyOptions) -> StudyResult:
     import pandas as pd
 
-    tables, failed = run_specs(out, opts, [("capacity", load("capacity", opts))])
-    t = tables["capacity"]
-    res = StudyResult("capacity", failed=failed)
+    t, res = run_one(out, opts, "capacity", "capacity")
     if not len(t):
-        res.findings.append("no cell finished; nothing to analyse")
         return res
     cells = pd.DataFrame({"mix": [mix_label(c["workload"]["mix"]) for c in t["_config"]],
                           "policy": [policy_label(v["policy"]) for v in t["_values"]],

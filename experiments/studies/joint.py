@@ -33,7 +33,7 @@ from pathlib import Path
 
 from agentsim.errors import ConfigError
 from agentsim.experiments.studies import Study, StudyOptions, StudyResult, register
-from agentsim.experiments.studies.base import figure, load, policy_label, run_specs, save_figure, spec_path
+from agentsim.experiments.studies.base import figure, policy_label, run_one, save_figure, spec_path
 
 
 def load_prices(path: str | None) -> tuple[dict[str, float], str]:
@@ -135,11 +135,8 @@ def plot(df, path: Path, success_src: str) -> Path:
 def run(out: Path, opts: StudyOptions) -> StudyResult:
     success, success_src = load_success_table(opts.extra.get("success"))
     prices, price_src = load_prices(opts.extra.get("prices"))
-    tables, failed = run_specs(out, opts, [("joint", load("joint", opts))])
-    t = tables["joint"]
-    res = StudyResult("joint", failed=failed)
+    t, res = run_one(out, opts, "joint", "joint")
     if not len(t):
-        res.findings.append("no cell finished; nothing to analyse")
         return res
     df = joint_table(t, success, prices)
     res.tables["joint"] = df

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 from agentsim.experiments.studies import Study, StudyOptions, StudyResult, register
-from agentsim.experiments.studies.base import figure, load, run_specs, save_figure
+from agentsim.experiments.studies.base import figure, run_one, save_figure
 
 #: relative error above which a fitted law is said to break at a cell
 BREAK_REL_ERROR = 0.15
@@ -140,11 +140,8 @@ def plot(cells, fits, path: Path) -> Path:
 def run(out: Path, opts: StudyOptions) -> StudyResult:
     import pandas as pd
 
-    tables, failed = run_specs(out, opts, [("scaling-laws", load("scaling_laws", opts))])
-    t = tables["scaling-laws"]
-    res = StudyResult("scaling-laws", failed=failed)
+    t, res = run_one(out, opts, "scaling-laws", "scaling_laws")
     if not len(t):
-        res.findings.append("no cell finished; nothing to analyse")
         return res
     cl = [c["cluster"] for c in t["_config"]]
     gpus = [c["num_nodes"] * c["gpus_per_node"] for c in cl]
