@@ -1,0 +1,142 @@
+"""Unit tests of the simulator's KV layers, bottom up: the LRU free-block queue, the block pool, the KV
+cache manager (``sim/kv.py``, ``sim/kv_manager.py``; vLLM v1 ``block_pool.py``, ``kv_cache_utils.py``
+``FreeKVCacheBlockQueue``, ``kv_cache_manager.py``). Every expected value is counted by hand."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from agentsim.policies.base import BlockView
+from agentsim.policies.baseline import LRUFreeQueue
+from agentsim.sim.kv import BlockPool
+from agentsim.sim.kv_manager import KVCacheManager
+
+BS = 4
+
+
+def _call(prompt: int, hashes: list[int], generated: int = 0, computed: int = 0):
+    return SimpleNamespace(num_prompt_tokens=prompt, num_generated=generated, num_computed=computed,
+                           full_hashes=hashes, blocks=[], program_id=7, agent_id=3, kv_hold=None)
+
+
+# ----------------------------------------------------------------------------- free queue
+def test_lru_free_queue_pops_least_recently_freed_and_removes_from_the_middle():
+    q = LRUFreeQueue()
+    b = [BlockView(i) for i in range(4)]
+    for x in b:
+        q.append(x, 0.0)
+    q.remove(b[1])
+    assert len(q) == 3
+    assert [q.pop(1.0).block_id for _ in range(3)] == [0, 2, 3]
+    assert len(q) == 0
+
+
+# ----------------------------------------------------------------------------- block pool
+def test_pool_reserves_the_null_block_and_hands_out_never_used_blocks_in_id_order():
+    pool = BlockPool(6, LRUFreeQueue())          # block 0 is V1's null block
+    assert pool.num_blocks == 5 and pool.num_free == 5 and pool.usage == 0.0
+    out = pool.allocate(3, 1.0, program_id=1, agent_id=2, first_position=10)
+    assert [b.block_id for b in out] == [1, 2, 3]
+    assert [b.position for b in out] == [10, 11, 12] and all(b.ref_count == 1 for b in out)
+    assert pool.num_used == 3 and pool.num_free == 2 and pool.usage == pytest.approx(3 / 5)
+    assert pool.num_never_used == 2
+    pool.check()
+    with pytest.raises(ValueError):
+        BlockPool(2, LRUFreeQueue(), num_reserved=2)
+
+
+def test_pool_frees_tail_first_and_reuses_never_used_blocks_before_freed_ones():
+    pool = BlockPool(5, LRUFreeQueue())          # 4 usable: ids 1..4
+    a = pool.allocate(3, 0.0, 1, 1, 0)           # ids 1, 2, 3
+    pool.free(a, 1.0)                            # tail first: queue 3, 2, 1
+    assert pool.num_used == 0 and len(pool.free_queue) == 3
+    out = pool.allocate(2, 2.0, 2, 2, 0)
+    assert [b.block_id for b in out] == [4, 3]  # the never-used block first, then the least recently freed
+    pool.check()
+
+
+def test_pool_evicting_a_cached_block_drops_its_hash_and_tells_the_listener():
+    pool = BlockPool(3, LRUFreeQueue())          # 2 usable
+    seen = []
+    pool.on_evict(lambda h, now: seen.append((h, now)))
+    a = pool.allocate(2, 0.0, 1, 1, 0)
+    pool.cache(a[0], 111)
+    pool.cache(a[1], 111)                        # a duplicate hash stays uncached (vLLM)
+    assert a[1].block_hash is None and pool.cached == {111: a[0]}
+    pool.free(a, 1.0)                            # queue: a[1], a[0]
+    b = pool.allocate(1, 2.0, 2, 2, 0)
+    assert b[0] is a[1] and seen == [] and pool.num_evictions == 0   # uncached block: nothing evicted
+    c = pool.allocate(1, 3.0, 2, 2, 1)
+    assert c[0] is a[0] and seen == [(111, 3.0)] and pool.num_evictions == 1
+    assert c[0].block_hash is None and 111 not in pool.cached
+    pool.check()
+
+
+def test_pool_touch_takes_free_hits_off_the_queue_and_counts_them_once():
+    pool = BlockPool(4, LRUFreeQueue())
+    a = pool.allocate(2, 0.0, 1, 1, 0)
+    pool.cache(a[0], 5)
+    pool.free(a[1:], 1.0)                        # a[0] still held, a[1] free
+    pool.touch([a[0], a[1]], 2.0, program_id=9, agent_id=8)
+    assert a[0].ref_count == 2 and a[1].ref_count == 1
+    assert pool.num_used == 2 and len(pool.free_queue) == 0
+    assert a[1].program_id == 9 and a[1].last_used_at == 2.0
+    assert pool.num_cached_prefix([5, 6, 5], 3) == 1 and pool.num_cached_prefix([5], 0) == 0
+    pool.check()
+
+
+# ----------------------------------------------------------------------------- KV cache manager
+def test_manager_never_returns_the_block_of_the_last_known_token():
+    pool = BlockPool(10, LRUFreeQueue())
+    kv = KVCacheManager(pool, BS, enable_caching=True)
+    first = _call(8, [1, 2])
+    assert kv.allocate_slots(first, 8, 0.0, new_computed_blocks=kv.get_computed_blocks(first)) is not None
+    first.num_computed = 8
+    kv.cache_full_blocks(first, 0, 8)
+    assert set(pool.cached) == {1, 2}
+    same = _call(8, [1, 2])                      # 8 tokens = 2 full blocks, but token 8 must be recomputed
+    assert [b.block_hash for b in kv.get_computed_blocks(same)] == [1]
+    longer = _call(9, [1, 2])
+    assert [b.block_hash for b in kv.get_computed_blocks(longer)] == [1, 2]
+    assert KVCacheManager(pool, BS, enable_caching=False).get_computed_blocks(longer) == []
+
+
+def test_manager_allocate_slots_counts_free_hits_against_the_free_blocks():
+    pool = BlockPool(5, LRUFreeQueue())          # 4 usable
+    kv = KVCacheManager(pool, BS, enable_caching=True)
+    a = _call(8, [1, 2])
+    kv.allocate_slots(a, 8, 0.0, new_computed_blocks=[])
+    a.num_computed = 8
+    kv.cache_full_blocks(a, 0, 8)
+    kv.free(a, 1.0)
+    assert a.blocks == [] and pool.num_used == 0
+    b = _call(17, [1, 2, 3, 4])                  # hits: 2 free cached blocks; new tokens 9 -> 3 more blocks
+    hits = kv.get_computed_blocks(b)
+    assert len(hits) == 2
+    assert kv.allocate_slots(b, 9, 2.0, new_computed_blocks=hits) is None   # 3 new + 2 evictable > 4 free
+    assert pool.num_used == 0 and b.blocks == []                              # nothing changed
+    c = _call(13, [1, 2, 3])                     # 2 hits + 5 new tokens -> 2 new blocks: 4 <= 4
+    new = kv.allocate_slots(c, 5, 3.0, new_computed_blocks=kv.get_computed_blocks(c))
+    assert len(new) == 2 and len(c.blocks) == 4 and pool.num_used == 4
+    c.num_computed = 13
+    assert kv.allocate_slots(c, 3, 4.0) == []    # 16 tokens still fit the 4 blocks held
+    assert kv.allocate_slots(c, 4, 4.0) is None  # decode growth: 13 + 4 tokens need a 5th block, none free
+    pool.check()
+
+
+def test_manager_caches_only_blocks_that_became_full_and_computed():
+    pool = BlockPool(10, LRUFreeQueue())
+    kv = KVCacheManager(pool, BS, enable_caching=True)
+    c = _call(10, [11, 12])                      # 10 tokens: 2 full blocks + 2 tokens
+    kv.allocate_slots(c, 6, 0.0, new_computed_blocks=[])   # a first chunk of 6 tokens
+    c.num_computed = 6
+    kv.cache_full_blocks(c, 0, 6)
+    assert set(pool.cached) == {11}
+    kv.allocate_slots(c, 4, 1.0)
+    c.num_computed = 10
+    kv.cache_full_blocks(c, 6, 10)
+    assert set(pool.cached) == {11, 12} and c.blocks[2].block_hash is None
+    KVCacheManager(pool, BS, enable_caching=False).cache_full_blocks(c, 0, 10)   # a no-op without caching
+    pool.check()
