@@ -124,8 +124,11 @@ def test_failed_calibration_check_exits_1(tmp_path):
 def _interrupt(args, cwd, wait_for: float = 8.0) -> subprocess.CompletedProcess:
     """Start ``agentsim ARGS``, wait until it is simulating, send SIGINT, return the finished process."""
     env = {**os.environ, "COLUMNS": "200"}
+    # a shell's background job (CI started from a script with `&`) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, "-m", "agentsim", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(wait_for)  # imports and set-up; the runs below last far longer than this
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
