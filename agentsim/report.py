@@ -1131,13 +1131,9 @@ def write_report(directory: str | Path, out: str | Path | None = None, fmt_: str
         for f in rep.figures:
             (ftmp / f"{f.name}.png").write_bytes(f.png)
         tmp.write_text(render_md(rep, fd.name), encoding="utf-8")
-        if fd.exists():
-            old = fd.with_name(f".{fd.name}.old-{os.getpid()}")
-            fd.rename(old)
-            ftmp.rename(fd)
-            shutil.rmtree(old)
-        else:
-            ftmp.rename(fd)
+        from agentsim.outputs import swap_in
+
+        swap_in(ftmp, fd)  # fd was checked above: absent, or a figure folder holding only PNGs
         os.replace(tmp, outp)
     finally:
         if ftmp.exists():
