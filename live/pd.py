@@ -194,7 +194,7 @@ def engine_transfer_totals(handles: Sequence[Any], timeout: float = 30.0) -> dic
             continue
         try:
             out[str(h.engine_id)] = transfer_totals(ray.get(h.actor.poll.remote(), timeout=timeout)["stats"])
-        except Exception:  # noqa: BLE001 - a dead engine has nothing to report
+        except ray.exceptions.RayError:  # a dead or unresponsive engine (actor died, timeout) has nothing to report
             continue
     return out
 
