@@ -617,6 +617,45 @@ class Engine:
                     else:
                         lst.append(c)
 
+    def _wait_window(self, now: float, times: list):
+        """Wait out a fast-forward window whose steps end at ``times``; an interrupt (a new arrival)
+        cuts it after the step in progress. Returns how many steps ran (both engine loops)."""
+        env = self.env
+        try:
+            yield env.timeout(delay_to(now, times[-1]))
+        except simpy.Interrupt:
+            m = bisect_right(times, env.now)
+            if m < len(times):
+                yield env.timeout(delay_to(env.now, times[m]))
+                m += 1
+            return m
+        return len(times)
+
+    def _window_steps(self, now: float, dt1: float, k: int, free: int, ctx: int, nb: int, cnt: list,
+                      offset: int) -> tuple[list, list, list]:
+        """The decode-only steps of a fast-forward window after its first (ending ``now + dt1``), up to
+        step ``k``: step ``j`` needs ``cnt[(j + offset) % block_size]`` new blocks and the window stops
+        at the first step they do not fit ``free``; each step adds ``nb`` context tokens to ``ctx``
+        (both engine loops share this). Returns ``(end times, step durations, new blocks per step)``."""
+        bs = self.block_size
+        step_seconds = self._step_seconds
+        t = now + dt1
+        times = [t]
+        dts = [dt1]
+        needs = [0]
+        for j in range(2, k + 1):
+            need = cnt[(j + offset) % bs]
+            if need > free:
+                break
+            free -= need
+            ctx += nb
+            dt = step_seconds(0, 0, nb, ctx, 0, nb)
+            t = t + dt
+            times.append(t)
+            dts.append(dt)
+            needs.append(need)
+        return times, dts, needs
+
     def _fast_forward_lazy(self, now: float, dt1: float):
         """:meth:`_fast_forward` over the lazy decodes: the window ends at the first step in which a
         call samples its last token (the earliest key of the finish calendar) or whose new blocks
@@ -638,34 +677,12 @@ class Engine:
         for r in range(bs):
             f = fill.get(D + r)
             cnt.append(len(f) if f is not None else 0)
-        step_seconds = self._step_seconds
-        t = now + dt1
-        times = [t]
-        dts = [dt1]
-        needs = [0]
-        for j in range(2, k + 1):
-            need = cnt[(j - 2) % bs]
-            if need > free:
-                break
-            free -= need
-            ctx += nb
-            dt = step_seconds(0, 0, nb, ctx, 0, nb)
-            t = t + dt
-            times.append(t)
-            dts.append(dt)
-            needs.append(need)
+        times, dts, needs = self._window_steps(now, dt1, k, free, ctx, nb, cnt, -2)
         if len(times) > 1:
             self.num_ff_windows += 1
         self._ff_active = True
         self._pending = (None, now, times, dts, needs)
-        m = len(times)
-        try:
-            yield env.timeout(delay_to(now, times[-1]))
-        except simpy.Interrupt:
-            m = bisect_right(times, env.now)
-            if m < len(times):
-                yield env.timeout(delay_to(env.now, times[m]))
-                m += 1
+        m = yield from self._wait_window(now, times)
         self._ff_active = False
         self._pending = None
         self._apply_window_lazy(now, times, dts, needs, m)
@@ -1117,34 +1134,13 @@ class Engine:
             cnt[(1 - c.num_computed) % bs] += 1
             ctx += c.num_computed + 1
         free = self.pool.num_blocks - self.pool.num_used
-        step_seconds = self._step_seconds
-        t = now + dt1
-        times = [t]
-        dts = [dt1]
-        needs = [0]
-        for j in range(2, k + 1):
-            need = cnt[j % bs]
-            if need > free:
-                break
-            free -= need
-            ctx += nb
-            dt = step_seconds(0, 0, nb, ctx, 0, nb)
-            t = t + dt
-            times.append(t)
-            dts.append(dt)
-            needs.append(need)
+        times, dts, needs = self._window_steps(now, dt1, k, free, ctx, nb, cnt, 0)
         m = len(times)
         if m > 1:
             self.num_ff_windows += 1
         self._ff_active = True
         self._pending = (calls, now, times, dts, needs)
-        try:
-            yield env.timeout(delay_to(now, times[-1]))
-        except simpy.Interrupt:
-            m = bisect_right(times, env.now)
-            if m < len(times):
-                yield env.timeout(delay_to(env.now, times[m]))
-                m += 1
+        m = yield from self._wait_window(now, times)
         self._ff_active = False
         self._pending = None
         self._apply_window(calls, now, times, dts, needs, m)
