@@ -93,14 +93,9 @@ def _versions() -> dict:
 
 
 def _git_revision() -> str | None:
-    import subprocess
+    from agentsim.metrics import git_revision  # lazily: pandas is not imported for `agentsim --help`
 
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                           capture_output=True, text=True, timeout=5)
-        return (r.stdout.strip() or None) if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return git_revision()
 
 
 class Progress:
