@@ -177,6 +177,19 @@ class FreeBlockQueue(Protocol):
     def pop(self, now: float) -> BlockView: ...
 
 
+@runtime_checkable
+class BulkFreeBlockQueue(FreeBlockQueue, Protocol):
+    """A free queue that also takes and hands out many blocks in one call (optional; the block pool
+    uses these when the queue has them, else repeated :meth:`append`/:meth:`pop`). Results must be
+    exactly those of the repeated calls: ``append_blocks(bs, now)`` is ``append(b, now)`` for each
+    ``b`` of ``bs`` in order, ``pop_blocks(n, now)`` is ``[pop(now) for _ in range(n)]`` (the pool
+    changes the popped blocks only after the last pop). vLLM: ``FreeKVCacheBlockQueue.append_n`` /
+    ``popleft_n`` (``vllm/v1/core/kv_cache_utils.py``)."""
+
+    def append_blocks(self, blocks: list[BlockView], now: float) -> None: ...
+    def pop_blocks(self, n: int, now: float) -> list[BlockView]: ...
+
+
 class EvictPolicy(Protocol):
     def new_free_queue(self, engine_id: int) -> FreeBlockQueue: ...
 

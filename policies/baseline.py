@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from typing import Sequence
 
 from agentsim.policies.base import BlockView, CallView, EngineView
@@ -63,25 +63,83 @@ class FCFS:
 
 
 class LRUFreeQueue:
-    """vLLM's free-block queue: evict the least recently freed block first."""
+    """vLLM's free-block queue: evict the least recently freed block first (with the bulk forms of
+    :class:`agentsim.policies.base.BulkFreeBlockQueue`, as vLLM's ``append_n``/``popleft_n``).
 
-    __slots__ = ("_q",)
+    A deque with lazy removal: :meth:`remove` (a prefix hit taking a free block back) only marks the
+    block, and its old entry is skipped when it reaches the head. ``block.qkey`` counts the block's
+    entries in the deque, negated while the block is not in the queue; its live entry is its last.
+    """
+
+    __slots__ = ("_q", "_n")
 
     def __init__(self) -> None:
-        self._q: OrderedDict[int, BlockView] = OrderedDict()
+        self._q: deque[BlockView] = deque()
+        self._n = 0   # blocks in the queue (live entries)
 
     def __len__(self) -> int:
-        return len(self._q)
+        return self._n
 
     def append(self, block: BlockView, now: float) -> None:
-        self._q[block.block_id] = block
+        k = block.qkey or 0
+        block.qkey = (-k if k < 0 else k) + 1
+        self._q.append(block)
+        self._n += 1
+
+    def append_blocks(self, blocks: list[BlockView], now: float) -> None:
+        for b in blocks:
+            k = b.qkey or 0
+            b.qkey = (-k if k < 0 else k) + 1
+        self._q.extend(blocks)
+        self._n += len(blocks)
+        if len(self._q) > 2 * self._n + 4096:
+            self._compact()
 
     def remove(self, block: BlockView) -> None:
-        del self._q[block.block_id]
+        block.qkey = -block.qkey
+        self._n -= 1
 
     def pop(self, now: float) -> BlockView:
-        return self._q.popitem(last=False)[1]
+        popleft = self._q.popleft
+        while True:
+            b = popleft()
+            k = b.qkey
+            if k == 1:
+                b.qkey = 0
+                self._n -= 1
+                return b
+            b.qkey = k - 1 if k > 0 else k + 1   # an old entry: one fewer
 
+    def pop_blocks(self, n: int, now: float) -> list[BlockView]:
+        popleft = self._q.popleft
+        out = []
+        while len(out) < n:
+            b = popleft()
+            k = b.qkey
+            if k == 1:
+                b.qkey = 0
+                out.append(b)
+            else:
+                b.qkey = k - 1 if k > 0 else k + 1
+        self._n -= n
+        return out
+
+    def _compact(self) -> None:
+        """Drop the old entries (many prefix hits and few evictions leave many behind)."""
+        live = []
+        for b in reversed(self._q):   # a block's live entry is its last
+            k = b.qkey
+            if k is None:
+                continue                 # a member already kept (this is one of its old entries)
+            if k > 0:
+                live.append(b)
+                b.qkey = None
+            else:
+                b.qkey = 0               # not in the queue: no entries left
+        for b in live:
+            b.qkey = 1
+        live.reverse()
+        self._q = deque(live)
 
 @register("evict", "lru")
 class LRU:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from itertools import islice, takewhile
 
-from agentsim.policies.base import BlockView, FreeBlockQueue
+from agentsim.policies.base import BlockView, BulkFreeBlockQueue, FreeBlockQueue
 
 V0_WATERMARK = 0.01  # vllm/core/block_manager.py (V0): BlockSpaceManager(watermark=0.01)
 
@@ -72,8 +72,8 @@ class BlockPool:
     ``num_reserved``, as in vLLM where the null block is block 0.
     """
 
-    __slots__ = ("num_gpu_blocks", "num_reserved", "num_blocks", "blocks", "free_queue", "cached", "num_used",
-                 "num_evictions", "_on_evict")
+    __slots__ = ("num_gpu_blocks", "num_reserved", "num_blocks", "blocks", "_free_queue", "cached", "num_used",
+                 "num_evictions", "_on_evict", "_append_blocks", "_pop_blocks")
 
     def __init__(self, num_gpu_blocks: int, free_queue: FreeBlockQueue, now: float = 0.0,
                  num_reserved: int = 1) -> None:
@@ -91,6 +91,28 @@ class BlockPool:
         self.num_used = 0          # blocks with ref_count > 0
         self.num_evictions = 0     # cached blocks handed out again (their hash dropped)
         self._on_evict = None      # see on_evict
+    @property
+    def free_queue(self) -> FreeBlockQueue:
+        """The evict policy's free-block queue (settable: tests wrap it)."""
+        return self._free_queue
+
+    @free_queue.setter
+    def free_queue(self, queue: FreeBlockQueue) -> None:
+        self._free_queue = queue
+        # many blocks per call into / out of the queue: its bulk forms when it has them (checked
+        # once here, not per call), else its append/pop one block at a time
+        if isinstance(queue, BulkFreeBlockQueue):
+            self._append_blocks = queue.append_blocks
+            self._pop_blocks = queue.pop_blocks
+        else:
+            append, pop = queue.append, queue.pop
+
+            def append_blocks(blocks: list[BlockView], now: float) -> None:
+                for b in blocks:
+                    append(b, now)
+
+            self._append_blocks = append_blocks
+            self._pop_blocks = lambda n, now: [pop(now) for _ in range(n)]
 
     def on_evict(self, fn) -> None:
         """Call ``fn(block_hash, now)`` whenever a cached block is handed out again (its hash dropped),
@@ -138,48 +160,51 @@ class BlockPool:
         """Hand out ``n`` free blocks (caller checked ``n <= num_free``), evicting cached ones."""
         blocks = self.blocks
         fresh = self.num_blocks - len(blocks)
+        self.num_used += n
+        base = self.num_reserved + len(blocks)
         if fresh >= n:
-            base = self.num_reserved + len(blocks)
             out = [BlockView(base + i, None, 1, now, program_id, agent_id, first_position + i) for i in range(n)]
             blocks.extend(out)
-        else:
-            base = self.num_reserved + len(blocks)
-            out = [BlockView(base + i) for i in range(fresh)]
+            return out
+        if fresh > 0:
+            out = [BlockView(base + i, None, 1, now, program_id, agent_id, first_position + i) for i in range(fresh)]
             blocks.extend(out)
-            pop = self.free_queue.pop
-            cached = self.cached
-            for _ in range(n - fresh):
-                b = pop(now)
-                h = b.block_hash
-                if h is not None:
-                    if self._on_evict is not None:
-                        self._on_evict(h, now)
-                    if cached.get(h) is b:
-                        del cached[h]
-                    b.block_hash = None
-                    self.num_evictions += 1
-                out.append(b)
-            for i, b in enumerate(out):
-                b.ref_count = 1
-                b.last_used_at = now
-                b.program_id = program_id
-                b.agent_id = agent_id
-                b.position = first_position + i
-        self.num_used += n
+        else:
+            out = []
+        reused = self._pop_blocks(n - fresh, now)
+        cached = self.cached
+        on_evict = self._on_evict
+        position = first_position + fresh
+        for b in reused:
+            h = b.block_hash
+            if h is not None:
+                if on_evict is not None:
+                    on_evict(h, now)
+                if cached.get(h) is b:
+                    del cached[h]
+                b.block_hash = None
+                self.num_evictions += 1
+            b.ref_count = 1
+            b.last_used_at = now
+            b.program_id = program_id
+            b.agent_id = agent_id
+            b.position = position
+            position += 1
+        out += reused
         return out
 
     def free(self, blocks: list[BlockView], now: float) -> None:
         """Drop one reference on each block; tail blocks enter the free queue first (vLLM order)."""
-        append = self.free_queue.append
-        n = 0
+        unused = []
         for b in reversed(blocks):
             rc = b.ref_count - 1
             b.ref_count = rc
             if rc == 0:
                 b.last_used_at = now
-                append(b, now)
-                n += 1
-        self.num_used -= n
+                unused.append(b)
+        if unused:
+            self.num_used -= len(unused)
+            self._append_blocks(unused, now)
 
     def cache(self, block: BlockView, block_hash: int) -> None:
         """Register a full, computed block under its hash (a duplicate stays uncached, as in vLLM)."""

@@ -4,6 +4,8 @@ cache manager (``sim/kv.py``, ``sim/kv_manager.py``; vLLM v1 ``block_pool.py``, 
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
@@ -31,6 +33,38 @@ def test_lru_free_queue_pops_least_recently_freed_and_removes_from_the_middle():
     assert len(q) == 3
     assert [q.pop(1.0).block_id for _ in range(3)] == [0, 2, 3]
     assert len(q) == 0
+
+
+def test_lru_free_queue_bulk_forms_and_lazy_removal_match_an_ordered_dict_lru():
+    """Random appends (one or bulk), removals from the middle, pops (one or bulk) and compactions:
+    the deque with lazy removal hands out exactly what a plain ordered-dict LRU does."""
+    rng = random.Random(5)
+    for _ in range(30):
+        q, ref = LRUFreeQueue(), OrderedDict()
+        blocks = [BlockView(i) for i in range(40)]
+        for _ in range(1500):
+            free = [b for b in blocks if b.block_id in ref]
+            used = [b for b in blocks if b.block_id not in ref]
+            op = rng.random()
+            if op < 0.35 and used:
+                bs = rng.sample(used, rng.randint(1, min(5, len(used))))
+                if rng.random() < 0.5:
+                    q.append_blocks(bs, 0.0)
+                else:
+                    for b in bs:
+                        q.append(b, 0.0)
+                ref.update((b.block_id, b) for b in bs)
+            elif op < 0.6 and free:
+                b = rng.choice(free)
+                q.remove(b)
+                del ref[b.block_id]
+            elif free:
+                n = rng.randint(1, min(4, len(free)))
+                got = q.pop_blocks(n, 0.0) if rng.random() < 0.5 else [q.pop(0.0) for _ in range(n)]
+                assert [b.block_id for b in got] == [ref.popitem(last=False)[0] for _ in range(n)]
+            if rng.random() < 0.01:
+                q._compact()
+            assert len(q) == len(ref)
 
 
 # ----------------------------------------------------------------------------- block pool

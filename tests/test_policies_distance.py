@@ -45,6 +45,14 @@ class EvictionSpy:
             self.events.append((now, b.agent_id, {a for a, n in self.free.items() if n > 0}))
         return b
 
+    # the bulk forms the block pool uses when a queue has them: one block at a time through the spy
+    def append_blocks(self, blocks, now):
+        for b in blocks:
+            self.append(b, now)
+
+    def pop_blocks(self, n, now):
+        return [self.pop(now) for _ in range(n)]
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
