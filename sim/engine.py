@@ -529,8 +529,7 @@ class Engine:
             else:
                 if len(due) > 1:
                     due.sort(key=_rseq_of)
-                for c in due:
-                    c.blocks.extend(allocate(1, now, c.program_id, c.agent_id, len(c.blocks)))
+                self.kv.allocate_decode_blocks(due, now)
             self._due = []
         elif plan:
             for c, _, need in plan:
@@ -701,7 +700,7 @@ class Engine:
             self._account_step(prev, times[j], 0, nb, used)
             prev = times[j]
         D = self._D
-        allocate = pool.allocate
+        allocate_decode_blocks = self.kv.allocate_decode_blocks
         fill = self._fill
         for j in range(m):
             if j:
@@ -709,9 +708,7 @@ class Engine:
                 if due:
                     if len(due) > 1:
                         due.sort(key=_rseq_of)
-                    now = times[j - 1]
-                    for c in due:
-                        c.blocks.extend(allocate(1, now, c.program_id, c.agent_id, len(c.blocks)))
+                    allocate_decode_blocks(due, times[j - 1])
                     self._due = []
             f = fill.pop(D + j, None)
             if f is not None:

@@ -175,6 +175,7 @@ class BlockPool:
         cached = self.cached
         on_evict = self._on_evict
         position = first_position + fresh
+        evicted = 0
         for b in reused:
             h = b.block_hash
             if h is not None:
@@ -183,15 +184,28 @@ class BlockPool:
                 if cached.get(h) is b:
                     del cached[h]
                 b.block_hash = None
-                self.num_evictions += 1
+                evicted += 1
             b.ref_count = 1
             b.last_used_at = now
             b.program_id = program_id
             b.agent_id = agent_id
             b.position = position
             position += 1
+        self.num_evictions += evicted
         out += reused
         return out
+
+    def allocate_each(self, owners: list, now: float) -> None:
+        """One block for each of ``owners`` (objects with ``blocks``, ``program_id``, ``agent_id``),
+        appended to its ``blocks``, handed out in the owners' order: the same blocks as one
+        :meth:`allocate` of 1 per owner in turn (caller checked ``len(owners) <= num_free``)."""
+        out = self.allocate(len(owners), now, -1, -1, 0)
+        for o, b in zip(owners, out):
+            blocks = o.blocks
+            b.program_id = o.program_id
+            b.agent_id = o.agent_id
+            b.position = len(blocks)
+            blocks.append(b)
 
     def free(self, blocks: list[BlockView], now: float) -> None:
         """Drop one reference on each block; tail blocks enter the free queue first (vLLM order)."""

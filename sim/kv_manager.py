@@ -85,6 +85,12 @@ class KVCacheManager:
         call.blocks.extend(new)
         return new
 
+    def allocate_decode_blocks(self, calls: list, now: float) -> None:
+        """One new block for each of ``calls`` (decodes whose next token starts a block), in the
+        given order; the caller checked that the pool has them (``allocate_slots`` of one token each,
+        without its checks)."""
+        self.pool.allocate_each(calls, now)
+
     def cache_full_blocks(self, call, num_computed_before: int, num_computed_after: int) -> None:
         """Register the blocks that became full and computed as ``call`` went from
         ``num_computed_before`` to ``num_computed_after`` tokens, under their chained hashes (a

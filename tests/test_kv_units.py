@@ -174,3 +174,25 @@ def test_manager_caches_only_blocks_that_became_full_and_computed():
     assert set(pool.cached) == {11, 12} and c.blocks[2].block_hash is None
     KVCacheManager(pool, BS, enable_caching=False).cache_full_blocks(c, 0, 10)   # a no-op without caching
     pool.check()
+
+
+def test_pool_allocate_each_hands_out_what_one_allocate_per_owner_would():
+    def run(bulk: bool):
+        pool = BlockPool(7, LRUFreeQueue())          # 6 usable
+        first = pool.allocate(4, 0.0, 1, 1, 0)
+        for k, b in enumerate(first):
+            pool.cache(b, 100 + k)
+        pool.free(first, 1.0)                        # queue: 4, 3, 2, 1 (all cached)
+        owners = [SimpleNamespace(blocks=[object()] * k, program_id=10 + k, agent_id=20 + k) for k in range(4)]
+        if bulk:
+            pool.allocate_each(owners, 2.0)
+        else:
+            for o in owners:
+                o.blocks = o.blocks + pool.allocate(1, 2.0, o.program_id, o.agent_id, len(o.blocks))
+        pool.check()
+        return ([(o.blocks[-1].block_id, o.blocks[-1].program_id, o.blocks[-1].agent_id, o.blocks[-1].position)
+                 for o in owners], pool.num_evictions, sorted(pool.cached))
+
+    assert run(True) == run(False)
+    assert run(True)[0] == [(5, 10, 20, 0), (6, 11, 21, 1), (4, 12, 22, 2), (3, 13, 23, 3)]
+    assert run(True)[1:] == (2, [100, 101])
