@@ -129,24 +129,35 @@ class Context:
             hashes, tail, filled = [], (), 0
         prev = hashes[-1] if hashes else 0
         pieces = list(tail)
+        append = hashes.append
+        # tuples of ints hash identically in every process (no str randomisation); a block's hash
+        # chains the previous block's and its pieces (seg_id, start, end) within their segments
         for seg in self.segments:
             seg_id = seg.seg_id
-            remaining = seg.num_tokens
+            end = seg.num_tokens
             pos = 0
-            while remaining:
-                take = block_size - filled
-                if take > remaining:
-                    take = remaining
-                pieces.append((seg_id, pos, pos + take))
-                pos += take
-                remaining -= take
-                filled += take
-                if filled == block_size:
-                    # tuples of ints hash identically in every process (no str randomisation)
-                    prev = hash((prev, tuple(pieces)))
-                    hashes.append(prev)
-                    pieces = []
-                    filled = 0
+            if filled and end:
+                # complete the partial block the previous segments left
+                pos = block_size - filled
+                if pos > end:
+                    pos = end
+                pieces.append((seg_id, 0, pos))
+                filled += pos
+                if filled < block_size:
+                    continue  # this segment is used up
+                prev = hash((prev, tuple(pieces)))
+                append(prev)
+                pieces = []
+                filled = 0
+            # the blocks this segment fills alone: one piece each
+            last = end - block_size
+            while pos <= last:
+                prev = hash((prev, ((seg_id, pos, pos + block_size),)))
+                append(prev)
+                pos += block_size
+            if pos < end:
+                pieces.append((seg_id, pos, end))
+                filled = end - pos
         result = (hashes, tuple(pieces), filled)
         cache[block_size] = result
         return result

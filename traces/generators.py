@@ -211,21 +211,20 @@ class ReAct:
         init = self.initial_prompt_tokens
         sys_tokens = int(round(init * self.system_share))
         ctx = Context.of(pc.shared(self.system_prompt, sys_tokens), pc.segment(max(1, int(round(init)) - sys_tokens)))
-        for i in range(n):
-            last = i == n - 1
-            tool = None if last else pick_tool(rng, self.tools)
-            duration = tool.sample(rng) if tool else 0.0
-            hints = CallHints(
-                tool_after=tool.name if tool else None,
-                tool_time_estimate=tool.mean if tool else None,
-                next_invocation_distance=(duration if self.oracle_hints else None) if tool else None,
-            )
-            result = yield pc.llm(ctx, sample_len(rng, self.output_tokens_mean, self.length_sigma), hints=hints)
-            if last:
-                break
-            yield ToolCall(tool.name, duration, estimate=tool.mean)
-            obs = pc.segment(sample_len(rng, self.observation_tokens_mean, self.length_sigma))
+        tools, oracle_hints = self.tools, self.oracle_hints
+        out_mean, obs_mean, sigma = self.output_tokens_mean, self.observation_tokens_mean, self.length_sigma
+        for _ in range(n - 1):
+            # draws in this order: the tool after the call, its duration, the call's output length
+            tool = pick_tool(rng, tools)
+            duration = tool.sample(rng)
+            estimate = tool.mean
+            hints = CallHints(tool_after=tool.name, tool_time_estimate=estimate,
+                              next_invocation_distance=duration if oracle_hints else None)
+            result = yield pc.llm(ctx, sample_len(rng, out_mean, sigma), hints=hints)
+            yield ToolCall(tool.name, duration, estimate=estimate)
+            obs = pc.segment(sample_len(rng, obs_mean, sigma))
             ctx = ctx.extend(result.output, obs)
+        yield pc.llm(ctx, sample_len(rng, out_mean, sigma), hints=CallHints())  # the last call: no tool after it
 
 
 @register_generator("single")
