@@ -196,3 +196,35 @@ def test_pool_allocate_each_hands_out_what_one_allocate_per_owner_would():
     assert run(True) == run(False)
     assert run(True)[0] == [(5, 10, 20, 0), (6, 11, 21, 1), (4, 12, 22, 2), (3, 13, 23, 3)]
     assert run(True)[1:] == (2, [100, 101])
+
+
+# ----------------------------------------------------------------------------- block hashes
+def _reference_block_hashes(segments, block_size: int) -> list[int]:
+    """The definition, token by token: a block's pieces are its maximal runs of one segment
+    ``(seg_id, start, end)``; its hash chains the previous block's hash and its pieces."""
+    tokens = [(s.seg_id, i) for s in segments for i in range(s.num_tokens)]
+    out, prev = [], 0
+    for b in range(len(tokens) // block_size):
+        pieces = []
+        for seg_id, i in tokens[b * block_size:(b + 1) * block_size]:
+            if pieces and pieces[-1][0] == seg_id and pieces[-1][2] == i:
+                pieces[-1] = (seg_id, pieces[-1][1], i + 1)
+            else:
+                pieces.append((seg_id, i, i + 1))
+        prev = hash((prev, tuple(pieces)))
+        out.append(prev)
+    return out
+
+
+def test_context_block_hashes_match_the_token_by_token_definition():
+    """Random contexts grown turn by turn (empty and block-spanning segments, a segment id used
+    twice, block sizes 1-32): the incremental, shared-with-the-parent hashing gives the same chain."""
+    from agentsim.workload import Context, Segment
+
+    rng = random.Random(11)
+    for _ in range(200):
+        bs = rng.choice([1, 2, 3, 4, 16, 32])
+        ctx = Context.of(Segment(rng.randint(1, 5), rng.randint(0, 70)))
+        for _ in range(rng.randint(1, 6)):
+            ctx = ctx.extend(*[Segment(rng.randint(1, 5), rng.randint(0, 70)) for _ in range(rng.randint(1, 3))])
+            assert ctx.block_hashes(bs) == _reference_block_hashes(ctx.all_segments(), bs)
