@@ -56,3 +56,27 @@ def test_a_run_gives_the_collector_back_as_it_found_it():
             assert gc.get_freeze_count() == 0
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize("columns,key", [("calls", "call_id"), ("engines", ["time", "engine_id"])])
+def test_column_store_sorted_release_conversion_equals_sort_values(columns, key):
+    """``ColumnStore.to_frame(sort_by=..., release=True)`` (the runner's conversion: sorted column by
+    column, each column's storage freed once converted) gives exactly the frame of a plain
+    conversion sorted with pandas (ties kept in insertion order, NaN last), and empties the store."""
+    import random
+
+    import pandas as pd
+
+    from agentsim.metrics import CALL_COLUMNS, ENGINE_COLUMNS, ColumnStore
+
+    cols = CALL_COLUMNS if columns == "calls" else ENGINE_COLUMNS
+    rng = random.Random(7)
+    for n in (0, 1, 400):
+        store = ColumnStore(cols)
+        for _ in range(n):
+            store.append(tuple(rng.randint(0, 5) if k == "i" else rng.choice([0.5, 1.0, 2.0, float("nan")])
+                               if k == "f" else rng.choice(["finished", "unfinished"]) for _, k in cols))
+        want = store.to_frame().sort_values(key, kind="stable").reset_index(drop=True)
+        got = store.to_frame(sort_by=key, release=True)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+        assert len(store) == 0 and list(got.dtypes) == list(want.dtypes)
