@@ -15,6 +15,8 @@ the component and the hook):
   (what the backends do with the key -- queue order, KV-pressure victim, preempt-for-better -- is one
   rule, :mod:`agentsim.policies.ranking`)
 - :class:`EvictPolicy` ``new_free_queue(engine_id) -> FreeBlockQueue``
+  (a queue that also has ``append_blocks``/``pop_blocks``, :class:`BulkFreeBlockQueue`, is driven many
+  blocks per call -- the result must equal repeated ``append``/``pop``; without both, one at a time)
 - :class:`ShapePolicy` ``shape(task, now) -> str``
 
 Optional capabilities. A component *claims* one by defining its first-named member; it must then
