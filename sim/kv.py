@@ -91,6 +91,7 @@ class BlockPool:
         self.num_used = 0          # blocks with ref_count > 0
         self.num_evictions = 0     # cached blocks handed out again (their hash dropped)
         self._on_evict = None      # see on_evict
+
     @property
     def free_queue(self) -> FreeBlockQueue:
         """The evict policy's free-block queue (settable: tests wrap it)."""
