@@ -286,13 +286,16 @@ class Prefetcher(Protocol):
     prefetch_on_events: bool   # candidates change on call/tool events (else with time: prefetch_due_at)
 
     def prefetch_candidates(self, now: float) -> list[int]:
-        """Agents to load, in the order to try them."""
+        """Agents to load, in the order to try them. Every engine with a CPU tier asks at each of its
+        step boundaries after an event: keep it cheap (the in-tree policies answer from a memo per
+        distance-table version). The backend does not modify the list."""
 
     def prefetch_due_at(self, agent_id: int, now: float) -> float | None:
         """When ``agent_id`` becomes a candidate (s), None if unknown or event-driven."""
 
     def plan_prefetch(self, free_queue: Any, num_fresh_blocks: int, now: float) -> PrefetchPlan:
-        """A budget over the engine's never-used blocks and its free queue's evictable blocks."""
+        """A budget over the engine's never-used blocks and its free queue's evictable blocks. Asked
+        for only when a candidate has blocks to load, once per engine and step boundary."""
 
 
 class NeedsReloadCost(Protocol):

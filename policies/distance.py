@@ -689,6 +689,7 @@ class StepsToExecution(_DistanceEvict):
         self.tiers = TierSettings(cpu_tier=cpu_tier, cpu_gib=cpu_gib, pcie_GBps=pcie_GBps,
                                   prefetch=prefetch and cpu_tier)
         self.fixed_tokens: dict[int, int] = {}
+        self._candidates: tuple[int, list[int]] | None = None   # (table version, prefetch candidates)
 
     def on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
         self.table.on_program_start(program_id, agent_id, kind, now)
@@ -711,15 +712,26 @@ class StepsToExecution(_DistanceEvict):
         return 1e9 if s is None else s
 
     def prefetch_candidates(self, now: float) -> list[int]:
+        # steps-to-execution change only on call events (the table's version), not with time, and
+        # every engine asks after each event: scan the agents once per version
+        memo = self._candidates
+        if memo is not None and memo[0] == self.table.version:
+            return list(memo[1])
+        table = self.table
+        # with hints, only agents whose next call is hinted have a step count (steps() is None for
+        # the others)
+        agents = table.agent_next if table.mode == "hints" else table.agent_client
         out = []
-        for a in self.table.agent_client:
-            if a in self.table.active:
+        for a in agents:
+            if a in table.active:
                 continue
-            s = self.table.steps(a, now)
+            s = table.steps(a, now)
             if s is not None and s <= self.look_ahead:
                 out.append((s, a))
         out.sort()
-        return [a for _, a in out]
+        cands = [a for _, a in out]
+        self._candidates = (self.table.version, cands)
+        return list(cands)
 
     prefetch_on_events = True   # steps change only on call events, for every agent of a workflow
 

@@ -440,7 +440,7 @@ class EngineTiers:
         # changes), so fast-forward and step-by-step modes decide at the same boundaries.
         self.prefetch_dirty = False
         pol = self.policy
-        plan = pol.plan_prefetch(self.free_queue, self.pool.num_never_used, now)   # the policy's budget
+        plan = None   # the policy's budget, made when the first candidate has blocks to load
         for agent in pol.prefetch_candidates(now):
             chain = self.owner.last_chain.get(agent)
             if not chain or chain[0] != self.engine.engine_id:
@@ -455,6 +455,8 @@ class EngineTiers:
                     break
             if not to_load:
                 continue
+            if plan is None:
+                plan = pol.plan_prefetch(self.free_queue, self.pool.num_never_used, now)
             level = plan.admit(agent, len(to_load))
             if level is None:
                 if plan.stopped:

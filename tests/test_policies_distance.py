@@ -209,6 +209,50 @@ def test_kvflow_dynamic_suffix_blocks_go_first():
     assert (pol.level(1, 0.0), pol.level(2, 0.0)) == (1, 2)
 
 
+@pytest.mark.parametrize("graph", ["hints", "learned", {"agent1": ["agent0"], "agent2": ["agent1"], "agent0": ["agent2"]}])
+def test_kvflow_prefetch_candidates_equal_a_scan_of_every_agent_after_each_event(graph):
+    """Every engine asks for the prefetch candidates after each event, so the policy answers from a
+    memo per table version (and, with hints, looks only at hinted agents): after any sequence of
+    call, tool and program events the answer equals a scan of every agent ever seen, and the list it
+    hands out can be changed without touching the memo."""
+    import random
+
+    from agentsim.policies.distance import StepsToExecution
+
+    pol = StepsToExecution(graph=graph, look_ahead=2, cpu_tier=False)
+    t = pol.table
+
+    def scan() -> list[int]:
+        out = sorted((s, a) for a in t.agent_client if a not in t.active
+                     for s in [t.steps(a, 0.0)] if s is not None and s <= pol.look_ahead)
+        return [a for _, a in out]
+
+    class C:
+        def __init__(self, cid, prog, agent, steps):
+            self.call_id, self.program_id, self.agent_id = cid, prog, agent
+            self.hints = CallHints(next_invocation_steps=steps, stage=f"agent{agent % 3}")
+
+    rng = random.Random(5)
+    inflight: list = []
+    seen_nonempty = False
+    for i in range(400):
+        r = rng.random()
+        if r < 0.45:
+            prog = rng.randrange(4)
+            c = C(i, prog, 3 * prog + rng.randrange(3), rng.choice([None, 1, 2, 3, 5]))
+            pol.on_program_start(prog, prog, "kvflow", 0.0)
+            pol.on_call_arrive(c, 0.0)
+            inflight.append(c)
+        elif inflight:
+            pol.on_call_finish(inflight.pop(rng.randrange(len(inflight))), 0.0)
+        got = pol.prefetch_candidates(0.0)
+        assert got == scan()
+        seen_nonempty |= bool(got)
+        got.append(-1)   # the caller's copy
+        assert pol.prefetch_candidates(0.0) == scan()
+    assert seen_nonempty
+
+
 def test_calls_whose_kv_is_loading_are_skipped():
     # A's prompt is evicted to the CPU tier by B's long context; at 2.0 s A comes back and must load
     # 1,024 tokens over a slow link, while C, arriving later, is served at once
