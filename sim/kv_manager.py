@@ -109,13 +109,10 @@ class KVCacheManager:
         if end > len(blocks):
             end = len(blocks)
         cached = self.pool.cached
-        # the new full blocks not yet cached under their hash (a chain's hashes are distinct, so
-        # checking them all before caching any is the same as one by one)
-        new = [(h, b) for h, b in zip(hashes[start:end], blocks[start:end])
-               if b.block_hash is None and h not in cached]
-        for h, b in new:
-            b.block_hash = h
-        cached.update(new)
+        for h, b in zip(hashes[start:end], blocks[start:end]):
+            if b.block_hash is None and h not in cached:
+                b.block_hash = h
+                cached[h] = b
 
     def free(self, call, now: float) -> None:
         """Release all of ``call``'s blocks (tail first into the free queue, vLLM's order)."""

@@ -80,3 +80,41 @@ def test_column_store_sorted_release_conversion_equals_sort_values(columns, key)
         got = store.to_frame(sort_by=key, release=True)
         pd.testing.assert_frame_equal(got, want, check_exact=True)
         assert len(store) == 0 and list(got.dtypes) == list(want.dtypes)
+
+
+def test_column_store_buffered_rows_equal_cell_by_cell_appends():
+    """Rows move into the columns a chunk at a time (``ColumnStore.CHUNK``): across chunk boundaries
+    the frame equals one built cell by cell, ``len`` counts buffered rows, and a bad row raises in
+    ``len``/``to_frame`` without moving any of its chunk (the stored columns stay as they were)."""
+    import random
+
+    import numpy as np
+    import pandas as pd
+
+    from agentsim.metrics import ColumnStore
+
+    cols = (("a", "i"), ("b", "f"), ("c", "s"))
+    rng = random.Random(3)
+    for n in (0, 1, ColumnStore.CHUNK - 1, ColumnStore.CHUNK, 2 * ColumnStore.CHUNK + 5):
+        rows = [(rng.randint(-9, 9), rng.random(), rng.choice("xyz")) for _ in range(n)]
+        store = ColumnStore(cols)
+        for r in rows:
+            store.append(r)
+        assert len(store) == n
+        want = pd.DataFrame({"a": np.array([r[0] for r in rows], dtype=np.int64),
+                             "b": np.array([r[1] for r in rows], dtype=np.float64),
+                             "c": pd.array([r[2] for r in rows], dtype="string")})
+        pd.testing.assert_frame_equal(store.to_frame(), want, check_exact=True)
+
+    store = ColumnStore(cols)
+    store.append((1, 1.0, "x"))
+    assert len(store) == 1          # moved into the columns
+    store.append((2, 2.0, "y"))
+    store.append((3.5, 3.0, "z"))   # a float in the integer column
+    with pytest.raises(TypeError):
+        len(store)
+    store._rows = []                # drop the bad chunk: what was stored before it is intact
+    assert store.to_frame()["a"].tolist() == [1]
+    store.append((1, 2.0))
+    with pytest.raises(ValueError, match="a row of 2 values for 3 columns"):
+        store.to_frame()
