@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -40,19 +40,28 @@ INF = math.inf
 class _Durations:
     """A sliding window of observed durations kept sorted (for an empirical CDF)."""
 
-    __slots__ = ("window", "_fifo", "_sorted")
+    __slots__ = ("window", "_fifo", "_sorted", "_array")
 
     def __init__(self, window: int) -> None:
         self.window = window
         self._fifo: deque[float] = deque()
         self._sorted: list[float] = []
+        # the same values as a float64 array, kept in step (a τ* search reads it at every pin
+        # decision; converting a 1,000-value list each time cost more than the search)
+        self._array = np.empty(0)
 
     def add(self, d: float) -> None:
         self._fifo.append(d)
-        bisect.insort(self._sorted, d)
+        i = bisect.bisect_right(self._sorted, d)
+        self._sorted.insert(i, d)
+        arr = self._array
+        arr = np.concatenate((arr[:i], (d,), arr[i:]))
         if len(self._fifo) > self.window:
             old = self._fifo.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
+            j = bisect.bisect_left(self._sorted, old)
+            del self._sorted[j]
+            arr = np.concatenate((arr[:j], arr[j + 1:]))
+        self._array = arr
 
     def __len__(self) -> int:
         return len(self._sorted)
@@ -62,11 +71,16 @@ class _Durations:
         return self._sorted
 
     @property
+    def array(self) -> np.ndarray:
+        """:attr:`values` as a float64 array (read-only use: it is the window's own)."""
+        return self._array
+
+    @property
     def mean(self) -> float:
         return sum(self._sorted) / len(self._sorted) if self._sorted else math.nan
 
 
-def best_ttl(durations: list[float], benefit: float) -> float:
+def best_ttl(durations: Sequence[float] | np.ndarray, benefit: float) -> float:
     """τ* = argmax over τ in {0} ∪ durations of P(τ)·benefit − τ (P: empirical CDF of ``durations``)."""
     n = len(durations)
     if n == 0 or benefit <= 0:
@@ -175,7 +189,7 @@ class ContinuumTTL:
         if len(self.all) <= self.k:
             return self.t_default
         d = self.by_tool.get(tool)
-        sample = d.values if d is not None and len(d) > self.k else self.all.values
+        sample = d.array if d is not None and len(d) > self.k else self.all.array
         benefit = self.mean_delay * self.eta + self.reload_time(num_tokens)
         return best_ttl(sample, benefit)
 

@@ -38,9 +38,12 @@ import heapq
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from agentsim.metrics import CallStatus
+
+_NONE = MappingProxyType({})   # an empty mapping for lookups that miss
 
 GiB = float(1 << 30)
 
@@ -241,8 +244,8 @@ class EngineTiers:
         if call.call_id in self.bypass:
             self.bypass.discard(call.call_id)
             return False
-        for et in self.owner.engines:
-            if et is not self and call.program_id in et.pin_of_program:
+        for et in self.owner.pinning(call.program_id):
+            if et is not self:
                 et.engine.notify()  # the program moved on: that engine drops its pin at its next boundary
         if self.cpu is None:
             return False
@@ -344,7 +347,11 @@ class EngineTiers:
                    [b.block_hash for b in blocks])
         self.pins[key] = pin
         self.log.append(("pin", now, call.program_id, (len(blocks), pin.expires_at)))
-        self.pin_of_program.setdefault(call.program_id, set()).add(key)
+        keys = self.pin_of_program.get(call.program_id)
+        if keys is None:
+            keys = self.pin_of_program[call.program_id] = set()
+            self.owner.pinned_on.setdefault(call.program_id, {})[self.engine.engine_id] = self
+        keys.add(key)
         self.stats["pins"] += 1
         if math.isfinite(pin.expires_at):
             self._at(pin.expires_at)
@@ -362,6 +369,7 @@ class EngineTiers:
             keys.discard(key)
             if not keys:
                 del self.pin_of_program[pin.program_id]
+                self.owner.unpinned(pin.program_id, self.engine.engine_id)
                 self.policy.on_unpin(pin.program_id, now)
         if why in ("expired", "admitted", "pressure"):
             self.stats[f"pin_{why}"] += 1
@@ -410,7 +418,7 @@ class EngineTiers:
         key, hashes, pid, aid = info
         if pid not in self.owner.live_programs or key in self.pins:
             return
-        if self.owner.returned.get(key, True):
+        if self.owner.returned.get(key[0], _NONE).get(key[1], True):
             return  # the tool returned early: the call's own load took care of it
         k = self.pool.num_cached_prefix(hashes, len(hashes))
         to_load = []
@@ -583,7 +591,11 @@ class Mechanisms:
         self.engines: list[EngineTiers] = []
         self.last_chain: dict[int, tuple[int, list]] = {}   # agent -> (engine, hashes of its last context)
         self.live_programs: set[int] = set()
-        self.returned: dict[tuple, bool] = {}
+        # program -> {thread -> whether its last call's tool returned (its next call arrived)}
+        self.returned: dict[int, dict[int, bool]] = {}
+        # program -> {engine id -> the engine's tier}: the engines holding a pin of the program (the
+        # hooks look at these, not at every engine)
+        self.pinned_on: dict[int, dict[int, EngineTiers]] = {}
         if caps.kv_mechanisms:
             for e in sim.engines:
                 self.engines.append(EngineTiers(self, e))
@@ -603,11 +615,30 @@ class Mechanisms:
     def active(self) -> bool:
         return bool(self.engines)
 
+    def pinning(self, program_id: int) -> list[EngineTiers]:
+        """The engines holding a pin of ``program_id``, in engine order."""
+        on = self.pinned_on.get(program_id)
+        if not on:
+            return []
+        return [on[i] for i in sorted(on)] if len(on) > 1 else list(on.values())
+
+    def unpinned(self, program_id: int, engine_id: int) -> None:
+        """Engine ``engine_id`` holds no pin of ``program_id`` any more."""
+        on = self.pinned_on.get(program_id)
+        if on is not None:
+            on.pop(engine_id, None)
+            if not on:
+                del self.pinned_on[program_id]
+
     # ------------------------------------------------------------------ hooks (after the policy's)
     def _on_call_arrive(self, call: Any, now: float) -> None:
-        for et in self.engines:
+        for et in self.pinning(call.program_id):
             et.note_arrival(call)
-        self.returned[(call.program_id, call.thread_id)] = True
+        threads = self.returned.get(call.program_id)
+        if threads is None:
+            self.returned[call.program_id] = {call.thread_id: True}
+        else:
+            threads[call.thread_id] = True
 
     def _on_call_finish(self, call: Any, now: float) -> None:
         e = call.engine
@@ -618,7 +649,7 @@ class Mechanisms:
         if et is None:
             return
         if self.caps.retention:
-            self.returned[(call.program_id, call.thread_id)] = False
+            self.returned.setdefault(call.program_id, {})[call.thread_id] = False
             et.pin_later(call)
         if et.prefetch_on:
             et.prefetch_dirty = True   # this engine plans next: no notify needed
@@ -644,12 +675,10 @@ class Mechanisms:
 
     def _on_program_end(self, program_id: int, now: float) -> None:
         self.live_programs.discard(program_id)
-        for et in self.engines:
-            if program_id in et.pin_of_program:
-                et.pending_ends.append(program_id)
-                et.engine.notify()
-        for k in [k for k in self.returned if k[0] == program_id]:
-            del self.returned[k]
+        for et in self.pinning(program_id):
+            et.pending_ends.append(program_id)
+            et.engine.notify()
+        self.returned.pop(program_id, None)
 
 
 def _prefill_time(sim: Any):

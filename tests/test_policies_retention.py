@@ -117,3 +117,20 @@ def test_continuum_unpin_rule():
     assert pin_end_reason(math.inf, None, 1e9) is None          # Tokencake: until released
     for pol in (ContinuumTTL(), TokencakeOffload()):
         assert pol.unpin_reason(5.0, "running", 1.0) == "admitted"
+
+
+def test_duration_window_array_stays_equal_to_its_sorted_values():
+    """The τ* search reads the window as a float64 array kept in step with the sorted list (inserts,
+    ties and the oldest value leaving a full window)."""
+    import random
+
+    import numpy as np
+
+    from agentsim.policies.retention import _Durations, best_ttl
+
+    rng = random.Random(1)
+    d = _Durations(50)
+    for _ in range(500):
+        d.add(rng.choice([rng.random() * 5, 1.0, 0.0, 3]))
+        assert d.array.dtype == np.float64 and d.array.tolist() == d.values and len(d) <= 50
+        assert best_ttl(d.array, 4.0) == best_ttl(list(d.values), 4.0)
