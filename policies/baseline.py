@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Sequence
 
-from agentsim.policies.base import BlockView, CallView, EngineView
+from agentsim.policies.base import BlockView, CallView, EngineView, engine_loads
 from agentsim.policies.registry import check_choice, register, register_bundle
 
 
@@ -45,7 +45,7 @@ class LeastLoaded:
 
     def route(self, call: CallView, engines: Sequence[EngineView], now: float) -> int:
         if self.metric == "calls":
-            loads = [e.num_running + e.num_waiting for e in engines]
+            loads = engine_loads(engines)
         else:
             loads = [e.num_outstanding_tokens for e in engines]
         return loads.index(min(loads))

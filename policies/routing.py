@@ -14,20 +14,36 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-from agentsim.policies.base import CallView, EngineView
+from agentsim.policies.base import CallView, EngineView, engine_kv_usage, engine_loads, engine_waiting
 from agentsim.policies.registry import check_choice, register, register_bundle
 
 
-def _load(e: EngineView) -> int:
-    return e.num_running + e.num_waiting
+def _argmin(values: list[float]) -> int:
+    """Index of the smallest value, the lowest index on ties (``min`` keeps the first it saw)."""
+    return values.index(min(values))
 
 
-def _argmin(values: Sequence[float]) -> int:
-    return min(range(len(values)), key=lambda i: (values[i], i))
+def _argmax(values: list[float]) -> int:
+    """Index of the largest value, the lowest index on ties."""
+    return values.index(max(values))
 
 
-def _argmax(values: Sequence[float]) -> int:
-    return min(range(len(values)), key=lambda i: (-values[i], i))
+def _longest_prefix(engines: Sequence[EngineView], hashes: list[int]) -> tuple[int, int]:
+    """``(i, n)``: the engine with the most of ``hashes`` cached as a prefix (the lowest index on
+    ties) and that many blocks. An engine that lacks block ``n`` of the best so far cannot beat it,
+    so it costs one lookup, not a prefix scan (exactly the argmax of every engine's count)."""
+    best_i, best_n = 0, -1
+    total = len(hashes)
+    for i, e in enumerate(engines):
+        if best_n >= 0:
+            if best_n >= total:
+                break
+            if not e.num_cached_prefix_blocks(hashes[best_n:best_n + 1]):
+                continue
+        n = e.num_cached_prefix_blocks(hashes)
+        if n > best_n:
+            best_i, best_n = i, n
+    return best_i, max(best_n, 0)
 
 
 @register("route", "autellix-lb")
@@ -50,7 +66,7 @@ class AutellixLB:
 
     def _least_used(self, engines: Sequence[EngineView]) -> int:
         if self.metric == "calls":
-            return _argmin([_load(e) for e in engines])
+            return _argmin(engine_loads(engines))
         return _argmin([e.num_outstanding_tokens for e in engines])
 
     def route(self, call: CallView, engines: Sequence[EngineView], now: float) -> int:
@@ -122,16 +138,20 @@ class PrefixAffinity:
             tree.popitem(last=False)
 
     def route(self, call: CallView, engines: Sequence[EngineView], now: float) -> int:
-        loads = [_load(e) for e in engines]
+        loads = engine_loads(engines)
         lo, hi = min(loads), max(loads)
         hashes = call.prompt_block_hashes(engines[0].block_size)
         if hi - lo > self.balance_abs_threshold and hi > self.balance_rel_threshold * lo:
             self.num_imbalanced += 1
             i = _argmin(loads)
         else:
-            matched = [self._matched(e, hashes) for e in engines]
-            best = _argmax(matched)
-            rate = matched[best] / len(hashes) if hashes else 0.0
+            if self.match == "cache":
+                best, n = _longest_prefix(engines, hashes)
+            else:
+                matched = [self._matched(e, hashes) for e in engines]
+                best = _argmax(matched)
+                n = matched[best]
+            rate = n / len(hashes) if hashes else 0.0
             if rate > self.cache_threshold:
                 self.num_affinity += 1
                 i = best
@@ -157,13 +177,13 @@ class WeightedScorer:
         self.reads_kv_state = bool(kv_weight or prefix_weight)
 
     def scores(self, call: CallView, engines: Sequence[EngineView]) -> list[float]:
-        qs = [e.num_waiting for e in engines]
+        qs = engine_waiting(engines)
         qmin, qmax = min(qs), max(qs)
         hashes = call.prompt_block_hashes(engines[0].block_size) if self.prefix_weight else []
         out = []
-        for e, q in zip(engines, qs):
+        for e, q, usage in zip(engines, qs, engine_kv_usage(engines)):
             sq = 1.0 if qmax == qmin else (qmax - q) / (qmax - qmin)
-            sk = 1.0 - e.kv_usage
+            sk = 1.0 - usage
             sp = e.num_cached_prefix_blocks(hashes) / len(hashes) if hashes else 0.0
             out.append(self.queue_weight * sq + self.kv_weight * sk + self.prefix_weight * sp)
         return out

@@ -1340,3 +1340,18 @@ class Engine:
             self.tiers.finalize(until)  # calls held while their KV loads are unfinished calls too
         self._account_idle(until, until, self.pool.num_used + in_progress)
         self._sync_views()  # the runner records the calls still running
+
+
+class EngineList(list):
+    """The cluster's engines in engine-id order, with the vectorised reads of
+    :class:`agentsim.policies.base.EngineReads` (what route policies read of every engine at every
+    call): one pass over the engines' own lists instead of two property calls per engine."""
+
+    def loads(self) -> list[int]:
+        return [len(e.running) + len(e.waiting) + len(e.inbox) for e in self]
+
+    def waiting(self) -> list[int]:
+        return [len(e.waiting) + len(e.inbox) for e in self]
+
+    def kv_usages(self) -> list[float]:
+        return [e.pool.num_used / e.pool.num_blocks for e in self]

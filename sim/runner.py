@@ -29,7 +29,7 @@ from agentsim.metrics import (
 )
 from agentsim.programs import ProgramRun, Strand, drive, prepare_program, program_context
 from agentsim.policies.registry import make_bundle
-from agentsim.sim.engine import Engine, SimCall
+from agentsim.sim.engine import Engine, EngineList, SimCall
 from agentsim.sim.kv import call_fits, num_call_blocks, num_reserved_blocks, v0_watermark_blocks
 from agentsim.sim.frontend import Frontend, FrontendCall
 from agentsim.traces.source import ProgramSource
@@ -103,7 +103,7 @@ class Simulation:
         self.calls = ColumnStore(CALL_COLUMNS)
         self.programs = ColumnStore(PROGRAM_COLUMNS)
         self.samples = ColumnStore(ENGINE_COLUMNS)
-        self.engines: list[Engine] = []
+        self.engines = EngineList()
         eid = 0
         for node in range(cl.num_nodes):
             for _ in range(cl.num_engines_per_node):

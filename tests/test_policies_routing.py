@@ -81,3 +81,81 @@ def test_weighted_scorer_and_hexgen_formulas():
     assert picks == [0, 1, 2, 0, 1, 2]          # alpha = 0: pure work balance (ties: lowest index)
     fast = HexGenDispatch(alpha=0.9, speeds=[1.0, 3.0, 1.0])
     assert [fast.route(Call(), views, 0.0) for _ in range(3)] == [1, 1, 1]  # speed dominates
+
+
+# --------------------------------------------------------------------------- fast reads, same answers
+def test_argmin_argmax_pick_the_lowest_index_like_a_keyed_scan():
+    """``values.index(min(values))`` is the old ``min(range(n), key=(value, index))``: ties, signed
+    zeros and NaN (which no comparison picks) give the same index."""
+    import math
+    import random
+
+    from agentsim.policies.routing import _argmax, _argmin
+
+    rng = random.Random(2)
+    pool = [0.0, -0.0, 1.0, 2.0, 2.0, -3.5, math.nan, math.inf, 7]
+    for _ in range(2000):
+        v = [rng.choice(pool) for _ in range(rng.randint(1, 8))]
+        assert _argmin(v) == min(range(len(v)), key=lambda i: (v[i], i)), v
+        assert _argmax(v) == min(range(len(v)), key=lambda i: (-v[i], i)), v
+
+
+def test_longest_prefix_equals_the_argmax_of_every_engines_count():
+    """The early-exit prefix search (an engine lacking block ``n`` of the best so far is skipped)
+    picks the engine and count a full scan of every engine picks, also when caches have holes."""
+    import random
+
+    from agentsim.policies.routing import _argmax, _longest_prefix
+
+    class E:
+        def __init__(self, cached):
+            self.cached = cached
+
+        def num_cached_prefix_blocks(self, hashes):
+            n = 0
+            for h in hashes:
+                if h not in self.cached:
+                    break
+                n += 1
+            return n
+
+    rng = random.Random(4)
+    for _ in range(3000):
+        hashes = list(range(rng.randint(0, 12)))
+        engines = [E({h for h in hashes if rng.random() < rng.choice([0.3, 0.8, 1.0])}) for _ in range(rng.randint(1, 9))]
+        counts = [e.num_cached_prefix_blocks(hashes) for e in engines]
+        assert _longest_prefix(engines, hashes) == (_argmax(counts), max(counts))
+
+
+@pytest.mark.parametrize("policy", ["prefix-affinity", "llm-d", "least-loaded", "autellix-plas"])
+def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
+    """At every routing decision of a run with evictions and queues, the engine list's vectorised
+    reads equal the per-engine ``EngineView`` reads, and the prefix-affinity search equals a scan of
+    every engine."""
+    from agentsim.config import load_config
+    from agentsim.policies.base import engine_kv_usage, engine_loads, engine_waiting
+    from agentsim.policies.routing import _argmax, _longest_prefix
+    from agentsim.sim.runner import Simulation
+
+    sim = Simulation(load_config(None, {
+        "cluster.num_nodes": 2, "cluster.gpus_per_node": 2, "workload.arrival": "closed", "workload.agents": 40,
+        "workload.generator": "react", "duration": 20.0, "policy": policy,
+        "cluster.engine.num_gpu_blocks_override": 300, "cluster.engine.max_num_seqs": 6}))
+    route = sim._route
+    seen = {"calls": 0, "waiting": 0}
+
+    def checked(call, engines, now):
+        plain = list(engines)
+        assert engine_loads(engines) == [e.num_running + e.num_waiting for e in plain]
+        assert engine_waiting(engines) == engine_waiting(plain) == [e.num_waiting for e in plain]
+        assert engine_kv_usage(engines) == [e.kv_usage for e in plain]
+        hashes = call.prompt_block_hashes(engines[0].block_size)
+        counts = [e.num_cached_prefix_blocks(hashes) for e in plain]
+        assert _longest_prefix(engines, hashes) == (_argmax(counts), max(counts))
+        seen["calls"] += 1
+        seen["waiting"] += sum(engine_waiting(plain)) > 0
+        return route(call, engines, now)
+
+    sim._route = checked
+    sim.run()
+    assert seen["calls"] > 100 and seen["waiting"] > 10
