@@ -94,7 +94,7 @@ class EngineView(Protocol):
 
     A route policy reads every engine at every call; over 80 engines, two property reads each cost
     more than the rest of the call's simulation. :func:`engine_loads`, :func:`engine_waiting` and
-    :func:`engine_kv_usage` read one field of all engines at once: through the backend's sequence
+    :func:`engine_kv_usage`, :func:`engine_cached_prefix` read one field of all engines at once: through the backend's sequence
     when it offers the vectorised form (:class:`EngineReads`; the simulator's engine list does),
     else engine by engine. Same values either way.
     """
@@ -130,6 +130,9 @@ class EngineReads(Protocol):
     def kv_usages(self) -> list[float]:
         """``kv_usage`` of each engine."""
 
+    def cached_prefix_blocks(self, block_hashes: Sequence[int]) -> list[int]:
+        """``num_cached_prefix_blocks(block_hashes)`` of each engine."""
+
 
 def engine_loads(engines: Sequence[EngineView]) -> list[int]:
     """Calls in each engine, ``num_running + num_waiting``, in ``engines`` order (:class:`EngineReads`)."""
@@ -147,6 +150,14 @@ def engine_kv_usage(engines: Sequence[EngineView]) -> list[float]:
     """``kv_usage`` of each engine, in ``engines`` order (:class:`EngineReads`)."""
     reads = getattr(engines, "kv_usages", None)
     return reads() if reads is not None else [e.kv_usage for e in engines]
+
+
+def engine_cached_prefix(engines: Sequence[EngineView], block_hashes: Sequence[int]) -> list[int]:
+    """``num_cached_prefix_blocks(block_hashes)`` of each engine, in ``engines`` order (:class:`EngineReads`)."""
+    reads = getattr(engines, "cached_prefix_blocks", None)
+    if reads is not None:
+        return reads(block_hashes)
+    return [e.num_cached_prefix_blocks(block_hashes) for e in engines]
 
 
 @dataclass(slots=True)

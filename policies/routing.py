@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-from agentsim.policies.base import CallView, EngineView, engine_kv_usage, engine_loads, engine_waiting
+from agentsim.policies.base import (
+    CallView, EngineView, engine_cached_prefix, engine_kv_usage, engine_loads, engine_waiting,
+)
 from agentsim.policies.registry import check_choice, register, register_bundle
 
 
@@ -180,13 +182,18 @@ class WeightedScorer:
         qs = engine_waiting(engines)
         qmin, qmax = min(qs), max(qs)
         hashes = call.prompt_block_hashes(engines[0].block_size) if self.prefix_weight else []
-        out = []
-        for e, q, usage in zip(engines, qs, engine_kv_usage(engines)):
-            sq = 1.0 if qmax == qmin else (qmax - q) / (qmax - qmin)
-            sk = 1.0 - usage
-            sp = e.num_cached_prefix_blocks(hashes) / len(hashes) if hashes else 0.0
-            out.append(self.queue_weight * sq + self.kv_weight * sk + self.prefix_weight * sp)
-        return out
+        if qmax == qmin:
+            sq = [1.0] * len(qs)
+        else:
+            span = qmax - qmin
+            sq = [(qmax - q) / span for q in qs]
+        if hashes:
+            m = len(hashes)
+            sp = [n / m for n in engine_cached_prefix(engines, hashes)]
+        else:
+            sp = [0.0] * len(qs)
+        wq, wk, wp = self.queue_weight, self.kv_weight, self.prefix_weight
+        return [wq * a + wk * (1.0 - u) + wp * c for a, u, c in zip(sq, engine_kv_usage(engines), sp)]
 
     def route(self, call: CallView, engines: Sequence[EngineView], now: float) -> int:
         return _argmax(self.scores(call, engines))

@@ -59,6 +59,7 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import bisect_left, bisect_right
+from itertools import takewhile
 from typing import Any, Callable
 
 import simpy
@@ -1355,3 +1356,7 @@ class EngineList(list):
 
     def kv_usages(self) -> list[float]:
         return [e.pool.num_used / e.pool.num_blocks for e in self]
+
+    def cached_prefix_blocks(self, block_hashes) -> list[int]:
+        # each engine's prefix-cache map, scanned in C up to its first miss
+        return [len(list(takewhile(e.pool.cached.__contains__, block_hashes))) for e in self]

@@ -133,7 +133,7 @@ def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
     reads equal the per-engine ``EngineView`` reads, and the prefix-affinity search equals a scan of
     every engine."""
     from agentsim.config import load_config
-    from agentsim.policies.base import engine_kv_usage, engine_loads, engine_waiting
+    from agentsim.policies.base import engine_cached_prefix, engine_kv_usage, engine_loads, engine_waiting
     from agentsim.policies.routing import _argmax, _longest_prefix
     from agentsim.sim.runner import Simulation
 
@@ -151,7 +151,15 @@ def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
         assert engine_kv_usage(engines) == [e.kv_usage for e in plain]
         hashes = call.prompt_block_hashes(engines[0].block_size)
         counts = [e.num_cached_prefix_blocks(hashes) for e in plain]
+        assert engine_cached_prefix(engines, hashes) == engine_cached_prefix(plain, hashes) == counts
         assert _longest_prefix(engines, hashes) == (_argmax(counts), max(counts))
+        if policy == "llm-d":
+            # the scorer's list form against its per-engine formula
+            qs = [e.num_waiting for e in plain]
+            lo, hi = min(qs), max(qs)
+            want = [2.0 * (1.0 if hi == lo else (hi - q) / (hi - lo)) + 2.0 * (1.0 - e.kv_usage)
+                    + 3.0 * (n / len(hashes) if hashes else 0.0) for e, q, n in zip(plain, qs, counts)]
+            assert sim.bundle.route.scores(call, engines) == want
         seen["calls"] += 1
         seen["waiting"] += sum(engine_waiting(plain)) > 0
         return route(call, engines, now)
