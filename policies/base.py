@@ -57,7 +57,8 @@ decisions in the policy modules (``baseline``, ``priority``, ``retention``, ``di
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from itertools import takewhile
+from typing import Any, Callable, Container, Protocol, Sequence, runtime_checkable
 
 from agentsim.errors import ConfigError
 from agentsim.workload import CallHints
@@ -94,7 +95,8 @@ class EngineView(Protocol):
 
     A route policy reads every engine at every call; over 80 engines, two property reads each cost
     more than the rest of the call's simulation. :func:`engine_loads`, :func:`engine_waiting` and
-    :func:`engine_kv_usage`, :func:`engine_cached_prefix` read one field of all engines at once: through the backend's sequence
+    :func:`engine_kv_usage`, :func:`engine_cached_prefix`, :func:`engine_longest_prefix` read one field
+    of all engines at once: through the backend's sequence
     when it offers the vectorised form (:class:`EngineReads`; the simulator's engine list does),
     else engine by engine. Same values either way.
     """
@@ -130,8 +132,9 @@ class EngineReads(Protocol):
     def kv_usages(self) -> list[float]:
         """``kv_usage`` of each engine."""
 
-    def cached_prefix_blocks(self, block_hashes: Sequence[int]) -> list[int]:
-        """``num_cached_prefix_blocks(block_hashes)`` of each engine."""
+    def prefix_caches(self) -> list[Container[int]]:
+        """Each engine's prefix cache as a read-only container of block hashes (membership tests:
+        ``h in caches[i]``), as of now."""
 
 
 def engine_loads(engines: Sequence[EngineView]) -> list[int]:
@@ -154,10 +157,41 @@ def engine_kv_usage(engines: Sequence[EngineView]) -> list[float]:
 
 def engine_cached_prefix(engines: Sequence[EngineView], block_hashes: Sequence[int]) -> list[int]:
     """``num_cached_prefix_blocks(block_hashes)`` of each engine, in ``engines`` order (:class:`EngineReads`)."""
-    reads = getattr(engines, "cached_prefix_blocks", None)
+    reads = getattr(engines, "prefix_caches", None)
     if reads is not None:
-        return reads(block_hashes)
+        # each cache scanned in C up to its first miss
+        return [len(list(takewhile(c.__contains__, block_hashes))) for c in reads()]
     return [e.num_cached_prefix_blocks(block_hashes) for e in engines]
+
+
+def engine_longest_prefix(engines: Sequence[EngineView], block_hashes: Sequence[int]) -> tuple[int, int]:
+    """``(i, n)``: the engine with the most of ``block_hashes`` cached as a prefix (the lowest index
+    on ties) and that many blocks: the argmax of :func:`engine_cached_prefix`, found without
+    scanning every engine (one that lacks block ``n`` of the best so far cannot beat it: one lookup)."""
+    total = len(block_hashes)
+    best_i, best_n = 0, -1
+    reads = getattr(engines, "prefix_caches", None)
+    if reads is not None:
+        for i, c in enumerate(reads()):
+            if best_n >= 0:
+                if best_n >= total:
+                    break
+                if block_hashes[best_n] not in c:
+                    continue
+            n = len(list(takewhile(c.__contains__, block_hashes)))
+            if n > best_n:
+                best_i, best_n = i, n
+        return best_i, max(best_n, 0)
+    for i, e in enumerate(engines):
+        if best_n >= 0:
+            if best_n >= total:
+                break
+            if not e.num_cached_prefix_blocks(block_hashes[best_n:best_n + 1]):
+                continue
+        n = e.num_cached_prefix_blocks(block_hashes)
+        if n > best_n:
+            best_i, best_n = i, n
+    return best_i, max(best_n, 0)
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from agentsim.policies.base import (
-    CallView, EngineView, engine_cached_prefix, engine_kv_usage, engine_loads, engine_waiting,
+    CallView, EngineView, engine_cached_prefix, engine_kv_usage, engine_loads, engine_longest_prefix, engine_waiting,
 )
 from agentsim.policies.registry import check_choice, register, register_bundle
 
@@ -28,24 +28,6 @@ def _argmin(values: list[float]) -> int:
 def _argmax(values: list[float]) -> int:
     """Index of the largest value, the lowest index on ties."""
     return values.index(max(values))
-
-
-def _longest_prefix(engines: Sequence[EngineView], hashes: list[int]) -> tuple[int, int]:
-    """``(i, n)``: the engine with the most of ``hashes`` cached as a prefix (the lowest index on
-    ties) and that many blocks. An engine that lacks block ``n`` of the best so far cannot beat it,
-    so it costs one lookup, not a prefix scan (exactly the argmax of every engine's count)."""
-    best_i, best_n = 0, -1
-    total = len(hashes)
-    for i, e in enumerate(engines):
-        if best_n >= 0:
-            if best_n >= total:
-                break
-            if not e.num_cached_prefix_blocks(hashes[best_n:best_n + 1]):
-                continue
-        n = e.num_cached_prefix_blocks(hashes)
-        if n > best_n:
-            best_i, best_n = i, n
-    return best_i, max(best_n, 0)
 
 
 @register("route", "autellix-lb")
@@ -148,7 +130,7 @@ class PrefixAffinity:
             i = _argmin(loads)
         else:
             if self.match == "cache":
-                best, n = _longest_prefix(engines, hashes)
+                best, n = engine_longest_prefix(engines, hashes)
             else:
                 matched = [self._matched(e, hashes) for e in engines]
                 best = _argmax(matched)

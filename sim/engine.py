@@ -59,7 +59,7 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import bisect_left, bisect_right
-from itertools import takewhile
+from types import MappingProxyType
 from typing import Any, Callable
 
 import simpy
@@ -1348,6 +1348,8 @@ class EngineList(list):
     :class:`agentsim.policies.base.EngineReads` (what route policies read of every engine at every
     call): one pass over the engines' own lists instead of two property calls per engine."""
 
+    _caches: list | None = None
+
     def loads(self) -> list[int]:
         return [len(e.running) + len(e.waiting) + len(e.inbox) for e in self]
 
@@ -1357,6 +1359,9 @@ class EngineList(list):
     def kv_usages(self) -> list[float]:
         return [e.pool.num_used / e.pool.num_blocks for e in self]
 
-    def cached_prefix_blocks(self, block_hashes) -> list[int]:
-        # each engine's prefix-cache map, scanned in C up to its first miss
-        return [len(list(takewhile(e.pool.cached.__contains__, block_hashes))) for e in self]
+    def prefix_caches(self) -> list:
+        # read-only views of the engines' hash -> block maps (the maps live as long as the pools)
+        caches = self._caches
+        if caches is None or len(caches) != len(self):
+            caches = self._caches = [MappingProxyType(e.pool.cached) for e in self]
+        return caches

@@ -100,12 +100,13 @@ def test_argmin_argmax_pick_the_lowest_index_like_a_keyed_scan():
         assert _argmax(v) == min(range(len(v)), key=lambda i: (-v[i], i)), v
 
 
-def test_longest_prefix_equals_the_argmax_of_every_engines_count():
+def test_engine_longest_prefix_equals_the_argmax_of_every_engines_count():
     """The early-exit prefix search (an engine lacking block ``n`` of the best so far is skipped)
     picks the engine and count a full scan of every engine picks, also when caches have holes."""
     import random
 
-    from agentsim.policies.routing import _argmax, _longest_prefix
+    from agentsim.policies.base import engine_cached_prefix, engine_longest_prefix
+    from agentsim.policies.routing import _argmax
 
     class E:
         def __init__(self, cached):
@@ -124,7 +125,15 @@ def test_longest_prefix_equals_the_argmax_of_every_engines_count():
         hashes = list(range(rng.randint(0, 12)))
         engines = [E({h for h in hashes if rng.random() < rng.choice([0.3, 0.8, 1.0])}) for _ in range(rng.randint(1, 9))]
         counts = [e.num_cached_prefix_blocks(hashes) for e in engines]
-        assert _longest_prefix(engines, hashes) == (_argmax(counts), max(counts))
+        assert engine_longest_prefix(engines, hashes) == (_argmax(counts), max(counts))
+
+        class Caches(list):   # a backend's sequence with the vectorised form
+            def prefix_caches(self):
+                return [e.cached for e in self]
+
+        both = Caches(engines)
+        assert engine_longest_prefix(both, hashes) == (_argmax(counts), max(counts))
+        assert engine_cached_prefix(both, hashes) == counts
 
 
 @pytest.mark.parametrize("policy", ["prefix-affinity", "llm-d", "least-loaded", "autellix-plas"])
@@ -134,7 +143,8 @@ def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
     every engine."""
     from agentsim.config import load_config
     from agentsim.policies.base import engine_cached_prefix, engine_kv_usage, engine_loads, engine_waiting
-    from agentsim.policies.routing import _argmax, _longest_prefix
+    from agentsim.policies.base import engine_longest_prefix
+    from agentsim.policies.routing import _argmax
     from agentsim.sim.runner import Simulation
 
     sim = Simulation(load_config(None, {
@@ -152,7 +162,7 @@ def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
         hashes = call.prompt_block_hashes(engines[0].block_size)
         counts = [e.num_cached_prefix_blocks(hashes) for e in plain]
         assert engine_cached_prefix(engines, hashes) == engine_cached_prefix(plain, hashes) == counts
-        assert _longest_prefix(engines, hashes) == (_argmax(counts), max(counts))
+        assert engine_longest_prefix(engines, hashes) == engine_longest_prefix(plain, hashes) == (_argmax(counts), max(counts))
         if policy == "llm-d":
             # the scorer's list form against its per-engine formula
             qs = [e.num_waiting for e in plain]
