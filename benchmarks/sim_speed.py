@@ -5,6 +5,7 @@
     python benchmarks/sim_speed.py c        # case b for one simulated hour (3,600 s): issue 10's goal
     python benchmarks/sim_speed.py d        # one ScaleSim-style society of 1,000 agents, `scalesim` bundle
     python benchmarks/sim_speed.py all --repeat 3   # a, b and d (c: name it)
+    python benchmarks/sim_speed.py b --duration 60 --policy vllm kvflow llm-d   # one case, several bundles
 
 Each case runs in a fresh subprocess (so peak RSS is that run's alone) and prints simulated LLM
 calls per wall-clock second and per CPU second, wall and CPU time, and peak RSS; with --repeat the
@@ -43,11 +44,16 @@ CASES = {
 }
 
 
-def child(case: str, fast_forward: bool, reference: bool) -> None:
+def child(case: str, fast_forward: bool, reference: bool, policy: str | None, duration: float | None) -> None:
     from agentsim.config import load_config
     from agentsim.sim.runner import Simulation
 
-    cfg = load_config(None, {**CASES[case], "sim.fast_forward": fast_forward})
+    over = {**CASES[case], "sim.fast_forward": fast_forward}
+    if policy is not None:
+        over["policy"] = policy
+    if duration is not None:
+        over["duration"] = duration
+    cfg = load_config(None, over)
     w0, c0 = time.perf_counter(), time.process_time()
     sim = Simulation(cfg)
     if reference:
@@ -56,7 +62,8 @@ def child(case: str, fast_forward: bool, reference: bool) -> None:
     r = sim.run()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
-    print(json.dumps({"case": case, "fast_forward": fast_forward, "reference_loop": reference,
+    print(json.dumps({"case": case, "policy": policy or over.get("policy", "vllm"), "fast_forward": fast_forward,
+                      "reference_loop": reference,
                       "llm_calls": r.stats["num_llm_calls"], "calls_per_cpu_s": r.stats["num_llm_calls"] / cpu,
                       "finished_calls": int((r.calls["status"] == "finished").sum()),
                       "steps": r.stats["num_steps"], "wall_s": wall, "cpu_s": cpu,
@@ -70,18 +77,30 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-fast-forward", action="store_true")
     ap.add_argument("--reference-loop", action="store_true", help="the plain call-by-call step loop (before issue 10)")
+    ap.add_argument("--policy", nargs="+", default=[None], metavar="BUNDLE",
+                    help="run the case with these policy bundles, one after another (default: the case's own, vllm)")
+    ap.add_argument("--duration", type=float, default=None, help="simulated seconds (default: the case's own)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.case, not args.no_fast_forward, args.reference_loop)
+        child(args.case, not args.no_fast_forward, args.reference_loop, args.policy[0], args.duration)
         return
+    from agentsim.policies.registry import bundles
+
+    known = {b.name for b in bundles()}
+    for p in args.policy:
+        if p is not None and p not in known:
+            print(f"--policy: unknown bundle {p!r} (known: {', '.join(sorted(known))})", file=sys.stderr)
+            sys.exit(2)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    for case in (["a", "b", "d"] if args.case == "all" else [args.case]):
+    cells = [(case, p) for case in (["a", "b", "d"] if args.case == "all" else [args.case]) for p in args.policy]
+    for case, policy in cells:
         runs = []
         for _ in range(args.repeat):
             cmd = [sys.executable, __file__, case, "--child"] + (["--no-fast-forward"] if args.no_fast_forward else []) \
-                + (["--reference-loop"] if args.reference_loop else [])
+                + (["--reference-loop"] if args.reference_loop else []) + (["--policy", policy] if policy else []) \
+                + (["--duration", str(args.duration)] if args.duration is not None else [])
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             runs.append(res)
             with open(out / "sim_speed.jsonl", "a") as f:
@@ -89,7 +108,7 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in runs)
                for k in ("wall_s", "cpu_s", "calls_per_wall_s", "calls_per_cpu_s", "peak_rss_gib")}
         r0 = runs[0]
-        print(f"case {case}: {r0['llm_calls']:,} LLM calls ({r0['finished_calls']:,} finished), {r0['steps']:,} engine steps, "
+        print(f"case {case} ({r0['policy']}): {r0['llm_calls']:,} LLM calls ({r0['finished_calls']:,} finished), {r0['steps']:,} engine steps, "
               f"{r0['sim_s']:.0f} s simulated | median of {len(runs)}: {med['wall_s']:.1f} s wall, {med['cpu_s']:.1f} s CPU, "
               f"{med['calls_per_wall_s']:,.0f} calls/wall-s, {med['calls_per_cpu_s']:,.0f} calls/CPU-s, "
               f"peak RSS {med['peak_rss_gib']:.2f} GiB" + (" (reference loop)" if args.reference_loop else ""))
