@@ -37,6 +37,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from itertools import islice, takewhile
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -190,6 +191,7 @@ class EngineTiers:
         self._due: list = []                          # heap of (time, seq, what, info) due at a boundary
         self.prefetch_dirty = False                   # candidates may have changed for this engine
         self.prefetch_times: list = []                # heap of times an agent enters the window
+        self._cached_upto: dict[int, tuple] = {}      # agent -> (its chain, pool evictions then, cached prefix)
         # what the mechanism did, for tests and studies: (event, time, program or agent, detail)
         self.log: list[tuple] = []
         self.stats = {"loaded_blocks": 0, "prefetched_blocks": 0, "written_back_blocks": 0, "held_calls": 0,
@@ -448,15 +450,29 @@ class EngineTiers:
         # changes), so fast-forward and step-by-step modes decide at the same boundaries.
         self.prefetch_dirty = False
         pol = self.policy
+        pool = self.pool
+        cached = pool.cached
+        cached_upto = self._cached_upto
         plan = None   # the policy's budget, made when the first candidate has blocks to load
         for agent in pol.prefetch_candidates(now):
             chain = self.owner.last_chain.get(agent)
             if not chain or chain[0] != self.engine.engine_id:
                 continue
             hashes = chain[1]
-            k = self.pool.num_cached_prefix(hashes, len(hashes))
+            # How much of the agent's chain is cached. A hash leaves the prefix cache only when its
+            # block is evicted, so with no eviction since the last look the prefix known then is
+            # still cached: scan on from there (candidates come back at every boundary)
+            evictions = pool.num_evictions
+            memo = cached_upto.get(agent)
+            if memo is not None and memo[0] is chain and memo[1] == evictions:
+                k = memo[2]
+                if k < len(hashes):
+                    k += len(list(takewhile(cached.__contains__, islice(hashes, k, None))))
+            else:
+                k = pool.num_cached_prefix(hashes, len(hashes))
+            cached_upto[agent] = (chain, evictions, k)
             to_load = []
-            for h in hashes[k:]:
+            for h in islice(hashes, k, None):
                 if h in self.cpu and h not in self.inflight:
                     to_load.append(h)
                 else:
