@@ -308,3 +308,36 @@ def test_scalesim_prefetch_budget_admits_what_fits_and_stops_at_the_first_that_d
     assert plan.admit(2, 2) is None and plan.stopped   # level 2 may only displace level 5 (1 block)
     fresh = PrefetchBudget(pol, 0, [(5.0, 1), (2.0, 4)], 0.0)
     assert fresh.admit(3, 5) == 0.0 and fresh.hist == [] and not fresh.stopped
+
+
+@pytest.mark.parametrize("policy,over", [
+    ("scalesim", {"workload.generator": "society", "workload.agents": 1, "workload.num_programs": 1,
+                  "workload.params": {"num_agents": 60, "num_steps": 5}}),
+    ("kvflow", {"workload.generator": "kvflow", "workload.agents": 4, "workload.num_programs": 8,
+                "cluster.engine.max_model_len": 16384, "workload.params": {"fixed_tokens": 1024}}),
+])
+def test_prefetch_with_and_without_the_cached_prefix_memo_is_the_same_run(policy, over):
+    """The CPU tier resumes a candidate's cached-prefix scan where it stopped while the pool evicted
+    nothing since; with the memo turned off (every scan from block 0) the run is the same: calls,
+    engine samples and every tier action, with prefetches and evictions happening."""
+    import pandas as pd
+
+    class NoMemo(dict):
+        def __setitem__(self, key, value):
+            pass
+
+    def run(memo: bool):
+        sim = Simulation(load_config(None, {
+            "cluster.num_nodes": 1, "cluster.gpus_per_node": 1, "workload.arrival": "closed", "policy": policy,
+            "sim.drain": True, "duration": 1e5, "cluster.engine.num_gpu_blocks_override": 300, "seed": 3, **over}))
+        if not memo:
+            for et in sim.mechanisms.engines:
+                et._cached_upto = NoMemo()
+        r = sim.run()
+        return r, sim.mechanisms.engines[0], sim.engines[0].pool.num_evictions
+
+    (a, ta, ev), (b, tb, _) = run(True), run(False)
+    pd.testing.assert_frame_equal(a.calls, b.calls, check_exact=True)
+    pd.testing.assert_frame_equal(a.engines, b.engines, check_exact=True)
+    assert ta.log == tb.log and ta.stats == tb.stats
+    assert ta.stats["prefetched_blocks"] > 0 and ev > 0 and len(ta._cached_upto) > 0
