@@ -28,6 +28,7 @@ says when an agent enters that list without any other event.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import OrderedDict
@@ -87,6 +88,7 @@ class TimeDistances(_InFlight):
         self.noise_sigma = noise_sigma
         self.seed = seed
         self.next_at: dict[int, float] = {}    # agent -> expected time of its next call
+        self.by_time: list[tuple[float, int]] = []   # the same entries as (time, agent), sorted
         self.active: dict[int, int] = {}       # agent -> calls in flight
         self.last_finish: dict[int, float] = {}
         self.gap: dict[int, float] = {}        # agent -> EWMA of observed gaps
@@ -100,7 +102,7 @@ class TimeDistances(_InFlight):
             g = max(0.0, now - last)
             old = self.gap.get(a)
             self.gap[a] = g if old is None else self.alpha * g + (1 - self.alpha) * old
-        self.next_at.pop(a, None)
+        self._drop(a)
         self.version += 1
 
     def on_call_finish(self, call: CallView, now: float) -> None:
@@ -115,18 +117,34 @@ class TimeDistances(_InFlight):
         elif self.source == "ewma":
             d = self.gap.get(a)
         if d is None:
-            self.next_at.pop(a, None)
+            self._drop(a)
         else:
-            self.next_at[a] = now + max(0.0, d)
+            self._set(a, now + max(0.0, d))
         self.version += 1
 
     def on_distance_update(self, distances: dict, now: float) -> None:
         for a, d in distances.items():
             if d is None:
-                self.next_at.pop(int(a), None)
+                self._drop(int(a))
             else:
-                self.next_at[int(a)] = now + max(0.0, float(d))
+                self._set(int(a), now + max(0.0, float(d)))
         self.version += 1
+
+    def _set(self, agent_id: int, t: float) -> None:
+        self._drop(agent_id)
+        self.next_at[agent_id] = t
+        bisect.insort(self.by_time, (t, agent_id))
+
+    def _drop(self, agent_id: int) -> None:
+        t = self.next_at.pop(agent_id, None)
+        if t is not None:
+            bt = self.by_time
+            del bt[bisect.bisect_left(bt, (t, agent_id))]
+
+    def due_by(self, horizon: float) -> list[int]:
+        """Agents whose next call is expected at or before ``horizon``, by (time, agent id)."""
+        bt = self.by_time
+        return [a for _, a in bt[:bisect.bisect_right(bt, (horizon, math.inf))]]
 
     def distance(self, agent_id: int, now: float) -> float | None:
         """Seconds until the agent's next call (0 while it has one in flight); None if unknown."""
@@ -656,13 +674,9 @@ class InvocationDistance(_DistanceEvict):
                     cands.append((d, a))
             cands.sort()
             return [a for _, a in cands]
-        out = []
-        horizon = now + (self.look_ahead + 1) * self.unit
-        for a, t in self.table.next_at.items():
-            if t <= horizon and a not in self.table.active:
-                out.append((t, a))
-        out.sort()
-        return [a for _, a in out]
+        # the table keeps its entries sorted by time: the agents due within the horizon are a prefix
+        active = self.table.active
+        return [a for a in self.table.due_by(now + (self.look_ahead + 1) * self.unit) if a not in active]
 
     def prefetch_due_at(self, agent_id: int, now: float) -> float | None:
         """When the agent enters the look-ahead window (None: unknown, or decided by events)."""

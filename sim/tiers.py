@@ -454,10 +454,11 @@ class EngineTiers:
         cached = pool.cached
         cached_upto = self._cached_upto
         plan = None   # the policy's budget, made when the first candidate has blocks to load
-        for agent in pol.prefetch_candidates(now):
-            chain = self.owner.last_chain.get(agent)
-            if not chain or chain[0] != self.engine.engine_id:
-                continue
+        # the policy names agents cluster-wide: keep, in its order, those whose KV was last on this engine
+        cands = pol.prefetch_candidates(now)
+        eid = self.engine.engine_id
+        mine = [(a, c) for a, c in zip(cands, map(self.owner.last_chain.get, cands)) if c and c[0] == eid]
+        for agent, chain in mine:
             hashes = chain[1]
             # How much of the agent's chain is cached. A hash leaves the prefix cache only when its
             # block is evicted, so with no eviction since the last look the prefix known then is

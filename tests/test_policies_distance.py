@@ -341,3 +341,44 @@ def test_prefetch_with_and_without_the_cached_prefix_memo_is_the_same_run(policy
     pd.testing.assert_frame_equal(a.engines, b.engines, check_exact=True)
     assert ta.log == tb.log and ta.stats == tb.stats
     assert ta.stats["prefetched_blocks"] > 0 and ev > 0 and len(ta._cached_upto) > 0
+
+
+@pytest.mark.parametrize("source", ["oracle", "ewma"])
+def test_invocation_distance_candidates_equal_a_scan_of_every_agents_next_call(source):
+    """The time table keeps its next-call times sorted (``by_time``), so the prefetch candidates are
+    a prefix of it: after random arrivals, finishes and pushed distances they equal a scan of every
+    agent (due within the horizon, not running, by time then agent id)."""
+    import random
+
+    from agentsim.policies.distance import InvocationDistance
+
+    pol = InvocationDistance(source=source, look_ahead=1, unit=0.5, cpu_tier=False)
+    t = pol.table
+    rng = random.Random(9)
+
+    class C:
+        def __init__(self, cid, agent, d):
+            self.call_id, self.agent_id, self.program_id = cid, agent, agent
+            self.hints = CallHints(next_invocation_distance=d)
+
+    inflight: list = []
+    now = 0.0
+    nonempty = 0
+    for i in range(600):
+        now += rng.choice([0.0, 0.1, 0.7])
+        r = rng.random()
+        if r < 0.4:
+            c = C(i, rng.randrange(12), rng.choice([None, 0.0, 0.3, 1.0, 1.0, 5.0, math.inf]))
+            pol.on_call_arrive(c, now)
+            inflight.append(c)
+        elif r < 0.85 and inflight:
+            pol.on_call_finish(inflight.pop(rng.randrange(len(inflight))), now)
+        else:
+            pol.on_distance_update({str(rng.randrange(12)): rng.choice([None, 0.2, 2.0])}, now)
+        assert t.by_time == sorted((v, a) for a, v in t.next_at.items())
+        horizon = now + (pol.look_ahead + 1) * pol.unit
+        want = [a for _, a in sorted((v, a) for a, v in t.next_at.items() if v <= horizon and a not in t.active)]
+        got = pol.prefetch_candidates(now)
+        assert got == want
+        nonempty += bool(got)
+    assert nonempty > 50
