@@ -4,6 +4,7 @@ functions with many small calls, so read the shares, not the seconds.
 
     python benchmarks/sim_profile.py b --duration 30        # case (b) cut to 30 simulated seconds
     python benchmarks/sim_profile.py a --top 20             # case (a), and the 20 costliest functions
+    python benchmarks/sim_profile.py b --duration 30 --policy kvflow   # case (b) with another bundle
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("case", choices=list(CASES))
     ap.add_argument("--duration", type=float, default=None, help="simulated seconds (default: the case's own)")
     ap.add_argument("--top", type=int, default=0, help="also print the N costliest functions by self time")
+    ap.add_argument("--policy", default=None, metavar="BUNDLE", help="the policy bundle (default: the case's own)")
     args = ap.parse_args()
     from agentsim.config import load_config
     from agentsim.sim.runner import Simulation
@@ -58,6 +60,8 @@ def main() -> None:
     over = dict(CASES[args.case])
     if args.duration is not None:
         over["duration"] = args.duration
+    if args.policy is not None:
+        over["policy"] = args.policy
     cfg = load_config(None, over)
     prof = cProfile.Profile()
     c0 = time.process_time()
@@ -71,7 +75,7 @@ def main() -> None:
         shares[component(filename, func)] += tottime
     total = sum(shares.values())
     n = result.stats["num_llm_calls"]
-    print(f"case {args.case}: {n:,} LLM calls, {cpu:.1f} s CPU under cProfile ({n / cpu:,.0f} calls/CPU-s profiled)")
+    print(f"case {args.case} ({over.get('policy', 'vllm')}): {n:,} LLM calls, {cpu:.1f} s CPU under cProfile ({n / cpu:,.0f} calls/CPU-s profiled)")
     print("| component | share of self time |\n|---|---|")
     for name, t in shares.most_common():
         print(f"| {name} | {100 * t / total:.0f} % |")
