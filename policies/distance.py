@@ -192,7 +192,8 @@ class SimulationSteps(_InFlight):
             self.version += 1
 
     def on_program_end(self, program_id: int, now: float) -> None:
-        self.clock.pop(program_id, None)
+        if self.clock.pop(program_id, None) is not None:
+            self.version += 1   # its agents' step counts change (the clock they are counted on is gone)
 
     def steps_until(self, agent_id: int) -> int | None:
         """Steps until the agent's next call (0 while it runs); None if unknown."""

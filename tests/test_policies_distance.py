@@ -382,3 +382,28 @@ def test_invocation_distance_candidates_equal_a_scan_of_every_agents_next_call(s
         assert got == want
         nonempty += bool(got)
     assert nonempty > 50
+
+
+def test_every_change_of_a_distance_table_that_moves_a_level_bumps_its_version():
+    """The leveled free queue rebuilds its order only when (now, version) changes, so every mutation
+    of a distance table that can move an agent's level must bump the version. ScaleSim's step table
+    forgets a program's clock when the program ends: its agents' step counts change."""
+    from agentsim.policies.distance import InvocationDistance
+
+    pol = InvocationDistance(source="steps", cpu_tier=False)
+
+    class C:
+        call_id, program_id, agent_id = 1, 7, 3
+        hints = CallHints(next_invocation_steps=3)
+
+    pol.on_call_arrive(C, 0.0)
+    pol.on_call_finish(C, 0.0)
+    for _ in range(2):
+        pol.on_tool_end(7, 3, "world", 0.0)
+    before = (pol.version, pol.steps(3, 0.0))
+    pol.on_program_end(7, 0.0)
+    after = (pol.version, pol.steps(3, 0.0))
+    assert before[1] == 0 and after[1] == 2       # 3 steps from step 0, 2 done; clock gone: 3 - 0 - 1
+    assert after[0] > before[0]
+    pol.on_program_end(7, 0.0)                    # nothing left to forget: no change, no bump
+    assert pol.version == after[0]
