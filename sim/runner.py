@@ -35,6 +35,11 @@ from agentsim.sim.frontend import Frontend, FrontendCall
 from agentsim.traces.source import ProgramSource
 from agentsim.workload import CallResult, LLMCall, Program, Segment, ToolCall
 
+# Objects (KV blocks, calls) earlier runs in this process created since the last full collection,
+# and how many may be left to the automatic collector before a run collects them first (see run()).
+_objects_since_collection = 0
+_RUN_GARBAGE_BUDGET = 200_000
+
 
 @dataclass
 class RunResult:
@@ -303,9 +308,15 @@ class Simulation:
         # again when the first collections after the run rescanned them -- so it stays off during
         # the run, as for a drained run, and afterwards the run's objects go straight to the oldest
         # generation (gc.freeze + gc.unfreeze moves them there at no cost), which only a full
-        # collection scans. One full collection first frees what earlier runs in this process left
-        # there (a sweep worker runs cell after cell), so that they are not kept during this one.
-        gc.collect()
+        # collection scans. A full collection first frees what earlier runs in this process left
+        # there (a sweep worker runs cell after cell), so that they are not kept during this one --
+        # once they add up to more than _RUN_GARBAGE_BUDGET objects: a full collection costs
+        # 0.05-0.3 s (all of the process's objects, vLLM and torch included when imported), more
+        # than a small run (the test suite's) takes.
+        global _objects_since_collection
+        if _objects_since_collection > _RUN_GARBAGE_BUDGET:
+            gc.collect()
+            _objects_since_collection = 0
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -323,6 +334,8 @@ class Simulation:
             gc.unfreeze()
             if gc_enabled:
                 gc.enable()
+            # what this run may leave for the next one to collect: its KV blocks and calls
+            _objects_since_collection += self._next_call_id + sum(len(e.pool.blocks) for e in self.engines)
         for e in self.engines:
             e.finalize(until)
         # calls and programs still in flight when the run ends

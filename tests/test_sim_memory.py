@@ -20,8 +20,8 @@ BASE = {"cluster.num_nodes": 1, "cluster.gpus_per_node": 2, "workload.arrival": 
 
 
 def _garbage_after_run(over: dict) -> tuple[int, int]:
-    gc.collect()
     sim = Simulation(load_config(None, {**BASE, **over}))
+    gc.collect()   # what building the simulation left (the collector is on then): only the run counts
     r = sim.run()
     found = gc.collect()   # the simulation is still alive: only cycles the run dropped are garbage
     return found, len(r.calls)
@@ -55,6 +55,39 @@ def test_a_run_gives_the_collector_back_as_it_found_it():
             assert gc.isenabled() is enabled
             assert gc.get_freeze_count() == 0
         finally:
+            gc.enable()
+
+
+def test_a_run_frees_what_earlier_runs_left_once_it_adds_up(monkeypatch):
+    """The collector is off during a run, so a run first frees the cyclic garbage of the runs before it
+    in this process (a sweep worker's previous cells) -- once their KV blocks and calls add up to more
+    than ``_RUN_GARBAGE_BUDGET``; below that a small run does not pay for a full collection."""
+    import weakref
+
+    import agentsim.sim.runner as runner
+
+    gc.collect()
+    monkeypatch.setattr(runner, "_objects_since_collection", 0)
+
+    def left_behind() -> weakref.ref:
+        sim = Simulation(load_config(None, {**BASE, "duration": 5.0}))
+        sim.run()
+        return weakref.ref(sim.engines[0])   # the simulation is cyclic garbage once dropped
+
+    enabled = gc.isenabled()
+    gc.disable()   # only the run's own collection may free it
+    try:
+        monkeypatch.setattr(runner, "_RUN_GARBAGE_BUDGET", 10 ** 9)
+        first = left_behind()
+        assert runner._objects_since_collection > 100
+        second = left_behind()
+        assert first() is not None and second() is not None   # under the budget: not collected yet
+        monkeypatch.setattr(runner, "_RUN_GARBAGE_BUDGET", 100)
+        third = left_behind()
+        assert first() is None and second() is None            # over it: the third run freed both
+        assert third() is not None
+    finally:
+        if enabled:
             gc.enable()
 
 
