@@ -166,8 +166,10 @@ class ColumnStore:
 
     Rows wait as tuples in a short buffer and move into the columns ``CHUNK`` at a time, by C loops
     (``zip(*rows)`` and ``array.extend``) rather than one Python ``append`` per cell: a row costs
-    one list append. A value of the wrong type (a float in an integer column ...) raises
-    ``TypeError`` when its chunk moves, at the latest in ``len()`` or :meth:`to_frame`.
+    one list append. A row is checked when its chunk moves (at the latest in ``len()`` or
+    :meth:`to_frame`): a row of the wrong length (``ValueError``) or with a value of the wrong type
+    (a float in an integer column ...: ``TypeError``) is dropped and the error raised there, after
+    the chunk's other rows are stored; every column always holds the same rows.
     """
 
     CHUNK = 2048
@@ -180,23 +182,44 @@ class ColumnStore:
 
     def append(self, row: tuple) -> None:
         rows = self._rows
-        rows.append(row)
+        rows.append(tuple(row))   # a copy of a list row (a tuple is kept as it is)
         if len(rows) >= self.CHUNK:
             self._flush()
 
     def _flush(self) -> None:
-        """Move the buffered rows into the columns (all of a chunk or, on a bad value, none of it)."""
+        """Move the buffered rows into the columns; raise for the first bad row (see the class)."""
         rows = self._rows
         if not rows:
             return
-        width = len(self._cols)
-        if set(map(len, rows)) != {width}:
-            bad = next(r for r in rows if len(r) != width)
-            raise ValueError(f"a row of {len(bad)} values for {width} columns ({', '.join(self.names[:3])} ...)")
-        staged = [array(c.typecode, v) if isinstance(c, array) else v for c, v in zip(self._cols, zip(*rows))]
-        for c, v in zip(self._cols, staged):
-            c.extend(v)
         self._rows = []
+        if set(map(len, rows)) == {len(self._cols)}:
+            try:
+                staged = self._stage(rows)
+            except (TypeError, OverflowError):
+                staged = None
+            if staged is not None:
+                for c, v in zip(self._cols, staged):
+                    c.extend(v)
+                return
+        # a bad row in the chunk: store the others one by one, then raise for the first bad one
+        error = None
+        for r in rows:
+            try:
+                if len(r) != len(self._cols):
+                    raise ValueError(f"a row of {len(r)} values for {len(self._cols)} columns "
+                                     f"({', '.join(self.names[:3])} ...)")
+                staged = self._stage([r])
+            except (TypeError, ValueError, OverflowError) as e:
+                error = error or e
+                continue
+            for c, v in zip(self._cols, staged):
+                c.extend(v)
+        if error is not None:
+            raise error
+
+    def _stage(self, rows: list[tuple]) -> list:
+        """``rows`` as one typed sequence per column (raises before any column changes)."""
+        return [array(c.typecode, v) if isinstance(c, array) else v for c, v in zip(self._cols, zip(*rows))]
 
     def __len__(self) -> int:
         self._flush()

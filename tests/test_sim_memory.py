@@ -117,8 +117,8 @@ def test_column_store_sorted_release_conversion_equals_sort_values(columns, key)
 
 def test_column_store_buffered_rows_equal_cell_by_cell_appends():
     """Rows move into the columns a chunk at a time (``ColumnStore.CHUNK``): across chunk boundaries
-    the frame equals one built cell by cell, ``len`` counts buffered rows, and a bad row raises in
-    ``len``/``to_frame`` without moving any of its chunk (the stored columns stay as they were)."""
+    the frame equals one built cell by cell, ``len`` counts buffered rows, and a bad row raises when
+    its chunk moves, is dropped, and leaves the chunk's other rows and every column's length intact."""
     import random
 
     import numpy as np
@@ -144,10 +144,20 @@ def test_column_store_buffered_rows_equal_cell_by_cell_appends():
     assert len(store) == 1          # moved into the columns
     store.append((2, 2.0, "y"))
     store.append((3.5, 3.0, "z"))   # a float in the integer column
+    store.append((4, 4.0, "w"))
     with pytest.raises(TypeError):
         len(store)
-    store._rows = []                # drop the bad chunk: what was stored before it is intact
-    assert store.to_frame()["a"].tolist() == [1]
-    store.append((1, 2.0))
+    # the bad row is dropped, the chunk's other rows are stored, and every column has the same rows
+    assert store.to_frame().values.tolist() == [[1, 1.0, "x"], [2, 2.0, "y"], [4, 4.0, "w"]]
+    store.append((5, 2.0))
+    store.append([6, 6.0, "v"])     # a list row is copied when appended
     with pytest.raises(ValueError, match="a row of 2 values for 3 columns"):
         store.to_frame()
+    assert store.to_frame()["a"].tolist() == [1, 2, 4, 6]
+    for _ in range(ColumnStore.CHUNK - 1):
+        store.append((7, 7.0, "u"))
+    with pytest.raises(TypeError):
+        store.append((8, "not a float", "t"))   # fills the chunk: the append that moves it raises
+    store.append((9, 9.0, "s"))                  # and the store goes on
+    assert len(store) == 4 + ColumnStore.CHUNK - 1 + 1
+    assert store.to_frame()["a"].tolist()[-2:] == [7, 9]
