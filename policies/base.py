@@ -94,11 +94,11 @@ class EngineView(Protocol):
     """What a policy may read about one engine.
 
     A route policy reads every engine at every call; over 80 engines, two property reads each cost
-    more than the rest of the call's simulation. :func:`engine_loads`, :func:`engine_waiting` and
-    :func:`engine_kv_usage`, :func:`engine_cached_prefix`, :func:`engine_longest_prefix` read one field
-    of all engines at once: through the backend's sequence
-    when it offers the vectorised form (:class:`EngineReads`; the simulator's engine list does),
-    else engine by engine. Same values either way.
+    more than the rest of the call's simulation. :func:`engine_loads`, :func:`engine_waiting`,
+    :func:`engine_kv_usage`, :func:`engine_cached_prefix` and :func:`engine_longest_prefix` read one
+    field of all engines at once: through the backend's sequence when it offers the vectorised form
+    (:class:`EngineReads`; the simulator's engine list does), else engine by engine with the
+    view's own ``num_cached_prefix_blocks``. Same values either way.
     """
 
     engine_id: int
