@@ -136,6 +136,10 @@ class EngineReads(Protocol):
         """Each engine's prefix cache as a read-only container of block hashes (membership tests:
         ``h in caches[i]``), as of now."""
 
+    def cached_prefix(self, block_hashes: Sequence[int]) -> list[int]:
+        """Optional: ``num_cached_prefix_blocks(block_hashes)`` of each engine (else read through
+        :meth:`prefix_caches`)."""
+
 
 def engine_loads(engines: Sequence[EngineView]) -> list[int]:
     """Calls in each engine, ``num_running + num_waiting``, in ``engines`` order (:class:`EngineReads`)."""
@@ -157,6 +161,9 @@ def engine_kv_usage(engines: Sequence[EngineView]) -> list[float]:
 
 def engine_cached_prefix(engines: Sequence[EngineView], block_hashes: Sequence[int]) -> list[int]:
     """``num_cached_prefix_blocks(block_hashes)`` of each engine, in ``engines`` order (:class:`EngineReads`)."""
+    counts = getattr(engines, "cached_prefix", None)
+    if counts is not None:
+        return counts(block_hashes)
     reads = getattr(engines, "prefix_caches", None)
     if reads is not None:
         # each cache scanned in C up to its first miss

@@ -69,7 +69,7 @@ from agentsim.config import EngineLimits
 from agentsim.metrics import CallStatus
 from agentsim.policies.base import BlockView, FreeBlockQueue
 from agentsim.policies.ranking import pick_victim, rank_key, should_preempt, sort_by_rank
-from agentsim.sim.kv import BlockPool, num_reserved_blocks, v0_watermark_blocks
+from agentsim.sim.kv import BlockPool, PrefixIndex, num_reserved_blocks, v0_watermark_blocks
 from agentsim.sim.kv_manager import KVCacheManager
 from agentsim.workload import CallHints, Context, Segment
 
@@ -1346,9 +1346,11 @@ class Engine:
 class EngineList(list):
     """The cluster's engines in engine-id order, with the vectorised reads of
     :class:`agentsim.policies.base.EngineReads` (what route policies read of every engine at every
-    call): one pass over the engines' own lists instead of two property calls per engine."""
+    call): one pass over the engines' own lists instead of two property calls per engine; cached
+    prefixes from a cluster-wide :class:`agentsim.sim.kv.PrefixIndex`, built at the first ask."""
 
     _caches: list | None = None
+    _index: PrefixIndex | None = None
 
     def loads(self) -> list[int]:
         return [len(e.running) + len(e.waiting) + len(e.inbox) for e in self]
@@ -1365,3 +1367,13 @@ class EngineList(list):
         if caches is None or len(caches) != len(self):
             caches = self._caches = [MappingProxyType(e.pool.cached) for e in self]
         return caches
+
+    def _prefix_index(self) -> PrefixIndex:
+        index = self._index
+        if index is None or len(index.maps) != len(self):
+            index = self._index = PrefixIndex([e.pool for e in self])
+            self._caches = None  # the pools' maps were replaced
+        return index
+
+    def cached_prefix(self, block_hashes) -> list[int]:
+        return self._prefix_index().cached_prefix(block_hashes)

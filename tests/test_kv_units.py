@@ -228,3 +228,55 @@ def test_context_block_hashes_match_the_token_by_token_definition():
         for _ in range(rng.randint(1, 6)):
             ctx = ctx.extend(*[Segment(rng.randint(1, 5), rng.randint(0, 70)) for _ in range(rng.randint(1, 3))])
             assert ctx.block_hashes(bs) == _reference_block_hashes(ctx.all_segments(), bs)
+
+
+# ----------------------------------------------------------------------------- cluster prefix index
+def test_prefix_index_counts_what_every_pool_counts_under_random_changes():
+    """``PrefixIndex`` (llm-d's prefix scorer reads it) stays equal to the pools' own maps through
+    every way of adding and removing a hash, and its per-pool prefix counts equal each pool's
+    ``num_cached_prefix``: chains with holes, hashes shared by several pools, empty chains, an index
+    built over maps that already hold hashes and rebuilt over the same pools."""
+    from agentsim.sim.kv import PrefixIndex
+
+    rng = random.Random(1)
+    checks = 0
+    for _ in range(200):
+        pools = [BlockPool(50, LRUFreeQueue()) for _ in range(rng.randint(1, 9))]
+        chains = [[rng.randint(0, 30) for _ in range(rng.randint(0, 12))] for _ in range(12)]
+
+        def change():
+            m = rng.choice(pools).cached
+            op = rng.random() if m else 0.0
+            h = rng.randint(0, 30) if op < 0.5 else rng.choice(list(m))
+            if op < 0.35:
+                m[h] = BlockView(0, h)
+            elif op < 0.42:
+                m.setdefault(h, None)
+            elif op < 0.5:
+                m.update({h: None, h + 1: None})
+            elif op < 0.8:
+                del m[h]
+            elif op < 0.9:
+                m.pop(h)
+            elif op < 0.97:
+                m.popitem()
+            else:
+                m.clear()
+
+        for _ in range(rng.randint(0, 40)):
+            change()
+        index = PrefixIndex(pools)
+        if rng.random() < 0.2:
+            index = PrefixIndex(pools)   # the cluster re-indexed: the new index takes over
+        for _ in range(30):
+            change()
+            owners = {}
+            for i, p in enumerate(pools):
+                for h in p.cached:
+                    owners[h] = owners.get(h, 0) | 1 << i
+            assert index.owners == owners
+            for chain in chains:
+                assert index.cached_prefix(chain) == [p.num_cached_prefix(chain, len(chain)) for p in pools]
+                checks += 1
+    assert checks > 50_000
+    assert PrefixIndex([]).cached_prefix([1, 2]) == []

@@ -139,8 +139,8 @@ def test_engine_longest_prefix_equals_the_argmax_of_every_engines_count():
 @pytest.mark.parametrize("policy", ["prefix-affinity", "llm-d", "least-loaded", "autellix-plas"])
 def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
     """At every routing decision of a run with evictions and queues, the engine list's vectorised
-    reads equal the per-engine ``EngineView`` reads, and the prefix-affinity search equals a scan of
-    every engine."""
+    reads (with llm-d, the cluster's prefix index) equal the per-engine ``EngineView`` reads, and
+    the prefix-affinity search equals a scan of every engine."""
     from agentsim.config import load_config
     from agentsim.policies.base import engine_cached_prefix, engine_kv_usage, engine_loads, engine_waiting
     from agentsim.policies.base import engine_longest_prefix
@@ -154,7 +154,10 @@ def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
     route = sim._route
     seen = {"calls": 0, "waiting": 0}
 
+    engines_seen = []
+
     def checked(call, engines, now):
+        engines_seen[:] = [engines]
         plain = list(engines)
         assert engine_loads(engines) == [e.num_running + e.num_waiting for e in plain]
         assert engine_waiting(engines) == engine_waiting(plain) == [e.num_waiting for e in plain]
@@ -163,6 +166,14 @@ def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
         counts = [e.num_cached_prefix_blocks(hashes) for e in plain]
         assert engine_cached_prefix(engines, hashes) == engine_cached_prefix(plain, hashes) == counts
         assert engine_longest_prefix(engines, hashes) == engine_longest_prefix(plain, hashes) == (_argmax(counts), max(counts))
+        index = engines._index
+        if index is not None:
+            # the cluster's prefix index (built at llm-d's first ask) holds what the pools hold
+            owners = {}
+            for i, e in enumerate(plain):
+                for h in e.pool.cached:
+                    owners[h] = owners.get(h, 0) | 1 << i
+            assert index.owners == owners
         if policy == "llm-d":
             # the scorer's list form against its per-engine formula
             qs = [e.num_waiting for e in plain]
@@ -177,3 +188,18 @@ def test_the_simulators_engine_list_reads_equal_per_engine_reads(policy):
     sim._route = checked
     sim.run()
     assert seen["calls"] > 100 and seen["waiting"] > 10
+    assert engines_seen and engines_seen[0]._index is not None   # this test's reads built it
+
+
+@pytest.mark.parametrize("policy", ["prefix-affinity", "llm-d", "vllm"])
+def test_only_the_prefix_scorer_indexes_the_clusters_prefix_caches(policy):
+    """llm-d's scorer counts every engine's prefix and builds the cluster index; prefix-affinity's
+    search (one lookup per engine) is cheaper without it, and round robin reads no cache: neither
+    pays for keeping one."""
+    from agentsim.config import load_config
+    from agentsim.sim.runner import Simulation
+
+    sim = Simulation(load_config(None, {"cluster.gpus_per_node": 2, "workload.agents": 8, "duration": 10.0,
+                                        "policy": policy}))
+    sim.run()
+    assert (sim.engines._index is not None) == (policy == "llm-d")
