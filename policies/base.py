@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import takewhile
-from typing import Any, Callable, Container, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Collection, Container, Protocol, Sequence, runtime_checkable
 
 from agentsim.errors import ConfigError
 from agentsim.workload import CallHints
@@ -383,6 +383,12 @@ class Prefetcher(Protocol):
 
     def prefetch_due_at(self, agent_id: int, now: float) -> float | None:
         """When ``agent_id`` becomes a candidate (s), None if unknown or event-driven."""
+
+    def prefetch_candidates_among(self, now: float, agents: Collection[int]) -> list[int]:
+        """Optional: the candidates among ``agents`` (those whose KV is on the asking engine), in
+        :meth:`prefetch_candidates` order: ``[a for a in prefetch_candidates(now) if a in agents]``.
+        Offer it when that costs less than ordering every agent: the backend then asks each engine
+        for its own agents only."""
 
     def plan_prefetch(self, free_queue: Any, num_fresh_blocks: int, now: float) -> PrefetchPlan:
         """A budget over the engine's never-used blocks and its free queue's evictable blocks. Asked

@@ -679,6 +679,29 @@ class InvocationDistance(_DistanceEvict):
         active = self.table.active
         return [a for a in self.table.due_by(now + (self.look_ahead + 1) * self.unit) if a not in active]
 
+    def prefetch_candidates_among(self, now: float, agents) -> list[int]:
+        """:meth:`prefetch_candidates` restricted to ``agents``, at a cost in their number (an
+        engine's own agents, not the cluster's)."""
+        t = self.table
+        active = t.active
+        out = []
+        if self.source == "steps":
+            next_step = t.next_step
+            for a in agents:
+                if a in next_step and a not in active:
+                    d = self.steps(a, now)
+                    if d is not None and d <= self.look_ahead:
+                        out.append((d, a))
+        else:
+            horizon = now + (self.look_ahead + 1) * self.unit
+            next_at = t.next_at
+            for a in agents:
+                at = next_at.get(a)
+                if at is not None and at <= horizon and a not in active:
+                    out.append((at, a))
+        out.sort()
+        return [a for _, a in out]
+
     def prefetch_due_at(self, agent_id: int, now: float) -> float | None:
         """When the agent enters the look-ahead window (None: unknown, or decided by events)."""
         if self.source == "steps":

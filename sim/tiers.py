@@ -192,6 +192,8 @@ class EngineTiers:
         self.prefetch_dirty = False                   # candidates may have changed for this engine
         self.prefetch_times: list = []                # heap of times an agent enters the window
         self._cached_upto: dict[int, tuple] = {}      # agent -> (its chain, pool evictions then, cached prefix)
+        # the policy's candidates among given agents (optional Prefetcher method), else filtered here
+        self._candidates_among = getattr(self.policy, "prefetch_candidates_among", None)
         # what the mechanism did, for tests and studies: (event, time, program or agent, detail)
         self.log: list[tuple] = []
         self.stats = {"loaded_blocks": 0, "prefetched_blocks": 0, "written_back_blocks": 0, "held_calls": 0,
@@ -455,9 +457,16 @@ class EngineTiers:
         cached_upto = self._cached_upto
         plan = None   # the policy's budget, made when the first candidate has blocks to load
         # the policy names agents cluster-wide: keep, in its order, those whose KV was last on this engine
-        cands = pol.prefetch_candidates(now)
         eid = self.engine.engine_id
-        mine = [(a, c) for a, c in zip(cands, map(self.owner.last_chain.get, cands)) if c and c[0] == eid]
+        among = self._candidates_among
+        if among is not None:
+            # the policy orders only this engine's agents (the others' chains are elsewhere)
+            agents = self.owner.agents_on.get(eid)
+            last_chain = self.owner.last_chain
+            mine = [(a, last_chain[a]) for a in among(now, agents)] if agents else []
+        else:
+            cands = pol.prefetch_candidates(now)
+            mine = [(a, c) for a, c in zip(cands, map(self.owner.last_chain.get, cands)) if c and c[0] == eid]
         for agent, chain in mine:
             hashes = chain[1]
             # How much of the agent's chain is cached. A hash leaves the prefix cache only when its
@@ -607,6 +616,7 @@ class Mechanisms:
         self.caps = caps = bundle.caps   # checked once when the bundle was built (policies/base.py)
         self.engines: list[EngineTiers] = []
         self.last_chain: dict[int, tuple[int, list]] = {}   # agent -> (engine, hashes of its last context)
+        self.agents_on: dict[int, set[int]] = {}            # engine -> agents whose last context is there
         self.live_programs: set[int] = set()
         # program -> {thread -> whether its last call's tool returned (its next call arrived)}
         self.returned: dict[int, dict[int, bool]] = {}
@@ -661,7 +671,17 @@ class Mechanisms:
         e = call.engine
         bs = e.block_size
         n_full = (call.num_prompt_tokens + call.num_output_tokens - 1) // bs
-        self.last_chain[call.agent_id] = (e.engine_id, call.full_hashes[:n_full])
+        agent, eid = call.agent_id, e.engine_id
+        prev = self.last_chain.get(agent)
+        self.last_chain[agent] = (eid, call.full_hashes[:n_full])
+        if prev is None or prev[0] != eid:
+            if prev is not None:
+                self.agents_on[prev[0]].discard(agent)
+            on = self.agents_on.get(eid)
+            if on is None:
+                self.agents_on[eid] = {agent}
+            else:
+                on.add(agent)
         et = e.tiers
         if et is None:
             return

@@ -380,8 +380,46 @@ def test_invocation_distance_candidates_equal_a_scan_of_every_agents_next_call(s
         want = [a for _, a in sorted((v, a) for a, v in t.next_at.items() if v <= horizon and a not in t.active)]
         got = pol.prefetch_candidates(now)
         assert got == want
+        # one engine's agents: the same order, restricted to them
+        sub = set(rng.sample(range(12), rng.randint(0, 12)))
+        assert pol.prefetch_candidates_among(now, sub) == [a for a in got if a in sub]
         nonempty += bool(got)
     assert nonempty > 50
+
+
+@pytest.mark.parametrize("over,engines_prefetching", [
+    # steps source: a society's agents, one engine
+    ({"workload.generator": "society", "workload.agents": 1, "workload.num_programs": 1,
+      "workload.params": {"num_agents": 60, "num_steps": 4}}, 1),
+    # time source: ReAct agents spread over the four engines
+    ({"workload.generator": "react", "workload.agents": 40, "workload.num_programs": 120,
+      "policy": {"name": "scalesim", "params": {"evict": {"source": "oracle"}}}}, 4),
+])
+def test_each_engine_asking_for_its_own_prefetch_candidates_is_the_same_run(over, engines_prefetching):
+    """With ``prefetch_candidates_among`` each engine's CPU tier asks the policy for its own agents'
+    candidates; with it turned off the tier filters the cluster's list. Same run on four engines:
+    calls, samples and every tier action, with prefetches happening."""
+    import pandas as pd
+
+    def run(among: bool):
+        sim = Simulation(load_config(None, {
+            "cluster.num_nodes": 1, "cluster.gpus_per_node": 4, "workload.arrival": "closed",
+            "policy": "scalesim", "sim.drain": True, "duration": 1e5, "cluster.engine.num_gpu_blocks_override": 300,
+            "seed": 5, **over}))
+        if not among:
+            for et in sim.mechanisms.engines:
+                et._candidates_among = None
+        r = sim.run()
+        return r, sim.mechanisms
+
+    (a, ma), (b, mb) = run(True), run(False)
+    pd.testing.assert_frame_equal(a.calls, b.calls, check_exact=True)
+    pd.testing.assert_frame_equal(a.engines, b.engines, check_exact=True)
+    for ta, tb in zip(ma.engines, mb.engines):
+        assert ta.log == tb.log and ta.stats == tb.stats
+    assert sum(t.stats["prefetched_blocks"] > 0 for t in ma.engines) == engines_prefetching
+    # the index of agents by engine holds each agent on the engine of its last chain
+    assert {a: e for e, agents in ma.agents_on.items() for a in agents} == {a: c[0] for a, c in ma.last_chain.items()}
 
 
 def test_every_change_of_a_distance_table_that_moves_a_level_bumps_its_version():
