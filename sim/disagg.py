@@ -171,7 +171,7 @@ class KVPort:
         if self.inner is not None:
             self.inner.finalize(until)
         for job in self.pending + self.loading:
-            self.engine.inbox.append(job.call)
+            self.engine.join_inbox(job.call)
         self.pending = []
         self.loading = []
 
@@ -246,7 +246,7 @@ class KVPort:
         call.status = CallStatus.WAITING
         call.enqueued_at = min(enqueued_at, now)
         e.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
-        e.inbox.append(call)
+        e.join_inbox(call)
 
 
 class Disagg:

@@ -259,6 +259,9 @@ class Engine:
         self._nonlazy: list[SimCall] = [] # running calls not decoding lazily (prefills), running order
         self._num_admitted = 0            # next SimCall._rseq
         self.num_outstanding_tokens = 0
+        # calls in the engine: len(running) + len(waiting) + len(inbox) whenever a policy reads it
+        # (+1 on joining the inbox, -1 when finished; a preempted call goes back to waiting)
+        self.num_calls = 0
         # accounting
         self.busy_cum = 0.0
         self.num_steps = 0
@@ -305,8 +308,14 @@ class Engine:
         if self.tiers is not None and self.tiers.intercept(call):
             return  # its KV is loading from the CPU tier; the tier adds it back when loaded
         self.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
-        self.inbox.append(call)
+        self.join_inbox(call)
         self.notify()
+
+    def join_inbox(self, call: SimCall) -> None:
+        """``call`` joins the inbox (the scheduler sees it at the next boundary); every way into the
+        engine goes through here, so ``num_calls`` counts it."""
+        self.inbox.append(call)
+        self.num_calls += 1
 
     def notify(self) -> None:
         """Something outside the batch changed (an arrival, a KV block unpinned or loaded ...):
@@ -1110,6 +1119,7 @@ class Engine:
         if call._d0 >= 0:
             self._unlazy(call)
         self.running.remove(call)
+        self.num_calls -= 1
         self.kv.free(call, now)
         call._service += (self.busy_cum - call._service_mark) - call._skipped
         call._service_mark = -1.0
@@ -1353,7 +1363,7 @@ class EngineList(list):
     _index: PrefixIndex | None = None
 
     def loads(self) -> list[int]:
-        return [len(e.running) + len(e.waiting) + len(e.inbox) for e in self]
+        return [e.num_calls for e in self]
 
     def waiting(self) -> list[int]:
         return [len(e.waiting) + len(e.inbox) for e in self]

@@ -265,7 +265,7 @@ class EngineTiers:
             e = self.engine
             call.status = CallStatus.WAITING
             e.num_outstanding_tokens += call.num_prompt_tokens + call.num_output_tokens
-            e.inbox.append(call)
+            e.join_inbox(call)
         else:
             self.bypass.add(call.call_id)
             self.engine.add_call(call)
@@ -595,11 +595,11 @@ class EngineTiers:
     def finalize(self, until: float) -> None:
         """Run end: calls still held by the tier are unfinished calls of this engine."""
         for call in self.held:
-            self.engine.inbox.append(call)
+            self.engine.join_inbox(call)
         self.held = []
         for ld in self.loads:
             if ld.kind == "call" and not ld.completed:
-                self.engine.inbox.append(ld.call)
+                self.engine.join_inbox(ld.call)
 
 
 class Mechanisms:

@@ -203,3 +203,56 @@ def test_only_the_prefix_scorer_indexes_the_clusters_prefix_caches(policy):
                                         "policy": policy}))
     sim.run()
     assert (sim.engines._index is not None) == (policy == "llm-d")
+
+
+@pytest.mark.parametrize("over", [
+    {"policy": "kvflow"},                                           # the CPU tier holds calls, releases them
+    {"policy": "least-loaded", "cluster.disagg": {"roles": ["prefill", "decode", "mixed", "decode"]}},
+    {"policy": "least-loaded", "cluster.disagg": {"prefix_fetch": "always"}},
+    {"policy": "autellix-plas", "cluster.engine.max_num_seqs": 3},   # preemption for the waiting head
+    # V0 re-queues preempted calls after planning
+    {"policy": "least-loaded", "cluster.engine.scheduler": "v0", "workload.agents": 60,
+     "cluster.engine.num_gpu_blocks_override": 220},
+])
+def test_an_engines_call_count_equals_its_queues_at_every_step(over):
+    """``num_calls`` (what ``loads()`` hands least-loaded routers) is kept by +1 at every way into
+    the inbox and -1 at finish; it equals ``running + waiting + inbox`` after every step, at every
+    routing decision and at the end, also while tiers hold calls, P/D moves them and preemption
+    sends them back."""
+    from agentsim.config import load_config
+    from agentsim.sim.runner import Simulation
+
+    sim = Simulation(load_config(None, {
+        "cluster.num_nodes": 1, "cluster.gpus_per_node": 4, "workload.arrival": "closed", "workload.agents": 30,
+        "workload.generator": "react", "duration": 20.0, "cluster.engine.num_gpu_blocks_override": 260,
+        "seed": 2, **over}))
+    checks = {"steps": 0, "routes": 0, "held": 0}
+
+    def same(e):
+        assert e.num_calls == len(e.running) + len(e.waiting) + len(e.inbox), e.engine_id
+
+    def on_step(e):
+        same(e)
+        checks["steps"] += 1
+        checks["held"] += bool(e.tiers is not None and e.tiers.held)
+
+    for e in sim.engines:
+        e.on_step = on_step
+    route = sim._route
+
+    def checked(call, engines, now):
+        for e in sim.engines:
+            same(e)
+        checks["routes"] += 1
+        return route(call, engines, now)
+
+    sim._route = checked
+    sim.run()
+    for e in sim.engines:
+        same(e)
+    assert checks["steps"] > 200
+    assert checks["routes"] > 100 or "cluster.disagg" in over   # P/D routes through its own proxy
+    if over["policy"] == "kvflow" or "cluster.disagg" in over:
+        assert checks["held"] > 100          # calls were taken aside (loading KV) and released
+    else:
+        assert sum(e.num_preemptions for e in sim.engines) > 10
