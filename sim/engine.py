@@ -1366,7 +1366,7 @@ class EngineList(list):
         return [e.num_calls for e in self]
 
     def waiting(self) -> list[int]:
-        return [len(e.waiting) + len(e.inbox) for e in self]
+        return [e.num_calls - len(e.running) for e in self]
 
     def kv_usages(self) -> list[float]:
         return [e.pool.num_used / e.pool.num_blocks for e in self]
