@@ -18,7 +18,8 @@ a prompt only while ``watermark_blocks = int(0.01 * num_gpu_blocks)`` blocks sta
 
 from __future__ import annotations
 
-from itertools import islice, takewhile
+from itertools import accumulate, groupby, islice, repeat, takewhile
+from operator import and_
 
 from agentsim.policies.base import BlockView, BulkFreeBlockQueue, FreeBlockQueue
 
@@ -329,32 +330,32 @@ class PrefixIndex:
     def cached_prefix(self, block_hashes) -> list[int]:
         """How many of ``block_hashes`` each pool caches as a prefix, in pool order (equal to
         :meth:`BlockPool.num_cached_prefix` of each)."""
-        counts = [0] * len(self.maps)
-        if not counts:
+        n = len(self.maps)
+        counts = [0] * n
+        if not n:
             return counts
-        owners = self.owners
+        # the engines holding the whole prefix so far, after each hash (in C, up to the first
+        # hash no engine of the prefix holds); it changes at a few depths, where engines drop out
         alive = self._all
         d = 0
-        for h in block_hashes:
-            m = owners.get(h, 0) & alive
-            if m != alive:
-                if d:
-                    gone = alive ^ m
-                    while gone:
-                        low = gone & -gone
-                        counts[low.bit_length() - 1] = d
-                        gone ^= low
-                alive = m
-                if not alive:
-                    return counts
-            d += 1
-            if not alive & (alive - 1):
-                # one engine left: its own map counts the rest
-                i = alive.bit_length() - 1
-                counts[i] = d + len(list(takewhile(self.maps[i].__contains__, islice(block_hashes, d, None))))
-                return counts
-        while alive:
-            low = alive & -alive
-            counts[low.bit_length() - 1] = d
-            alive ^= low
+        for mask, run in groupby(takewhile(bool, accumulate(map(self.owners.get, block_hashes, repeat(0)), and_))):
+            if d:
+                _set_bits(counts, alive & ~mask, d)
+            d += len(list(run))
+            alive = mask
+        if d:
+            _set_bits(counts, alive, d)
         return counts
+
+
+def _set_bits(counts: list[int], mask: int, value: int) -> None:
+    """``counts[i] = value`` for every bit ``i`` of ``mask``."""
+    if mask.bit_count() <= 8:
+        while mask:
+            low = mask & -mask
+            counts[low.bit_length() - 1] = value
+            mask ^= low
+    else:
+        # many engines at once: one pass over the binary digits, lowest first
+        digits = bin(mask)[:1:-1]
+        counts[:len(digits)] = [value if b == "1" else c for b, c in zip(digits, counts)]

@@ -241,8 +241,16 @@ def test_prefix_index_counts_what_every_pool_counts_under_random_changes():
     rng = random.Random(1)
     checks = 0
     for _ in range(200):
-        pools = [BlockPool(50, LRUFreeQueue()) for _ in range(rng.randint(1, 9))]
+        # up to 20 pools: many engines dropping out at one depth take another path than a few
+        pools = [BlockPool(50, LRUFreeQueue()) for _ in range(rng.choice([rng.randint(1, 9), rng.randint(10, 20)]))]
         chains = [[rng.randint(0, 30) for _ in range(rng.randint(0, 12))] for _ in range(12)]
+        if rng.random() < 0.5:
+            # a prefix every pool holds (a shared system prompt): all drop out after it together
+            shared = [31, 32, 33]
+            for p in pools:
+                for h in shared:
+                    p.cached[h] = BlockView(0, h)
+            chains += [shared + c for c in chains]
 
         def change():
             m = rng.choice(pools).cached
