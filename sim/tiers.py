@@ -47,6 +47,9 @@ from agentsim.metrics import CallStatus
 _NONE = MappingProxyType({})   # an empty mapping for lookups that miss
 
 GiB = float(1 << 30)
+# an engine whose agents are at most this share of all agents asks the policy for their prefetch
+# candidates (Prefetcher.prefetch_candidates_among); one holding more filters the cluster's list
+AMONG_SHARE = 0.5
 
 
 class PCIeLink:
@@ -459,10 +462,11 @@ class EngineTiers:
         # the policy names agents cluster-wide: keep, in its order, those whose KV was last on this engine
         eid = self.engine.engine_id
         among = self._candidates_among
-        if among is not None:
-            # the policy orders only this engine's agents (the others' chains are elsewhere)
-            agents = self.owner.agents_on.get(eid)
-            last_chain = self.owner.last_chain
+        agents = self.owner.agents_on.get(eid) if among is not None else None
+        last_chain = self.owner.last_chain
+        if among is not None and (not agents or len(agents) <= AMONG_SHARE * len(last_chain)):
+            # the policy orders only this engine's agents (the others' chains are elsewhere); an
+            # engine holding most agents filters the cluster's list instead (no cheaper to ask)
             mine = [(a, last_chain[a]) for a in among(now, agents)] if agents else []
         else:
             cands = pol.prefetch_candidates(now)

@@ -390,29 +390,50 @@ def test_invocation_distance_candidates_equal_a_scan_of_every_agents_next_call(s
 @pytest.mark.parametrize("over,engines_prefetching", [
     # steps source: a society's agents, one engine
     ({"workload.generator": "society", "workload.agents": 1, "workload.num_programs": 1,
-      "workload.params": {"num_agents": 60, "num_steps": 4}}, 1),
+      "workload.params": {"num_agents": 60, "num_steps": 4},
+      "policy": {"name": "scalesim", "params": {"evict": {"source": "steps"}}}}, 1),
     # time source: ReAct agents spread over the four engines
     ({"workload.generator": "react", "workload.agents": 40, "workload.num_programs": 120,
       "policy": {"name": "scalesim", "params": {"evict": {"source": "oracle"}}}}, 4),
 ])
-def test_each_engine_asking_for_its_own_prefetch_candidates_is_the_same_run(over, engines_prefetching):
+def test_each_engine_asking_for_its_own_prefetch_candidates_is_the_same_run(over, engines_prefetching, monkeypatch):
     """With ``prefetch_candidates_among`` each engine's CPU tier asks the policy for its own agents'
-    candidates; with it turned off the tier filters the cluster's list. Same run on four engines:
-    calls, samples and every tier action, with prefetches happening."""
+    candidates (here always, whatever share of the agents the engine holds); with it turned off the
+    tier filters the cluster's list. Same run: calls, samples and every tier action, with prefetches
+    happening."""
     import pandas as pd
+
+    import agentsim.sim.tiers as tiers
+
+    monkeypatch.setattr(tiers, "AMONG_SHARE", 1.0)
 
     def run(among: bool):
         sim = Simulation(load_config(None, {
             "cluster.num_nodes": 1, "cluster.gpus_per_node": 4, "workload.arrival": "closed",
             "policy": "scalesim", "sim.drain": True, "duration": 1e5, "cluster.engine.num_gpu_blocks_override": 300,
             "seed": 5, **over}))
-        if not among:
+        if among:
+            pol = sim.bundle.evict
+            ask = pol.prefetch_candidates_among
+
+            def checked(now, agents):
+                # at every ask: the cluster's candidates, in order, restricted to the engine's agents
+                got = ask(now, agents)
+                assert got == [a for a in pol.prefetch_candidates(now) if a in agents]
+                asked.append(len(got))
+                return got
+
+            for et in sim.mechanisms.engines:
+                et._candidates_among = checked
+        else:
             for et in sim.mechanisms.engines:
                 et._candidates_among = None
         r = sim.run()
         return r, sim.mechanisms
 
+    asked: list[int] = []
     (a, ma), (b, mb) = run(True), run(False)
+    assert len(asked) > 20 and sum(asked) > 20
     pd.testing.assert_frame_equal(a.calls, b.calls, check_exact=True)
     pd.testing.assert_frame_equal(a.engines, b.engines, check_exact=True)
     for ta, tb in zip(ma.engines, mb.engines):
