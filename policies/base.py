@@ -449,6 +449,7 @@ CAPABILITIES = {
     "offload": (Offloader, ("evict",), ("should_offload",)),
     "prefetch": (Prefetcher, ("evict",), ("prefetch_candidates", "prefetch_due_at", "plan_prefetch",
                                           "prefetch_on_events")),
+    "prefetch_among": (Prefetcher, ("evict",), ("prefetch_candidates_among",)),
     "reload_cost": (NeedsReloadCost, ("route", "order", "evict", "shape"), ("use_prefill_time",)),
     "program_plan": (ProgramPlanner, ("route", "order", "evict", "shape"), ("on_program_plan",)),
     "team_wrapper": (TeamWrapper, ("shape",), ("wrap_team_body",)),
@@ -465,7 +466,8 @@ class Capabilities:
     """What a bundle's components declared, checked once by :func:`check_bundle`; backends read this.
 
     ``tiers``: the evict policy's :class:`TierSettings` (``NO_TIER`` if it wants none); ``retention``,
-    ``offload``, ``prefetch`` (a :class:`Prefetcher` whose tier has ``prefetch`` on), ``leveled``:
+    ``offload``, ``prefetch`` (a :class:`Prefetcher` whose tier has ``prefetch`` on; ``prefetch_among``:
+    it also offers ``prefetch_candidates_among``), ``leveled``:
     the evict policy implements that protocol; ``clock_dependent_eviction``: its free-queue order
     changes with time alone; ``planners``: components given each program's plan; ``team_wrapper``:
     the shape policy's ``wrap_team_body`` or None; ``reload_cost``: components given PrefillReload.
@@ -481,6 +483,7 @@ class Capabilities:
     offload: bool = False
     prefetch: bool = False
     prefetch_on_events: bool = False
+    prefetch_among: bool = False
     reload_cost: tuple = ()
     planners: tuple = ()
     team_wrapper: Callable | None = None
@@ -544,6 +547,7 @@ def check_bundle(bundle: "PolicyBundle") -> Capabilities:
         clock_dependent_eviction=on_evict("leveled") and bool(evict.depends_on_clock),
         retention=on_evict("retention"), offload=on_evict("offload"), prefetch=prefetch,
         prefetch_on_events=prefetch and bool(evict.prefetch_on_events),
+        prefetch_among=prefetch and on_evict("prefetch_among"),
         reload_cost=tuple(c for _, c in claimed.get("reload_cost", ())),
         planners=tuple(c for _, c in claimed.get("program_plan", ())),
         team_wrapper=team[0].wrap_team_body if team else None,

@@ -196,7 +196,7 @@ class EngineTiers:
         self.prefetch_times: list = []                # heap of times an agent enters the window
         self._cached_upto: dict[int, tuple] = {}      # agent -> (its chain, pool evictions then, cached prefix)
         # the policy's candidates among given agents (optional Prefetcher method), else filtered here
-        self._candidates_among = getattr(self.policy, "prefetch_candidates_among", None)
+        self._candidates_among = self.policy.prefetch_candidates_among if caps.prefetch_among else None
         # what the mechanism did, for tests and studies: (event, time, program or agent, detail)
         self.log: list[tuple] = []
         self.stats = {"loaded_blocks": 0, "prefetched_blocks": 0, "written_back_blocks": 0, "held_calls": 0,

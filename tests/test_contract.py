@@ -71,6 +71,7 @@ def test_shipped_bundles_declare_their_capabilities():
     assert caps["tokencake"].retention and caps["tokencake"].offload and caps["tokencake"].tiers.cpu_tier
     assert caps["scalesim"].prefetch and caps["scalesim"].leveled and caps["scalesim"].clock_dependent_eviction
     assert not caps["scalesim"].prefetch_on_events and caps["kvflow"].prefetch_on_events
+    assert caps["scalesim"].prefetch_among and not caps["kvflow"].prefetch_among   # the optional per-engine ask
     assert caps["hicache"].tiers == TierSettings(cpu_tier=True) and not caps["hicache"].prefetch
     assert caps["autellix-plas"].dynamic and caps["autellix-plas"].preemptive
     assert len(caps["sjf-oracle"].planners) == 1 and caps["adaptorch"].team_wrapper is not None
