@@ -300,6 +300,10 @@ class _IndexedMap(dict):
         for h in list(self):
             del self[h]
 
+    def __reduce__(self):
+        # a copy (pickle, deepcopy) is a plain map: the index belongs to the live cluster
+        return dict, (dict(self),)
+
 
 class PrefixIndex:
     """Which engines of a cluster hold each block hash in their prefix cache: ``owners[hash]`` is a

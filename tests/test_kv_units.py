@@ -288,3 +288,12 @@ def test_prefix_index_counts_what_every_pool_counts_under_random_changes():
                 checks += 1
     assert checks > 50_000
     assert PrefixIndex([]).cached_prefix([1, 2]) == []
+    # a copy of an indexed map is a plain map with the same entries; the index does not follow it
+    import copy
+    import pickle
+
+    m = pools[0].cached
+    for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m)), copy.copy(m)):
+        assert type(c) is dict and c.keys() == m.keys()
+        c[10**6] = None
+    assert 10**6 not in index.owners
