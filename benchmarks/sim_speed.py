@@ -13,12 +13,20 @@ median is reported. Results are also written as JSON lines to benchmarks/results
 ``--reference-loop`` runs every engine's plain call-by-call step loop
 (:meth:`agentsim.sim.engine.Engine.use_reference_loop`) instead of the optimized one: same results,
 the speed before issue 10.
+
+``--baseline DIR`` times an earlier version side by side with this checkout: DIR holds that version's
+package (``git worktree add /tmp/old REV && pip install --no-deps --target DIR /tmp/old``); each
+repeat runs it, then this checkout, and the ratio of their medians is printed (this machine's speed
+drifts by tens of percent over an hour, so only runs made together compare):
+
+    python benchmarks/sim_speed.py b --duration 60 --policy llm-d scalesim --baseline /tmp/base --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -62,7 +70,10 @@ def child(case: str, fast_forward: bool, reference: bool, policy: str | None, du
     r = sim.run()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    import agentsim
+
     print(json.dumps({"case": case, "policy": policy or over.get("policy", "vllm"), "fast_forward": fast_forward,
+                      "package": str(Path(agentsim.__file__).resolve().parent),
                       "reference_loop": reference,
                       "llm_calls": r.stats["num_llm_calls"], "calls_per_cpu_s": r.stats["num_llm_calls"] / cpu,
                       "finished_calls": int((r.calls["status"] == "finished").sum()),
@@ -80,6 +91,9 @@ def main() -> None:
     ap.add_argument("--policy", nargs="+", default=[None], metavar="BUNDLE",
                     help="run the case with these policy bundles, one after another (default: the case's own, vllm)")
     ap.add_argument("--duration", type=float, default=None, help="simulated seconds (default: the case's own)")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="also time the agentsim package installed in DIR (pip install --no-deps --target DIR "
+                         "<old checkout>), alternating with this checkout, and print the ratio")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -92,26 +106,54 @@ def main() -> None:
         if p is not None and p not in known:
             print(f"--policy: unknown bundle {p!r} (known: {', '.join(sorted(known))})", file=sys.stderr)
             sys.exit(2)
+    base = None
+    if args.baseline is not None:
+        base = args.baseline.resolve()
+        if not (base / "agentsim" / "sim" / "engine.py").is_file():
+            print(f"--baseline: {args.baseline} holds no agentsim package (make one with: "
+                  f"pip install --no-deps --target {args.baseline} <an earlier checkout>)", file=sys.stderr)
+            sys.exit(2)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     cells = [(case, p) for case in (["a", "b", "d"] if args.case == "all" else [args.case]) for p in args.policy]
+    sides = [("baseline", base), ("this checkout", None)] if base is not None else [("this checkout", None)]
     for case, policy in cells:
-        runs = []
+        runs: dict[str, list] = {name: [] for name, _ in sides}
         for _ in range(args.repeat):
-            cmd = [sys.executable, __file__, case, "--child"] + (["--no-fast-forward"] if args.no_fast_forward else []) \
-                + (["--reference-loop"] if args.reference_loop else []) + (["--policy", policy] if policy else []) \
-                + (["--duration", str(args.duration)] if args.duration is not None else [])
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            runs.append(res)
-            with open(out / "sim_speed.jsonl", "a") as f:
-                f.write(json.dumps({**res, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-        med = {k: statistics.median(r[k] for r in runs)
-               for k in ("wall_s", "cpu_s", "calls_per_wall_s", "calls_per_cpu_s", "peak_rss_gib")}
-        r0 = runs[0]
-        print(f"case {case} ({r0['policy']}): {r0['llm_calls']:,} LLM calls ({r0['finished_calls']:,} finished), {r0['steps']:,} engine steps, "
-              f"{r0['sim_s']:.0f} s simulated | median of {len(runs)}: {med['wall_s']:.1f} s wall, {med['cpu_s']:.1f} s CPU, "
-              f"{med['calls_per_wall_s']:,.0f} calls/wall-s, {med['calls_per_cpu_s']:,.0f} calls/CPU-s, "
-              f"peak RSS {med['peak_rss_gib']:.2f} GiB" + (" (reference loop)" if args.reference_loop else ""))
+            for name, where in sides:
+                cmd = [sys.executable, __file__, case, "--child"] + (["--no-fast-forward"] if args.no_fast_forward else []) \
+                    + (["--reference-loop"] if args.reference_loop else []) + (["--policy", policy] if policy else []) \
+                    + (["--duration", str(args.duration)] if args.duration is not None else [])
+                env = None
+                if where is not None:
+                    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(where)] + [
+                        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+                res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                                env=env).stdout.strip().splitlines()[-1])
+                if where is not None and not Path(res["package"]).is_relative_to(where):
+                    print(f"--baseline: the run imported agentsim from {res['package']}, not from {where}",
+                          file=sys.stderr)
+                    sys.exit(2)
+                res["code"] = name
+                runs[name].append(res)
+                with open(out / "sim_speed.jsonl", "a") as f:
+                    f.write(json.dumps({**res, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        meds = {}
+        for name, _ in sides:
+            rs = runs[name]
+            med = meds[name] = {k: statistics.median(r[k] for r in rs)
+                                for k in ("wall_s", "cpu_s", "calls_per_wall_s", "calls_per_cpu_s", "peak_rss_gib")}
+            r0 = rs[0]
+            print(f"case {case} ({r0['policy']}): {r0['llm_calls']:,} LLM calls ({r0['finished_calls']:,} finished), {r0['steps']:,} engine steps, "
+                  f"{r0['sim_s']:.0f} s simulated | median of {len(rs)}: {med['wall_s']:.1f} s wall, {med['cpu_s']:.1f} s CPU, "
+                  f"{med['calls_per_wall_s']:,.0f} calls/wall-s, {med['calls_per_cpu_s']:,.0f} calls/CPU-s, "
+                  f"peak RSS {med['peak_rss_gib']:.2f} GiB" + (" (reference loop)" if args.reference_loop else "")
+                  + (f" [{name}]" if base is not None else ""))
+        if base is not None:
+            b0, n0 = runs["baseline"][0], runs["this checkout"][0]
+            same = all(b0[k] == n0[k] for k in ("llm_calls", "finished_calls", "steps"))
+            print(f"  this checkout / baseline: {meds['this checkout']['calls_per_cpu_s'] / meds['baseline']['calls_per_cpu_s']:.2f}x "
+                  f"calls/CPU-s" + ("" if same else " (NOTE: the two ran different simulations: calls or steps differ)"))
 
 
 if __name__ == "__main__":
