@@ -16,7 +16,7 @@ the speed before issue 10.
 
 ``--baseline DIR`` times an earlier version side by side with this checkout: DIR holds that version's
 package (``git worktree add /tmp/old REV && pip install --no-deps --target DIR /tmp/old``); each
-repeat runs it, then this checkout, and the ratio of their medians is printed (this machine's speed
+repeat runs both, alternating which goes first, and the ratio of their medians is printed (this machine's speed
 drifts by tens of percent over an hour, so only runs made together compare):
 
     python benchmarks/sim_speed.py b --duration 60 --policy llm-d scalesim --baseline /tmp/base --repeat 3
@@ -71,9 +71,13 @@ def child(case: str, fast_forward: bool, reference: bool, policy: str | None, du
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     import agentsim
+    import agentsim.sim.engine
 
+    # where the package and its engine came from (an editable install can serve submodules from
+    # elsewhere than the top-level package)
+    where = [str(Path(m.__file__).resolve().parent) for m in (agentsim, agentsim.sim.engine)]
     print(json.dumps({"case": case, "policy": policy or over.get("policy", "vllm"), "fast_forward": fast_forward,
-                      "package": str(Path(agentsim.__file__).resolve().parent),
+                      "package": where,
                       "reference_loop": reference,
                       "llm_calls": r.stats["num_llm_calls"], "calls_per_cpu_s": r.stats["num_llm_calls"] / cpu,
                       "finished_calls": int((r.calls["status"] == "finished").sum()),
@@ -116,11 +120,12 @@ def main() -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     cells = [(case, p) for case in (["a", "b", "d"] if args.case == "all" else [args.case]) for p in args.policy]
+    here = Path(__file__).resolve().parents[1]
     sides = [("baseline", base), ("this checkout", None)] if base is not None else [("this checkout", None)]
     for case, policy in cells:
         runs: dict[str, list] = {name: [] for name, _ in sides}
-        for _ in range(args.repeat):
-            for name, where in sides:
+        for rep in range(args.repeat):
+            for name, where in (sides if rep % 2 == 0 else sides[::-1]):   # alternate who goes first
                 cmd = [sys.executable, __file__, case, "--child"] + (["--no-fast-forward"] if args.no_fast_forward else []) \
                     + (["--reference-loop"] if args.reference_loop else []) + (["--policy", policy] if policy else []) \
                     + (["--duration", str(args.duration)] if args.duration is not None else [])
@@ -128,12 +133,23 @@ def main() -> None:
                 if where is not None:
                     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(where)] + [
                         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-                res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                                env=env).stdout.strip().splitlines()[-1])
-                if where is not None and not Path(res["package"]).is_relative_to(where):
-                    print(f"--baseline: the run imported agentsim from {res['package']}, not from {where}",
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stderr)
+                    print(f"case {case} ({policy or 'vllm'}, {name}): the run failed (exit {proc.returncode})",
                           file=sys.stderr)
-                    sys.exit(2)
+                    sys.exit(1)
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                if base is not None:
+                    # say which code ran: the baseline's package must come from DIR, this
+                    # checkout's from this checkout (an install of another copy would mislabel it)
+                    want = where if where is not None else here
+                    wrong = [p for p in res["package"] if not Path(p).is_relative_to(want)]
+                    if wrong:
+                        print(f"--baseline: the {name} run imported agentsim from {wrong[0]}, not from {want}"
+                              + ("" if where is not None else " (install this checkout: pip install -e .)"),
+                              file=sys.stderr)
+                        sys.exit(2)
                 res["code"] = name
                 runs[name].append(res)
                 with open(out / "sim_speed.jsonl", "a") as f:
@@ -150,8 +166,8 @@ def main() -> None:
                   f"peak RSS {med['peak_rss_gib']:.2f} GiB" + (" (reference loop)" if args.reference_loop else "")
                   + (f" [{name}]" if base is not None else ""))
         if base is not None:
-            b0, n0 = runs["baseline"][0], runs["this checkout"][0]
-            same = all(b0[k] == n0[k] for k in ("llm_calls", "finished_calls", "steps"))
+            keys = ("llm_calls", "finished_calls", "steps")
+            same = len({tuple(r[k] for k in keys) for rs in runs.values() for r in rs}) == 1
             print(f"  this checkout / baseline: {meds['this checkout']['calls_per_cpu_s'] / meds['baseline']['calls_per_cpu_s']:.2f}x "
                   f"calls/CPU-s" + ("" if same else " (NOTE: the two ran different simulations: calls or steps differ)"))
 

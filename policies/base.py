@@ -385,10 +385,11 @@ class Prefetcher(Protocol):
         """When ``agent_id`` becomes a candidate (s), None if unknown or event-driven."""
 
     def prefetch_candidates_among(self, now: float, agents: Collection[int]) -> list[int]:
-        """Optional: the candidates among ``agents`` (those whose KV is on the asking engine), in
-        :meth:`prefetch_candidates` order: ``[a for a in prefetch_candidates(now) if a in agents]``.
-        Offer it when that costs less than ordering every agent: the backend then asks each engine
-        for its own agents only."""
+        """Optional: the candidates among ``agents`` (those whose last call's context is on the
+        asking engine), in :meth:`prefetch_candidates` order: ``[a for a in prefetch_candidates(now)
+        if a in agents]``. Offer it when that costs less than ordering every agent: an engine holding
+        at most half of the agents then asks for its own only. Ignored in a subclass that overrides
+        :meth:`prefetch_candidates` without overriding this too."""
 
     def plan_prefetch(self, free_queue: Any, num_fresh_blocks: int, now: float) -> PrefetchPlan:
         """A budget over the engine's never-used blocks and its free queue's evictable blocks. Asked
@@ -505,6 +506,16 @@ def _components(bundle: "PolicyBundle") -> list[tuple[str, Any]]:
     return out
 
 
+def _defined_with(obj: Any, name: str, base_name: str) -> bool:
+    """Whether ``name`` of ``obj`` is defined in the class that defines ``base_name``, or in a
+    subclass of it (not inherited from above an override of ``base_name``)."""
+    def owner(n: str) -> type | None:
+        return next((k for k in type(obj).__mro__ if n in k.__dict__), None)
+
+    mine, base = owner(name), owner(base_name)
+    return mine is None or base is None or issubclass(mine, base)
+
+
 def check_bundle(bundle: "PolicyBundle") -> Capabilities:
     """Check every component against :data:`REQUIRED` and every capability it claims against
     :data:`CAPABILITIES`; return what the backends need to know.
@@ -539,6 +550,10 @@ def check_bundle(bundle: "PolicyBundle") -> Capabilities:
         raise PolicyContractError("policy.evict", f"{type(evict).__name__}.tier_settings() must return a TierSettings, "
                                   f"got {tiers!r}")
     prefetch = on_evict("prefetch") and tiers.cpu_tier and tiers.prefetch
+    # a subclass that overrides prefetch_candidates but inherits prefetch_candidates_among would be
+    # asked the parent's answer: the per-engine ask only where both come from the same class or the
+    # among form was written after the full one (in a subclass of its class)
+    among = on_evict("prefetch_among") and _defined_with(evict, "prefetch_candidates_among", "prefetch_candidates")
     team = [c for _, c in claimed.get("team_wrapper", ()) if c is bundle.shape]
     return Capabilities(
         dynamic=bool(order.dynamic), preemptive=bool(order.preemptive),
@@ -547,7 +562,7 @@ def check_bundle(bundle: "PolicyBundle") -> Capabilities:
         clock_dependent_eviction=on_evict("leveled") and bool(evict.depends_on_clock),
         retention=on_evict("retention"), offload=on_evict("offload"), prefetch=prefetch,
         prefetch_on_events=prefetch and bool(evict.prefetch_on_events),
-        prefetch_among=prefetch and on_evict("prefetch_among"),
+        prefetch_among=prefetch and among,
         reload_cost=tuple(c for _, c in claimed.get("reload_cost", ())),
         planners=tuple(c for _, c in claimed.get("program_plan", ())),
         team_wrapper=team[0].wrap_team_body if team else None,

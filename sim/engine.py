@@ -1380,7 +1380,8 @@ class EngineList(list):
 
     def _prefix_index(self) -> PrefixIndex:
         index = self._index
-        if index is None or len(index.maps) != len(self):
+        if index is None or index.replaced or len(index.maps) != len(self):
+            # first ask, or another index took the pools over, or the cluster grew
             index = self._index = PrefixIndex([e.pool for e in self])
             self._caches = None  # the pools' maps were replaced
         return index

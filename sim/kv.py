@@ -242,14 +242,16 @@ class BlockPool:
 class _IndexedMap(dict):
     """A pool's hash -> block map that keeps a :class:`PrefixIndex` in step: the engine's bit is
     set in the index while the hash is a key here. Reads (``in``, ``get``, ``[]``) are plain dict
-    reads; every way of adding or removing a key goes through the index."""
+    reads; every method of the map that adds or removes a key updates the index. (``dict``'s own
+    methods called unbound on it, e.g. ``dict.update(m, ...)``, would bypass it: nothing does.)"""
 
-    __slots__ = ("_owners", "_bit")
+    __slots__ = ("_owners", "_bit", "_replaced")
 
-    def __init__(self, items: dict, owners: dict[int, int], bit: int) -> None:
+    def __init__(self, items: dict, owners: dict[int, int], bit: int, replaced: list[bool]) -> None:
         super().__init__(items)
         self._owners = owners
         self._bit = bit
+        self._replaced = replaced   # its index's flag (a list, not the index: no reference cycle)
         for h in self:
             owners[h] = owners.get(h, 0) | bit
 
@@ -309,27 +311,36 @@ class PrefixIndex:
     """Which engines of a cluster hold each block hash in their prefix cache: ``owners[hash]`` is a
     bitmask, bit ``i`` for the ``i``-th pool. Made from the pools, it replaces each pool's hash map
     by one that keeps the index in step on every insert and removal (so build it before code keeps
-    a pool's ``cached`` across calls; an earlier index of the same pools stops being kept).
+    a pool's ``cached`` across calls). An earlier index of any of the same pools stops being kept and
+    says so (``replaced`` becomes True).
 
     Routers that score every engine by its cached prefix (llm-d's prefix scorer,
-    ``policies/routing.py``) then pay per block of the prefix that two or more engines share, not
-    per engine: the engines drop out of the walk down the chain at their first miss, and once one
-    engine is left its own map finishes the count (a scan in C). On case (b) cut to 60 s, llm-d went
+    ``policies/routing.py``) then pay per block of the prompt's cached prefix, in C, not per engine:
+    the walk down the chain ANDs the owner masks of its hashes, engines dropping out at their first
+    miss, until no engine is left. On case (b) cut to 60 s, llm-d went
     from 3,675 to 5,317 calls/CPU-s. Keeping the index costs every cache insert and eviction a
     Python-level call, so only a router that needs every count should build one: prefix-affinity's
     longest-prefix search (one lookup per engine) ran 8 % slower through it.
     """
 
-    __slots__ = ("owners", "maps", "_all")
+    __slots__ = ("owners", "maps", "_replaced", "_all")
 
     def __init__(self, pools: list[BlockPool]) -> None:
         self.owners: dict[int, int] = {}
         self.maps: list[dict] = []
+        self._replaced = [False]
         for i, pool in enumerate(pools):
-            # a pool indexed before (the cluster grew) leaves its old index for this one
-            pool.cached = _IndexedMap(dict(pool.cached), self.owners, 1 << i)
+            old = pool.cached
+            if isinstance(old, _IndexedMap):
+                old._replaced[0] = True   # that index no longer sees this pool's changes
+            pool.cached = _IndexedMap(dict(old), self.owners, 1 << i, self._replaced)
             self.maps.append(pool.cached)
         self._all = (1 << len(pools)) - 1
+
+    @property
+    def replaced(self) -> bool:
+        """A later index took over one of this index's pools: its counts no longer follow them."""
+        return self._replaced[0]
 
     def cached_prefix(self, block_hashes) -> list[int]:
         """How many of ``block_hashes`` each pool caches as a prefix, in pool order (equal to

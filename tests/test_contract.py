@@ -82,6 +82,29 @@ def test_shipped_bundles_declare_their_capabilities():
         caps["hicache"].tiers.cpu_gib = 1.0   # a value the policy returned, not shared mutable state
 
 
+
+def test_a_subclass_overriding_the_candidates_does_not_inherit_the_per_engine_ask():
+    """``prefetch_candidates_among`` must agree with ``prefetch_candidates``: a subclass that
+    overrides only the latter is not asked per engine (it would get its parent's answer); one that
+    overrides both, or neither, is."""
+    from agentsim.policies.distance import InvocationDistance
+
+    class Fewer(InvocationDistance):
+        def prefetch_candidates(self, now):
+            return super().prefetch_candidates(now)[:3]
+
+    class Both(Fewer):
+        def prefetch_candidates_among(self, now, agents):
+            return [a for a in self.prefetch_candidates(now) if a in agents]
+
+    def caps(evict):
+        return PolicyBundle("x", RoundRobin(), FCFS(), evict, FixedTopology()).caps
+
+    assert caps(InvocationDistance()).prefetch_among
+    assert caps(Fewer()).prefetch and not caps(Fewer()).prefetch_among
+    assert caps(Both()).prefetch_among
+
+
 def test_subscribers_run_after_the_policies_hooks_and_unknown_events_are_refused():
     seen = []
 

@@ -274,8 +274,10 @@ def test_prefix_index_counts_what_every_pool_counts_under_random_changes():
         for _ in range(rng.randint(0, 40)):
             change()
         index = PrefixIndex(pools)
+        assert not index.replaced
         if rng.random() < 0.2:
-            index = PrefixIndex(pools)   # the cluster re-indexed: the new index takes over
+            old, index = index, PrefixIndex(pools)   # the cluster re-indexed: the new index takes over
+            assert old.replaced and not index.replaced
         for _ in range(30):
             change()
             owners = {}
@@ -297,3 +299,21 @@ def test_prefix_index_counts_what_every_pool_counts_under_random_changes():
         assert type(c) is dict and c.keys() == m.keys()
         c[10**6] = None
     assert 10**6 not in index.owners
+
+
+def test_an_engine_list_rebuilds_its_prefix_index_when_another_takes_its_pools():
+    """Two engine lists over the same engines: each index build replaces the pools' maps, so the
+    other list's index stops following them; the list notices (``replaced``) and rebuilds, and both
+    keep counting right."""
+    from agentsim.config import load_config
+    from agentsim.sim.engine import EngineList
+    from agentsim.sim.runner import Simulation
+
+    sim = Simulation(load_config(None, {"cluster.gpus_per_node": 2, "workload.agents": 4, "duration": 1.0}))
+    a, b = EngineList(sim.engines), EngineList(sim.engines)
+    assert a.cached_prefix([5]) == b.cached_prefix([5]) == [0, 0]
+    sim.engines[0].pool.cached[5] = BlockView(0, 5)
+    sim.engines[1].pool.cached[7] = BlockView(1, 7)
+    assert a.cached_prefix([5]) == [1, 0] and b.cached_prefix([7]) == [0, 1]
+    del sim.engines[0].pool.cached[5]
+    assert a.cached_prefix([5]) == b.cached_prefix([5]) == [0, 0]
