@@ -146,7 +146,8 @@ def main() -> None:
                     want = where if where is not None else here
                     wrong = [p for p in res["package"] if not Path(p).is_relative_to(want)]
                     if wrong:
-                        print(f"--baseline: the {name} run imported agentsim from {wrong[0]}, not from {want}"
+                        who = "the baseline run" if where is not None else "this checkout's run"
+                        print(f"--baseline: {who} imported agentsim from {wrong[0]}, not from {want}"
                               + ("" if where is not None else " (install this checkout: pip install -e .)"),
                               file=sys.stderr)
                         sys.exit(2)
