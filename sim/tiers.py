@@ -470,7 +470,7 @@ class EngineTiers:
             mine = [(a, last_chain[a]) for a in among(now, agents)] if agents else []
         else:
             cands = pol.prefetch_candidates(now)
-            mine = [(a, c) for a, c in zip(cands, map(self.owner.last_chain.get, cands)) if c and c[0] == eid]
+            mine = [(a, c) for a, c in zip(cands, map(last_chain.get, cands)) if c and c[0] == eid]
         for agent, chain in mine:
             hashes = chain[1]
             # How much of the agent's chain is cached. A hash leaves the prefix cache only when its
@@ -681,11 +681,7 @@ class Mechanisms:
         if prev is None or prev[0] != eid:
             if prev is not None:
                 self.agents_on[prev[0]].discard(agent)
-            on = self.agents_on.get(eid)
-            if on is None:
-                self.agents_on[eid] = {agent}
-            else:
-                on.add(agent)
+            self.agents_on.setdefault(eid, set()).add(agent)
         et = e.tiers
         if et is None:
             return
