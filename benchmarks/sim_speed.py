@@ -10,6 +10,11 @@
 Each case runs in a fresh subprocess (so peak RSS is that run's alone) and prints simulated LLM
 calls per wall-clock second and per CPU second, wall and CPU time, and peak RSS; with --repeat the
 median is reported. Results are also written as JSON lines to benchmarks/results/sim_speed.jsonl.
+``--floor`` runs no engine: every LLM call is answered a fixed 1 s after it is made, so what is
+timed is the program layer (bodies, the driver, tool waits) and SimPy alone, the part of a call no
+engine change can speed up; issue 10's goal (25,000 calls/CPU-s = 40 us per call) minus this is
+the time per call left for routing, the engine and the call records:
+    python benchmarks/sim_speed.py b --duration 60 --floor
 ``--reference-loop`` runs every engine's plain call-by-call step loop
 (:meth:`agentsim.sim.engine.Engine.use_reference_loop`) instead of the optimized one: same results,
 the speed before issue 10.
@@ -52,9 +57,36 @@ CASES = {
 }
 
 
-def child(case: str, fast_forward: bool, reference: bool, policy: str | None, duration: float | None) -> None:
+FLOOR_LATENCY_S = 1.0   # --floor: every LLM call is answered this long after it is made
+
+
+def _answer_without_engines(finished: list) -> None:
+    """--floor: replace the engines by a fixed answer. A call is still made (``_make_call``: its
+    record, id, size checks) and the program waits for it through SimPy, but nothing routes,
+    schedules, caches or records it: what remains is the program layer (bodies, ``drive``, tool
+    waits) and the event loop, the part of a call the engine cannot speed up."""
+    from agentsim.sim.runner import Simulation
+    from agentsim.workload import CallResult, Segment
+
+    def llm_call(self, req, strand, thread_id):
+        env = self.env
+        call = self._make_call(req, strand.run.prog, thread_id)
+        yield env.timeout(FLOOR_LATENCY_S)
+        finished[0] += 1
+        return CallResult(call.call_id, Segment(call.output_seg_id, call.num_output_tokens),
+                          call.arrival_at, call.arrival_at, env.now, 0)
+
+    Simulation.llm_call = llm_call
+
+
+def child(case: str, fast_forward: bool, reference: bool, policy: str | None, duration: float | None,
+          floor: bool = False) -> None:
     from agentsim.config import load_config
     from agentsim.sim.runner import Simulation
+
+    finished = [0]
+    if floor:
+        _answer_without_engines(finished)
 
     over = {**CASES[case], "sim.fast_forward": fast_forward}
     if policy is not None:
@@ -78,9 +110,9 @@ def child(case: str, fast_forward: bool, reference: bool, policy: str | None, du
     where = [str(Path(m.__file__).resolve().parent) for m in (agentsim, agentsim.sim.engine)]
     print(json.dumps({"case": case, "policy": policy or over.get("policy", "vllm"), "fast_forward": fast_forward,
                       "package": where,
-                      "reference_loop": reference,
+                      "reference_loop": reference, "floor": floor,
                       "llm_calls": r.stats["num_llm_calls"], "calls_per_cpu_s": r.stats["num_llm_calls"] / cpu,
-                      "finished_calls": int((r.calls["status"] == "finished").sum()),
+                      "finished_calls": finished[0] if floor else int((r.calls["status"] == "finished").sum()),
                       "steps": r.stats["num_steps"], "wall_s": wall, "cpu_s": cpu,
                       "calls_per_wall_s": r.stats["num_llm_calls"] / wall, "peak_rss_gib": rss,
                       "sim_s": r.summary["duration_s"]}))
@@ -98,11 +130,18 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also time the agentsim package installed in DIR (pip install --no-deps --target DIR "
                          "<old checkout>), alternating with this checkout, and print the ratio")
+    ap.add_argument("--floor", action="store_true",
+                    help=f"no engines: every LLM call answered {FLOOR_LATENCY_S:g} s after it is made (the program "
+                         "layer and SimPy alone: what a call costs outside the engine)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.case, not args.no_fast_forward, args.reference_loop, args.policy[0], args.duration)
+        child(args.case, not args.no_fast_forward, args.reference_loop, args.policy[0], args.duration, args.floor)
         return
+    if args.floor and (args.reference_loop or args.no_fast_forward or args.baseline is not None):
+        print("--floor: runs no engine, so --reference-loop, --no-fast-forward and --baseline do not apply",
+              file=sys.stderr)
+        sys.exit(2)
     from agentsim.policies.registry import bundles
 
     known = {b.name for b in bundles()}
@@ -128,7 +167,8 @@ def main() -> None:
             for name, where in (sides if rep % 2 == 0 else sides[::-1]):   # alternate who goes first
                 cmd = [sys.executable, __file__, case, "--child"] + (["--no-fast-forward"] if args.no_fast_forward else []) \
                     + (["--reference-loop"] if args.reference_loop else []) + (["--policy", policy] if policy else []) \
-                    + (["--duration", str(args.duration)] if args.duration is not None else [])
+                    + (["--duration", str(args.duration)] if args.duration is not None else []) \
+                    + (["--floor"] if args.floor else [])
                 env = None
                 if where is not None:
                     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(where)] + [
@@ -165,6 +205,7 @@ def main() -> None:
                   f"{r0['sim_s']:.0f} s simulated | median of {len(rs)}: {med['wall_s']:.1f} s wall, {med['cpu_s']:.1f} s CPU, "
                   f"{med['calls_per_wall_s']:,.0f} calls/wall-s, {med['calls_per_cpu_s']:,.0f} calls/CPU-s, "
                   f"peak RSS {med['peak_rss_gib']:.2f} GiB" + (" (reference loop)" if args.reference_loop else "")
+                  + (f" (floor: no engines, {1e6 / med['calls_per_cpu_s']:.0f} us CPU per call)" if args.floor else "")
                   + (f" [{name}]" if base is not None else ""))
         if base is not None:
             keys = ("llm_calls", "finished_calls", "steps")

@@ -26,3 +26,27 @@ def test_sim_speed_refuses_a_baseline_without_a_package_and_an_unknown_bundle(tm
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("--policy: unknown bundle 'no-such-bundle' (known: ")
     assert (log.stat().st_size if log.exists() else 0) == before   # no run was recorded
+
+
+def test_sim_profile_sums_py_spy_samples_by_component_and_function():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from sim_profile import sampled_shares
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    raw = [
+        "<module> (run.py:1);run (/x/sim/runner.py:300);allocate (/x/sim/kv.py:170) 7\n",
+        "<module> (run.py:1);step (/y/simpy/core.py:182) 2\n",
+        "<module> (run.py:1);run (/x/sim/runner.py:300);allocate (/x/sim/kv.py:171) 1\n",
+        " 5\n",   # samples without Python frames (start-up, exit): not counted
+    ]
+    by_comp, by_func, total = sampled_shares(raw)
+    assert total == 10
+    assert by_comp == {"KV cache manager + block pool (sim/kv_manager.py, sim/kv.py)": 8, "SimPy event loop": 2}
+    assert by_func == {"allocate (sim/kv.py)": 8, "step (simpy/core.py)": 2}
+
+
+def test_sim_speed_floor_refuses_engine_options(tmp_path):
+    r = _speed("b", "--floor", "--reference-loop", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "--floor: runs no engine, so --reference-loop, --no-fast-forward and --baseline do not apply"
