@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 from collections import deque
 
@@ -54,6 +55,11 @@ def per_block_ns(num_pools: int, pool_blocks: int, blocks: int, live: int, calls
     return statistics.median(rounds)
 
 
+def _bad(msg: str) -> None:
+    print(msg, file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pools", type=int, nargs="+", default=[1, 8, 80], help="numbers of pools (engines) to compare")
@@ -66,9 +72,10 @@ def main() -> None:
     for name in ("pools", "pool_blocks", "blocks", "live", "calls"):
         v = getattr(args, name)
         if any(x < 1 for x in (v if isinstance(v, list) else [v])):
-            ap.error(f"--{name.replace('_', '-')}: must be >= 1")
-    if args.blocks * args.live > args.pool_blocks:
-        ap.error("--blocks x --live: more blocks held than a pool has")
+            _bad(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
+    if args.blocks * (args.live + 1) > args.pool_blocks:
+        _bad(f"--blocks x (--live + 1) = {args.blocks * (args.live + 1):,}: more blocks than a pool has "
+             f"(--pool-blocks {args.pool_blocks:,})")
     print(f"{args.pool_blocks:,} blocks per pool, {args.blocks} blocks per call, {args.live} calls held per pool")
     print("| pools | blocks in all pools | CPU ns per block (allocate + cache + free), median of 5 |\n|---|---|---|")
     base = None

@@ -50,3 +50,21 @@ def test_sim_speed_floor_refuses_engine_options(tmp_path):
     r = _speed("b", "--floor", "--reference-loop", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "--floor: runs no engine, so --reference-loop, --no-fast-forward and --baseline do not apply"
+
+
+def test_sim_profile_without_py_spy_says_how_to_install_it(tmp_path):
+    # an empty PATH: py-spy cannot be found whether or not this machine has it
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sim_profile.py"), "a", "--sampler", "py-spy"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120, env={"PATH": str(tmp_path)})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "--sampler py-spy: py-spy is not installed (pip install py-spy)"
+
+
+def test_kv_locality_refuses_sizes_that_cannot_run(tmp_path):
+    script = str(ROOT / "benchmarks" / "kv_locality.py")
+    r = subprocess.run([sys.executable, script, "--blocks", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip() == "--blocks: must be >= 1, got 0"
+    r = subprocess.run([sys.executable, script, "--pool-blocks", "100"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "--blocks x (--live + 1) = 1,326: more blocks than a pool has (--pool-blocks 100)"
