@@ -459,7 +459,17 @@ def _ignore_sigint() -> None:
 
 
 def _run_local(spec, todo, cells_dir, workers, rows, tracker, keys) -> None:
+    """The cells in worker processes on this machine (one process when ``workers`` is 1).
+
+    Workers are fresh interpreters (``spawn``), not forks of this process: a fork copies the locks of
+    every thread the parent runs (a notebook or test process that has used vLLM, Ray or torch; rich's
+    refresh thread), and a child that finds one taken can crash or hang. A worker that dies (killed,
+    e.g. out of memory, or crashed) stops the sweep with :class:`CellFailed`; cells finished before
+    are kept. (``multiprocessing.Pool`` would wait for the dead worker's cell for ever.)
+    """
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(todo) == 1:
@@ -467,18 +477,34 @@ def _run_local(spec, todo, cells_dir, workers, rows, tracker, keys) -> None:
             tracker.accept(cid, cell, _run_cell(spec.base, cell, str(cells_dir / cid), keys[cid]), rows)
         return
     cells = dict(todo)
-    pool = multiprocessing.Pool(min(workers, len(todo)), initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_sigint)
     try:
-        results = pool.imap_unordered(_run_star, [(spec.base, cell, str(cells_dir / cid), keys[cid], cid)
-                                                  for cid, cell in todo])
-        for cid, row in results:
+        futures = [pool.submit(_run_star, (spec.base, cell, str(cells_dir / cid), keys[cid], cid))
+                   for cid, cell in todo]
+        for fut in as_completed(futures):
+            cid, row = fut.result()
             tracker.accept(cid, cells[cid], row, rows)
-        pool.close()
+    except BrokenProcessPool:
+        _stop_workers(pool)
+        raise CellFailed(f"{spec.path}: a worker process died while running cells (killed, e.g. out of memory, "
+                         f"or crashed); {len(rows)} finished cells are kept; rerun to resume") from None
     except BaseException:
-        pool.terminate()  # Ctrl-C or a failed cell: stop the others now (finished cells are on disk)
+        _stop_workers(pool)  # Ctrl-C or a failed cell: stop the others now (finished cells are on disk)
         raise
-    finally:
-        pool.join()
+    pool.shutdown(wait=True)
+
+
+def _stop_workers(pool) -> None:
+    """Terminate ``pool``'s worker processes now and shut it down (cells in progress are lost; their
+    directories are written atomically, so none is half-written)."""
+    stop = getattr(pool, "terminate_workers", None)   # Python >= 3.14
+    if stop is not None:
+        stop()
+    else:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_star(args: tuple) -> tuple[str, dict]:

@@ -153,6 +153,53 @@ def test_sigint_during_sweep_exits_130_and_stops_its_workers(tmp_path):
     assert not (tmp_path / "sw" / "results.parquet").exists()
 
 
+def _spawned_workers(pid: int) -> list[int]:
+    """The multiprocessing worker processes (``spawn_main``) among ``pid``'s children (Linux /proc)."""
+    out = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmd:
+            out.append(int(child))
+    return out
+
+
+def test_a_sweep_worker_that_dies_fails_the_sweep_instead_of_hanging(tmp_path):
+    """multiprocessing.Pool replaces a dead worker and waits for its cell for ever; the sweep must stop
+    with one line (exit 1), keep nothing half-written and leave no worker behind."""
+    spec = tmp_path / "s.toml"
+    spec.write_text('[base]\nduration = 100000.0\n[base.workload]\nagents = 100\n[grid]\nseed = [0, 1, 2]\n')
+    proc = subprocess.Popen([sys.executable, "-m", "agentsim", "sweep", str(spec), "-j", "2", "-o", str(tmp_path / "sw")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            workers = _spawned_workers(proc.pid)
+        assert len(workers) == 2, proc.communicate(timeout=30) if proc.poll() is not None else workers
+        time.sleep(3)   # both are running a cell
+        os.kill(workers[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:   # a hung sweep: stop it and its workers (they hold its pipes open)
+            for pid in [proc.pid, *workers]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {spec}: a worker process died while running cells") and "rerun to resume" in lines[0]
+    assert not Path(f"/proc/{workers[1]}").exists() or b"zombie" in Path(f"/proc/{workers[1]}/status").read_bytes().lower()
+    assert not list((tmp_path / "sw" / "cells").iterdir())   # no cell finished, none half-written
+    assert not (tmp_path / "sw" / "results.parquet").exists()
+
+
 # ----------------------------------------------------------------------------- output paths
 def _user_tree(root: Path, case: str) -> Path:
     """A path holding something the user made; returns the ``-o`` argument."""
