@@ -1,13 +1,20 @@
 """What one KV block's life costs in the block pool, against how many pools share the machine's
 caches (issue 10). Not a test.
 
-Each "call" takes ``--blocks`` new blocks from one pool (``BlockPool.allocate``: the oldest free
-ones, evicting their cached hashes), caches them under fresh hashes (``KVCacheManager``'s rule:
-``BlockPool.cache``) and frees them ``--live`` calls later (``BlockPool.free``), pools taken in
-turn, as a round-robin router spreads calls over engines. Every pool holds ``--pool-blocks``
-blocks, all handed out once before timing starts (the steady state of a long run). The same
-code and the same number of operations run with 1 pool and with many: the difference is where
-the blocks and hash maps lie in memory, not work.
+Each "call" takes ``--blocks`` new blocks from one pool (the oldest free ones, evicting their cached
+hashes), caches them under fresh hashes and frees them ``--live`` calls later, pools taken in turn,
+as a round-robin router spreads calls over engines. Every pool holds ``--pool-blocks`` blocks, all
+handed out once before timing starts (the steady state of a long run). The same code and the same
+number of operations run with 1 pool and with many: the difference is where the data lie in
+memory, not work. Three columns:
+
+- ``BlockPool``: the simulator's pool (``agentsim.sim.kv``) with vLLM's LRU queue: ``allocate``,
+  ``cache`` (``KVCacheManager``'s rule), ``free``; every block an object.
+- ``arrays``: a prototype of the same pool with block state in per-pool lists indexed by block id
+  (reference count, hash, free-queue count; the queue a deque of ids), the same hash map. Not the
+  simulator's code: it is here to show what that layout would gain.
+- ``hash maps``: the prefix-cache maps alone, the same dict operations per block as the pool
+  (an insert when a block is cached, a lookup and a delete when it is evicted).
 
     python benchmarks/kv_locality.py                      # 1, 8 and 80 pools of 27,000 blocks
     python benchmarks/kv_locality.py --pools 1 80 --calls 40000
@@ -23,34 +30,135 @@ import time
 from collections import deque
 
 
-def per_block_ns(num_pools: int, pool_blocks: int, blocks: int, live: int, calls: int, seed: int) -> float:
+class ArrayPool:
+    """Prototype: an LRU block pool whose block state is lists indexed by block id."""
+
+    __slots__ = ("num_blocks", "ref", "block_hash", "qkey", "queue", "cached", "num_used")
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.ref: list[int] = []
+        self.block_hash: list = []
+        self.qkey: list[int] = []      # entries of the block in the queue, negated while out of it
+        self.queue: deque[int] = deque()
+        self.cached: dict[int, int] = {}
+        self.num_used = 0
+
+    def allocate(self, n: int) -> list[int]:
+        ref = self.ref
+        base = len(ref)
+        fresh = min(self.num_blocks - base, n)
+        self.num_used += n
+        out = list(range(base, base + fresh))
+        if fresh:
+            ref.extend([1] * fresh)
+            self.block_hash.extend([None] * fresh)
+            self.qkey.extend([0] * fresh)
+        popleft, qkey, block_hash, cached = self.queue.popleft, self.qkey, self.block_hash, self.cached
+        need = n - fresh
+        while need:
+            b = popleft()
+            k = qkey[b]
+            if k != 1:
+                qkey[b] = k - 1 if k > 0 else k + 1
+                continue
+            qkey[b] = 0
+            h = block_hash[b]
+            if h is not None:
+                if cached.get(h) == b:
+                    del cached[h]
+                block_hash[b] = None
+            ref[b] = 1
+            out.append(b)
+            need -= 1
+        return out
+
+    def cache(self, b: int, h: int) -> None:
+        if self.block_hash[b] is None and h not in self.cached:
+            self.block_hash[b] = h
+            self.cached[h] = b
+
+    def free(self, blocks: list[int], now: float) -> None:
+        ref, qkey = self.ref, self.qkey
+        unused = []
+        for b in reversed(blocks):
+            rc = ref[b] - 1
+            ref[b] = rc
+            if rc == 0:
+                k = qkey[b]
+                qkey[b] = 1 - k if k else 1
+                unused.append(b)
+        self.num_used -= len(unused)
+        self.queue.extend(unused)
+
+
+def _pools(layout: str, num_pools: int, pool_blocks: int) -> tuple[list, object]:
+    """The pools and a ``one_call(pool, held_blocks_to_free, new_hashes) -> new blocks``."""
+    if layout == "BlockPool":
+        from agentsim.policies.baseline import LRUFreeQueue
+        from agentsim.sim.kv import BlockPool
+
+        pools = [BlockPool(pool_blocks + 1, LRUFreeQueue()) for _ in range(num_pools)]
+
+        def one(pool, old, hashes):
+            if old is not None:
+                pool.free(old, 0.0)
+            out = pool.allocate(len(hashes), 0.0, 0, 0, 0)
+            for b, h in zip(out, hashes):
+                pool.cache(b, h)
+            return out
+    elif layout == "arrays":
+        pools = [ArrayPool(pool_blocks) for _ in range(num_pools)]
+
+        def one(pool, old, hashes):
+            if old is not None:
+                pool.free(old, 0.0)
+            out = pool.allocate(len(hashes))
+            for b, h in zip(out, hashes):
+                pool.cache(b, h)
+            return out
+    else:   # the hash maps alone: a block's hash enters at cache time and leaves at its eviction
+        pools = [({}, deque()) for _ in range(num_pools)]
+
+        def one(pool, old, hashes):
+            cached, order = pool
+            while len(order) + len(hashes) > pool_blocks:
+                h = order.popleft()
+                if cached.get(h) is not None:
+                    del cached[h]
+            for h in hashes:
+                if h not in cached:
+                    cached[h] = h
+            order.extend(hashes)
+            return hashes
+    return pools, one
+
+
+def per_block_ns(layout: str, num_pools: int, pool_blocks: int, blocks: int, live: int, calls: int,
+                 seed: int) -> float:
     """Median over 5 rounds of CPU nanoseconds per block (allocate + cache + free)."""
-    from agentsim.policies.baseline import LRUFreeQueue
-    from agentsim.sim.kv import BlockPool
-
     rng = random.Random(seed)
-    pools = [BlockPool(pool_blocks + 1, LRUFreeQueue()) for _ in range(num_pools)]
+    pools, one = _pools(layout, num_pools, pool_blocks)
     held = [deque() for _ in range(num_pools)]
+    # the hashes are drawn before timing: the rounds time the pools, not the RNG
+    draws = [[rng.getrandbits(62) for _ in range(blocks)] for _ in range(1024)]
 
-    def one_call(i: int, now: float) -> None:
-        pool = pools[i]
+    def step(k: int) -> None:
+        i = k % num_pools
         q = held[i]
-        if len(q) >= live:
-            pool.free(q.popleft(), now)
-        out = pool.allocate(blocks, now, 0, 0, 0)
-        for b in out:
-            pool.cache(b, rng.getrandbits(62))
-        q.append(out)
+        old = q.popleft() if len(q) >= live else None
+        hashes = [h ^ k for h in draws[k % 1024]]   # fresh each call
+        q.append(one(pools[i], old, hashes))
 
     # fill every pool once (never-used blocks first, as a run starts), then reach the steady state
     warm = num_pools * (pool_blocks // blocks + live + 1)
     for k in range(warm):
-        one_call(k % num_pools, 0.0)
+        step(k)
     rounds = []
     for r in range(5):
         c0 = time.process_time()
-        for k in range(calls):
-            one_call(k % num_pools, float(r))
+        for k in range(warm + r * calls, warm + (r + 1) * calls):
+            step(k)
         rounds.append((time.process_time() - c0) / (calls * blocks) * 1e9)
     return statistics.median(rounds)
 
@@ -76,13 +184,18 @@ def main() -> None:
     if args.blocks * (args.live + 1) > args.pool_blocks:
         _bad(f"--blocks x (--live + 1) = {args.blocks * (args.live + 1):,}: more blocks than a pool has "
              f"(--pool-blocks {args.pool_blocks:,})")
-    print(f"{args.pool_blocks:,} blocks per pool, {args.blocks} blocks per call, {args.live} calls held per pool")
-    print("| pools | blocks in all pools | CPU ns per block (allocate + cache + free), median of 5 |\n|---|---|---|")
-    base = None
+    layouts = ("BlockPool", "arrays", "hash maps")
+    print(f"{args.pool_blocks:,} blocks per pool, {args.blocks} blocks per call, {args.live} calls held per pool; "
+          "CPU ns per block (allocate + cache + free), median of 5 rounds")
+    print("| pools | blocks in all pools | " + " | ".join(layouts) + " |\n|---|---|" + "---|" * len(layouts))
+    base: dict[str, float] = {}
     for p in args.pools:
-        ns = per_block_ns(p, args.pool_blocks, args.blocks, args.live, args.calls, args.seed)
-        base = base or ns
-        print(f"| {p} | {p * args.pool_blocks:,} | {ns:.0f} ({ns / base:.2f}x) |")
+        cells = []
+        for layout in layouts:
+            ns = per_block_ns(layout, p, args.pool_blocks, args.blocks, args.live, args.calls, args.seed)
+            base.setdefault(layout, ns)
+            cells.append(f"{ns:.0f} ({ns / base[layout]:.2f}x)")
+        print(f"| {p} | {p * args.pool_blocks:,} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
