@@ -458,16 +458,61 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _registrations() -> tuple[list[str], list, bool]:
+    """What this process registered beyond agentsim's own modules, for spawned workers: the
+    importable modules outside ``agentsim`` that define registered policy components, generators or
+    trace importers (a worker imports them), every policy bundle (data: a worker registers the same),
+    and whether any registered class lives only here (in ``__main__`` or a module a worker cannot
+    import)."""
+    import sys
+
+    from agentsim.policies import registry
+    from agentsim.traces import generators, importers
+
+    registry.bundles()   # the built-in ones loaded, as a worker will have them
+    classes = [e.factory for e in registry._COMPONENTS.values()]
+    classes += list(generators._GENERATORS.values()) + list(importers._REGISTRY.values())
+    modules: set[str] = set()
+    local = False
+    for cls in classes:
+        name = getattr(cls, "__module__", None) or ""
+        if name == "agentsim" or name.startswith("agentsim."):
+            continue
+        mod = sys.modules.get(name)
+        if name in ("__main__", "__mp_main__") or mod is None or getattr(mod, "__spec__", None) is None:
+            local = True
+        else:
+            modules.add(name)
+    return sorted(modules), list(registry._BUNDLES.values()), local
+
+
+def _worker_init(modules: list[str], bundles: list) -> None:
+    """A sweep worker's start: SIGINT ignored, then the parent's registrations (see
+    :func:`_registrations`)."""
+    import importlib
+
+    from agentsim.policies import registry
+
+    _ignore_sigint()
+    for name in modules:
+        importlib.import_module(name)
+    registry.bundles()
+    registry._BUNDLES.update({b.name: b for b in bundles})
+
+
 def _run_local(spec, todo, cells_dir, workers, rows, tracker, keys) -> None:
     """The cells in worker processes on this machine (one process when ``workers`` is 1).
 
     Workers are fresh interpreters (``spawn``), not forks of this process: a fork copies the locks of
     every thread the parent runs (a notebook or test process that has used vLLM, Ray or torch; rich's
-    refresh thread), and a child that finds one taken can crash or hang. A worker that dies (killed,
-    e.g. out of memory, or crashed) stops the sweep with :class:`CellFailed`; cells finished before
-    are kept. (``multiprocessing.Pool`` would wait for the dead worker's cell for ever.)
+    refresh thread), and a child that finds one taken can crash or hang. They start with SIGINT
+    ignored (a terminal's Ctrl-C reaches the whole process group; the parent stops them). A worker
+    that dies (killed, e.g. out of memory, or crashed) ends the pool: the cells not finished by then
+    fail with that reason (:class:`CellFailed`, or listed as failed with ``keep_going``), and the cells
+    finished before are kept. (``multiprocessing.Pool`` would wait for the dead worker's cell for ever.)
     """
     import multiprocessing
+    import threading
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
@@ -477,22 +522,66 @@ def _run_local(spec, todo, cells_dir, workers, rows, tracker, keys) -> None:
             tracker.accept(cid, cell, _run_cell(spec.base, cell, str(cells_dir / cid), keys[cid]), rows)
         return
     cells = dict(todo)
-    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_ignore_sigint)
+    finished: set[str] = set()
+    modules, bundles, local = _registrations()
+    # a policy, generator or trace importer registered only in this process (a notebook, a script's
+    # `if __name__ == "__main__":` block) exists in forks alone: then fork, with its risk, as before
+    method = "fork" if local else "spawn"
+    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context(method),
+                               initializer=_worker_init, initargs=(modules, bundles))
     try:
-        futures = [pool.submit(_run_star, (spec.base, cell, str(cells_dir / cid), keys[cid], cid))
-                   for cid, cell in todo]
+        # the workers start inside submit(): they inherit SIGINT ignored from birth (before their
+        # imports and the initializer), so a Ctrl-C then prints no traceback of theirs
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            futures = [pool.submit(_run_star, (spec.base, cell, str(cells_dir / cid), keys[cid], cid))
+                       for cid, cell in todo]
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, old)
         for fut in as_completed(futures):
             cid, row = fut.result()
+            finished.add(cid)
             tracker.accept(cid, cells[cid], row, rows)
     except BrokenProcessPool:
-        _stop_workers(pool)
-        raise CellFailed(f"{spec.path}: a worker process died while running cells (killed, e.g. out of memory, "
-                         f"or crashed); {len(rows)} finished cells are kept; rerun to resume") from None
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        _stop_workers(pool)   # waits for every worker to end: their exit codes are known after it
+        why = _why_workers_died(procs)
+        lost = [cid for cid, _ in todo if cid not in finished]
+        message = f"a worker process {why} before this cell finished (the pool stops)"
+        if not tracker.keep_going:
+            raise CellFailed(f"{spec.path}: a worker process {why} while running cells; {len(lost)} cells "
+                             f"did not finish, {len(rows)} finished cells are kept; rerun to resume") from None
+        for cid in lost:
+            tracker.accept(cid, cells[cid], {"_error": message, "_bad_input": False}, rows)
+        return
     except BaseException:
         _stop_workers(pool)  # Ctrl-C or a failed cell: stop the others now (finished cells are on disk)
         raise
     pool.shutdown(wait=True)
+
+
+def _why_workers_died(procs: list) -> str:
+    """How a broken pool's workers (``multiprocessing`` processes, ended) ended, from their exit codes:
+    "was killed by SIGKILL (out of memory?)", "exited with code 1", or "died" when none is known."""
+    codes = sorted({p.exitcode for p in procs if p.exitcode is not None})
+    # the executor itself ends the other workers with SIGTERM once one has died
+    if len(codes) > 1 and -signal.SIGTERM in codes:
+        codes.remove(-signal.SIGTERM)
+    if not codes:
+        return "died"
+    parts = []
+    for code in codes:
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            parts.append(f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else ""))
+        else:
+            parts.append(f"exited with code {code}")
+    return " / ".join(parts)
 
 
 def _stop_workers(pool) -> None:

@@ -156,31 +156,47 @@ def test_sigint_during_sweep_exits_130_and_stops_its_workers(tmp_path):
 def _spawned_workers(pid: int) -> list[int]:
     """The multiprocessing worker processes (``spawn_main``) among ``pid``'s children (Linux /proc)."""
     out = []
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
-        except FileNotFoundError:
-            continue
-        if b"spawn_main" in cmd:
-            out.append(int(child))
-    return out
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its closing parenthesis
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                out.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue   # a process that ended meanwhile
+    return sorted(out)
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for_workers(pid: int, n: int, alive) -> list[int]:
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while len(workers) < n and time.monotonic() < deadline and alive():
+        time.sleep(0.5)
+        workers = _spawned_workers(pid)
+    return workers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
 def test_a_sweep_worker_that_dies_fails_the_sweep_instead_of_hanging(tmp_path):
     """multiprocessing.Pool replaces a dead worker and waits for its cell for ever; the sweep must stop
-    with one line (exit 1), keep nothing half-written and leave no worker behind."""
+    with one line naming how the worker ended (exit 1), keep nothing half-written and leave no worker
+    behind."""
     spec = tmp_path / "s.toml"
     spec.write_text('[base]\nduration = 100000.0\n[base.workload]\nagents = 100\n[grid]\nseed = [0, 1, 2]\n')
     proc = subprocess.Popen([sys.executable, "-m", "agentsim", "sweep", str(spec), "-j", "2", "-o", str(tmp_path / "sw")],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            workers = _spawned_workers(proc.pid)
+        workers = _wait_for_workers(proc.pid, 2, lambda: proc.poll() is None)
         assert len(workers) == 2, proc.communicate(timeout=30) if proc.poll() is not None else workers
-        time.sleep(3)   # both are running a cell
+        time.sleep(3)   # both are past their imports
         os.kill(workers[0], signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -194,10 +210,121 @@ def test_a_sweep_worker_that_dies_fails_the_sweep_instead_of_hanging(tmp_path):
     assert proc.returncode == 1, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"error: {spec}: a worker process died while running cells") and "rerun to resume" in lines[0]
-    assert not Path(f"/proc/{workers[1]}").exists() or b"zombie" in Path(f"/proc/{workers[1]}/status").read_bytes().lower()
+    assert lines[0].startswith(f"error: {spec}: a worker process was killed by SIGKILL (out of memory?) while "
+                               "running cells; 3 cells did not finish, 0 finished cells are kept; rerun to resume"), lines
+    assert _gone(workers[1])
     assert not list((tmp_path / "sw" / "cells").iterdir())   # no cell finished, none half-written
     assert not (tmp_path / "sw" / "results.parquet").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_a_dead_sweep_worker_fails_the_unfinished_cells_of_a_keep_going_sweep(tmp_path):
+    """A study (keep_going) lists the cells a dead worker left unfinished as failed and carries on to
+    its table, with the cells finished before kept."""
+    import threading
+
+    from agentsim.experiments import sweep as S
+
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text('[sweep]\nout = "sw"\n[base]\nduration = 100000.0\n[base.workload]\nagents = 100\n'
+                         '[grid]\nseed = [0, 1, 2]\n')
+    spec = S.load_spec(spec_file)
+    got: dict = {}
+
+    def run() -> None:
+        try:
+            got["table"] = S.run_sweep(spec, out=tmp_path / "sw", workers=2, keep_going=True)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            got["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    workers = _wait_for_workers(os.getpid(), 2, t.is_alive)
+    assert len(workers) == 2, got
+    time.sleep(3)
+    os.kill(workers[0], signal.SIGKILL)
+    t.join(120)
+    assert not t.is_alive() and "error" not in got, got
+    table = got["table"]
+    assert len(table) == 0
+    failed = table.attrs["failed"]
+    assert len(failed) == 3 and all("a worker process was killed by SIGKILL (out of memory?) before this cell "
+                                    "finished" in f for f in failed), failed
+    assert all(_gone(w) for w in workers)
+
+
+POLICY_MODULE = """
+from agentsim.policies.registry import register
+
+
+@register("route", "last-engine-test")
+class LastEngine:
+    \"\"\"Every call to the last engine (a test policy registered outside agentsim).\"\"\"
+
+    def route(self, call, engines, now):
+        return len(engines) - 1
+"""
+
+
+def test_spawned_sweep_workers_see_policies_and_bundles_registered_in_the_calling_process(tmp_path, monkeypatch):
+    """A component registered by an importable module outside agentsim, and a bundle registered at run
+    time, reach the spawned workers (the module is imported there, the bundle passed as data)."""
+    from agentsim.experiments import sweep as S
+    from agentsim.policies import registry
+
+    (tmp_path / "my_policies_mod.py").write_text(POLICY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_policies_mod  # noqa: F401 - registers the route policy
+
+    registry.register_bundle("last-engine-bundle-test", "test", route="last-engine-test", order="fcfs",
+                             evict="lru", shape="fixed")
+    try:
+        modules, bundles, local = S._registrations()
+        assert "my_policies_mod" in modules and not local
+        assert "last-engine-bundle-test" in {b.name for b in bundles}
+        spec_file = tmp_path / "s.toml"
+        spec_file.write_text('[sweep]\nout = "sw"\n[base]\nduration = 5.0\npolicy = "last-engine-bundle-test"\n'
+                             '[base.cluster]\ngpus_per_node = 2\n[base.workload]\nagents = 4\n[grid]\nseed = [0, 1]\n')
+        table = S.run_sweep(S.load_spec(spec_file), out=tmp_path / "sw", workers=2)
+        assert len(table) == 2 and not table.attrs["failed"]
+        for cid in S.cell_id({"seed": 0}), S.cell_id({"seed": 1}):
+            calls = pd.read_parquet(tmp_path / "sw" / "cells" / cid / "calls.parquet")
+            assert len(calls) > 0 and set(calls["engine_id"]) == {1}   # the test policy routed them
+    finally:
+        registry._BUNDLES.pop("last-engine-bundle-test", None)
+        registry._COMPONENTS.pop(("route", "last-engine-test"), None)
+
+
+def test_a_policy_registered_only_in_the_calling_script_still_runs_in_sweep_workers(tmp_path):
+    """Registered under ``if __name__ == "__main__":`` (as in a notebook), a policy exists only in this
+    process: the sweep forks its workers then, as before, instead of spawning them."""
+    script = tmp_path / "run_it.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        from pathlib import Path
+
+        if __name__ == "__main__":
+            from agentsim.experiments import sweep as S
+            from agentsim.policies.registry import register, register_bundle
+
+            @register("route", "last-engine-main")
+            class LastEngine:
+                def route(self, call, engines, now):
+                    return len(engines) - 1
+
+            register_bundle("last-engine-main-bundle", "test", route="last-engine-main", order="fcfs",
+                            evict="lru", shape="fixed")
+            out = Path(sys.argv[1])
+            spec = out.parent / "s.toml"
+            spec.write_text('[sweep]\\nout = "sw"\\n[base]\\nduration = 5.0\\npolicy = "last-engine-main-bundle"\\n'
+                            '[base.cluster]\\ngpus_per_node = 2\\n[base.workload]\\nagents = 4\\n[grid]\\nseed = [0, 1]\\n')
+            table = S.run_sweep(S.load_spec(spec), out=out, workers=2)
+            print(len(table), len(table.attrs["failed"]))
+    '''))
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "sw")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["2", "0"]
 
 
 # ----------------------------------------------------------------------------- output paths
