@@ -532,13 +532,17 @@ def _run_local(spec, todo, cells_dir, workers, rows, tracker, keys) -> None:
     try:
         # the workers start inside submit(): they inherit SIGINT ignored from birth (before their
         # imports and the initializer), so a Ctrl-C then prints no traceback of theirs
+        # (only from the main thread, and only over a handler Python installed: None is one set
+        # outside Python, which is left alone)
         main_thread = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        old = signal.getsignal(signal.SIGINT) if main_thread else None
+        if old is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             futures = [pool.submit(_run_star, (spec.base, cell, str(cells_dir / cid), keys[cid], cid))
                        for cid, cell in todo]
         finally:
-            if main_thread:
+            if old is not None:
                 signal.signal(signal.SIGINT, old)
         for fut in as_completed(futures):
             cid, row = fut.result()
