@@ -462,8 +462,9 @@ def _registrations() -> tuple[list[str], list, bool]:
     """What this process registered beyond agentsim's own modules, for spawned workers: the
     importable modules outside ``agentsim`` that define registered policy components, generators or
     trace importers (a worker imports them), every policy bundle (data: a worker registers the same),
-    and whether any registered class lives only here (in ``__main__`` or a module a worker cannot
-    import)."""
+    and whether the workers must be forks: a registered class lives only here (in ``__main__`` or a
+    module a worker cannot import), or the main script has no file to re-run (``python -`` reads it
+    from stdin)."""
     import sys
 
     from agentsim.policies import registry
@@ -483,6 +484,10 @@ def _registrations() -> tuple[list[str], list, bool]:
             local = True
         else:
             modules.add(name)
+    # a spawned worker re-runs the main script by its path first: a main read from stdin has none
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):
+        local = True
     return sorted(modules), list(registry._BUNDLES.values()), local
 
 
@@ -495,7 +500,12 @@ def _worker_init(modules: list[str], bundles: list) -> None:
 
     _ignore_sigint()
     for name in modules:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - e.g. imported in the parent from a path it has dropped since
+            # a registration the parent no longer reaches either; a cell that needs it fails on its
+            # own with the component's name ("unknown route policy ..."), the others run
+            continue
     registry.bundles()
     registry._BUNDLES.update({b.name: b for b in bundles})
 
@@ -583,6 +593,8 @@ def _why_workers_died(procs: list) -> str:
             except ValueError:
                 name = f"signal {-code}"
             parts.append(f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else ""))
+        elif code == 0:
+            parts.append("stopped early (exit code 0: see the error it printed above)")
         else:
             parts.append(f"exited with code {code}")
     return " / ".join(parts)

@@ -327,6 +327,49 @@ def test_a_policy_registered_only_in_the_calling_script_still_runs_in_sweep_work
     assert p.stdout.split() == ["2", "0"]
 
 
+STALE_AND_STDIN = """
+import pathlib
+import sys
+import tempfile
+
+from agentsim.experiments import sweep as S
+
+if __name__ == "__main__":
+    # a policy module imported from a path the process has dropped since: a worker cannot import it
+    d = tempfile.mkdtemp()
+    pathlib.Path(d, "gone_policies_mod.py").write_text(
+        "from agentsim.policies.registry import register\\n"
+        "@register('route', 'gone-test')\\n"
+        "class Gone:\\n"
+        "    def route(self, call, engines, now):\\n"
+        "        return 0\\n")
+    sys.path.insert(0, d)
+    import gone_policies_mod  # noqa: F401
+    sys.path.remove(d)
+    assert "gone_policies_mod" in S._registrations()[0]
+    out = pathlib.Path(sys.argv[1])
+    spec = out.parent / "s.toml"
+    spec.write_text('[sweep]\\nout = "sw"\\n[base]\\nduration = 5.0\\n[base.workload]\\nagents = 4\\n'
+                    '[grid]\\nseed = [0, 1]\\n')
+    table = S.run_sweep(S.load_spec(spec), out=out, workers=2)
+    print(len(table), len(table.attrs["failed"]))
+"""
+
+
+@pytest.mark.parametrize("how", ["script file", "script on stdin"])
+def test_sweep_workers_start_despite_a_stale_registration_and_a_main_read_from_stdin(tmp_path, how):
+    """A registration the workers cannot import (its module's path dropped since) does not stop them
+    (the cells that do not use it run); a main script read from stdin (``python -``), which a spawned
+    worker cannot re-run, makes the sweep fork its workers."""
+    script = tmp_path / "run_it.py"
+    script.write_text(STALE_AND_STDIN)
+    args = [str(script)] if how == "script file" else ["-"]
+    p = subprocess.run([sys.executable, *args, str(tmp_path / "sw")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300, input=None if how == "script file" else STALE_AND_STDIN)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["2", "0"]
+
+
 # ----------------------------------------------------------------------------- output paths
 def _user_tree(root: Path, case: str) -> Path:
     """A path holding something the user made; returns the ``-o`` argument."""
