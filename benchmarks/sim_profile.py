@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import re
 import shutil
@@ -86,8 +87,9 @@ def _run_sampled(args) -> None:
         sys.exit(2)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "stacks.txt"
+        # the run itself is sim_speed.py's (one JSON line with its figures)
         cmd = [spy, "record", "--rate", "200", "--format", "raw", "--output", str(raw), "--",
-               sys.executable, __file__, args.case, "--sampler", "none", "--quiet"]
+               sys.executable, str(Path(__file__).with_name("sim_speed.py")), args.case, "--child"]
         cmd += (["--duration", str(args.duration)] if args.duration is not None else [])
         cmd += (["--policy", args.policy] if args.policy is not None else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -96,7 +98,9 @@ def _run_sampled(args) -> None:
             print(f"--sampler py-spy: the sampled run failed (exit {proc.returncode})", file=sys.stderr)
             sys.exit(1)
         by_comp, by_func, total = sampled_shares(raw.read_text().splitlines())
-    print("\n".join(ln for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith("py-spy>")))
+    run = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    print(f"case {args.case} ({run['policy']}): {run['llm_calls']:,} LLM calls, {run['cpu_s']:.1f} s CPU "
+          f"({run['calls_per_cpu_s']:,.0f} calls/CPU-s, sampled)")
     print(f"{total:,} samples with Python frames at 200/s (py-spy)")
     print("| component | share of samples (self, incl. the builtins it calls) |\n|---|---|")
     for name, n in by_comp.most_common():
@@ -113,10 +117,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=None, help="simulated seconds (default: the case's own)")
     ap.add_argument("--top", type=int, default=0, help="also print the N costliest functions by self time")
     ap.add_argument("--policy", default=None, metavar="BUNDLE", help="the policy bundle (default: the case's own)")
-    ap.add_argument("--sampler", choices=("cprofile", "py-spy", "none"), default="cprofile",
-                    help="cprofile (default: traces every call, exact counts, inflates small functions), "
-                         "py-spy (samples the stack; needs pip install py-spy) or none (just the run)")
-    ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sampler", choices=("cprofile", "py-spy"), default="cprofile",
+                    help="cprofile (default: traces every call, exact counts, inflates small functions) or "
+                         "py-spy (samples the stack; needs pip install py-spy)")
     args = ap.parse_args()
     if args.sampler == "py-spy":
         _run_sampled(args)
@@ -130,14 +133,6 @@ def main() -> None:
     if args.policy is not None:
         over["policy"] = args.policy
     cfg = load_config(None, over)
-    if args.sampler == "none":
-        c0 = time.process_time()
-        result = Simulation(cfg).run()
-        cpu = time.process_time() - c0
-        n = result.stats["num_llm_calls"]
-        print(f"case {args.case} ({over.get('policy', 'vllm')}): {n:,} LLM calls, {cpu:.1f} s CPU "
-              f"({n / cpu:,.0f} calls/CPU-s{', sampled' if args.quiet else ''})")
-        return
     prof = cProfile.Profile()
     c0 = time.process_time()
     prof.enable()

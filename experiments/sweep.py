@@ -470,9 +470,8 @@ def _registrations() -> tuple[list[str], list, bool]:
     from agentsim.policies import registry
     from agentsim.traces import generators, importers
 
-    registry.bundles()   # the built-in ones loaded, as a worker will have them
-    classes = [e.factory for e in registry._COMPONENTS.values()]
-    classes += list(generators._GENERATORS.values()) + list(importers._REGISTRY.values())
+    classes = [e.factory for e in registry.components()]
+    classes += list(generators.generators().values()) + list(importers.importers().values())
     modules: set[str] = set()
     local = False
     for cls in classes:
@@ -488,7 +487,7 @@ def _registrations() -> tuple[list[str], list, bool]:
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file is not None and not os.path.exists(main_file):
         local = True
-    return sorted(modules), list(registry._BUNDLES.values()), local
+    return sorted(modules), registry.bundles(), local
 
 
 def _worker_init(modules: list[str], bundles: list) -> None:
@@ -502,12 +501,13 @@ def _worker_init(modules: list[str], bundles: list) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - e.g. imported in the parent from a path it has dropped since
-            # a registration the parent no longer reaches either; a cell that needs it fails on its
-            # own with the component's name ("unknown route policy ..."), the others run
+        except ImportError:
+            # imported in the parent from a path it has dropped since: a cell that needs it fails on
+            # its own, naming the component ("unknown route policy ..."), and the others run. (Any other
+            # error of the module's is a fault of its own: the worker stops and prints it.)
             continue
-    registry.bundles()
-    registry._BUNDLES.update({b.name: b for b in bundles})
+    for b in bundles:
+        registry.register_bundle(b.name, b.summary, b.params, **b.components)
 
 
 def _run_local(spec, todo, cells_dir, workers, rows, tracker, keys) -> None:
