@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import tomllib
@@ -493,11 +494,17 @@ def _registrations() -> tuple[list[str], list, bool]:
 def _worker_init(modules: list[str], bundles: list) -> None:
     """A sweep worker's start: SIGINT ignored, then the parent's registrations (see
     :func:`_registrations`)."""
+    _ignore_sigint()
+    _import_registrations(modules, bundles)
+
+
+def _import_registrations(modules: list[str], bundles: list) -> None:
+    """Import ``modules`` (they register policies, generators, trace importers) and register
+    ``bundles``: what :func:`_registrations` found in the calling process."""
     import importlib
 
     from agentsim.policies import registry
 
-    _ignore_sigint()
     for name in modules:
         try:
             importlib.import_module(name)
@@ -617,25 +624,56 @@ def _run_star(args: tuple) -> tuple[str, dict]:
     return cid, _run_cell(base, cell, cell_dir, key)
 
 
+RAY_MAX_RETRIES = 3  # Ray's own default for a task whose worker dies (``max_retries``)
+
+
+def _run_ray_cell(modules: list[str], bundles: list, base: dict, cell: dict, cell_dir: str, key: str) -> dict:
+    """A Ray task: the calling process's registrations (as a local worker gets them, see
+    :func:`_registrations`; a module this node cannot import is skipped), then :func:`_run_cell`."""
+    _import_registrations(modules, bundles)
+    return _run_cell(base, cell, cell_dir, key)
+
+
+def _ray_failure(e: BaseException) -> dict:
+    """A Ray error from ``ray.get`` of a cell (its worker or node died, out of memory, cancelled) as a
+    failed cell's row: one line, no traceback (``_run_cell`` itself never raises)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return {"_error": f"its Ray worker died, {1 + RAY_MAX_RETRIES} tries ({type(e).__name__}: {first})",
+            "_bad_input": False}
+
+
 def _run_ray(spec, todo, cells_dir, address, rows, tracker, keys) -> None:
+    """The cells as Ray tasks on the cluster at ``address``.
+
+    A task whose worker process or node dies is retried by Ray (``RAY_MAX_RETRIES`` times); after
+    the last try the cell fails like any other (one line, :class:`CellFailed`; listed as failed
+    with ``keep_going``), and the tasks still pending are cancelled unless ``keep_going``."""
     try:
         import ray
+        from ray.exceptions import RayError
     except ImportError:
         raise ConfigError("--ray", "ray is not installed (pip install 'agentsim[ray]')") from None
     try:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        # Ray's INFO lines ("Connecting to existing Ray cluster ...") would mix with the progress lines
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError, RuntimeError ...
         raise ConfigError("--ray", f"cannot join the Ray cluster at {address!r} ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    remote = ray.remote(_run_cell)
+    modules, bundles, _ = _registrations()
+    remote = ray.remote(max_retries=RAY_MAX_RETRIES)(_run_ray_cell)
     cells = dict(todo)
-    refs = {remote.remote(spec.base, cell, str((cells_dir / cid).resolve()), keys[cid]): cid for cid, cell in todo}
+    refs = {remote.remote(modules, bundles, spec.base, cell, str((cells_dir / cid).resolve()), keys[cid]): cid
+            for cid, cell in todo}
     pending = list(refs)
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                tracker.accept(refs[ref], cells[refs[ref]], ray.get(ref), rows)
+                try:
+                    row = ray.get(ref)
+                except RayError as e:
+                    row = _ray_failure(e)
+                tracker.accept(refs[ref], cells[refs[ref]], row, rows)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -253,6 +253,68 @@ def test_a_dead_sweep_worker_fails_the_unfinished_cells_of_a_keep_going_sweep(tm
     assert all(_gone(w) for w in workers)
 
 
+def _ray_cell_workers() -> list[int]:
+    """Ray worker processes running a sweep cell now (their process title is ``ray::<task>``)."""
+    out = []
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmd.read_bytes().startswith(b"ray::_run_ray_cell"):
+                out.append(int(cmd.parent.name))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_a_ray_sweep_whose_worker_keeps_dying_fails_in_one_line(tmp_path):
+    """`agentsim sweep --ray`: a cell whose Ray worker is killed on every try (Ray retries it) fails
+    with one line naming the error (exit 1), not Ray's traceback; the other cells are cancelled."""
+    pytest.importorskip("ray", reason="ray is part of the test install ('.[test,cpu]')")
+    from agentsim.experiments.sweep import RAY_MAX_RETRIES
+
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    os.environ.update({k: env[k] for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")})
+    from ray.cluster_utils import Cluster
+
+    common = dict(num_cpus=1, object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(common, include_dashboard=False))
+    spec = tmp_path / "s.toml"
+    spec.write_text('[base]\nduration = 100000.0\n[base.workload]\nagents = 100\n[grid]\nseed = [0, 1, 2]\n')
+    proc = None
+    killed = 0
+    try:
+        cluster.add_node(**common)
+        cluster.wait_for_nodes()
+        proc = subprocess.Popen([sys.executable, "-m", "agentsim", "sweep", str(spec), "--ray", cluster.address,
+                                 "-o", str(tmp_path / "sw")], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            for pid in _ray_cell_workers():
+                time.sleep(1)   # past its start
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        cluster.shutdown()
+    assert proc.returncode == 1, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {spec}: grid cell "), lines
+    assert (f"its Ray worker died, {1 + RAY_MAX_RETRIES} tries (WorkerCrashedError: " in lines[0]
+            and lines[0].endswith("(finished cells are kept; rerun to resume)")), lines
+    assert killed >= 1 + RAY_MAX_RETRIES
+    assert not list((tmp_path / "sw" / "cells").iterdir())   # no cell finished, none half-written
+
+
 POLICY_MODULE = """
 from agentsim.policies.registry import register
 
@@ -293,6 +355,58 @@ def test_spawned_sweep_workers_see_policies_and_bundles_registered_in_the_callin
     finally:
         registry._BUNDLES.pop("last-engine-bundle-test", None)
         registry._COMPONENTS.pop(("route", "last-engine-test"), None)
+
+
+@pytest.mark.slow
+def test_ray_sweep_tasks_see_policies_and_bundles_registered_in_the_calling_process(tmp_path):
+    """The same on a 2-node Ray cluster (loopback): the module (importable on the nodes: on their
+    PYTHONPATH) is imported by the Ray workers, the bundle passed as data."""
+    pytest.importorskip("ray", reason="ray is part of the test install ('.[test,cpu]')")
+    (tmp_path / "my_policies_mod.py").write_text(POLICY_MODULE)
+    script = tmp_path / "run_it.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        from pathlib import Path
+
+        import my_policies_mod  # registers the route policy
+        from agentsim.experiments import sweep as S
+        from agentsim.policies.registry import register_bundle
+
+        if __name__ == "__main__":
+            register_bundle("last-engine-bundle-test", "test", route="last-engine-test", order="fcfs", evict="lru",
+                            shape="fixed")
+            spec = Path("s.toml")
+            spec.write_text('[sweep]\\nout = "sw"\\n[base]\\nduration = 5.0\\npolicy = "last-engine-bundle-test"\\n'
+                            '[base.cluster]\\ngpus_per_node = 2\\n[base.workload]\\nagents = 4\\n[grid]\\nseed = [0, 1]\\n')
+            table = S.run_sweep(S.load_spec(spec), ray_address=sys.argv[1])
+            assert len(table) == 2 and not table.attrs["failed"], table.attrs["failed"]
+    '''))
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    # the nodes' workers inherit this process's environment (their PYTHONPATH holds the module)
+    saved = dict(os.environ)
+    os.environ.update(env)
+    from ray.cluster_utils import Cluster
+
+    common = dict(num_cpus=1, object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
+    try:
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(common, include_dashboard=False))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        cluster.add_node(**common, env_vars={"PYTHONPATH": env["PYTHONPATH"]})
+        cluster.wait_for_nodes()
+        p = subprocess.run([sys.executable, str(script), cluster.address], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.shutdown()
+    assert p.returncode == 0, p.stderr
+    from agentsim.experiments import sweep as S
+
+    for cid in S.cell_id({"seed": 0}), S.cell_id({"seed": 1}):
+        calls = pd.read_parquet(tmp_path / "sw" / "cells" / cid / "calls.parquet")
+        assert len(calls) > 0 and set(calls["engine_id"]) == {1}   # the test policy routed them
 
 
 def test_a_policy_registered_only_in_the_calling_script_still_runs_in_sweep_workers(tmp_path):
