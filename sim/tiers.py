@@ -179,7 +179,9 @@ class EngineTiers:
         self.free_queue = self.pool.free_queue   # the evict policy's queue for this engine
         if caps.leveled:
             self.free_queue.block_size = self.bs
-        if self.write_back:
+        if self.prefetch_on:
+            self.pool.on_evict(self._evicted)   # write-back (if on) and the prefetch memo's upkeep
+        elif self.write_back:
             self.pool.on_evict(self.written_back)
         self.pins: dict[tuple[int, int], _Pin] = {}
         self.pin_of_program: dict[int, set] = {}
@@ -194,7 +196,9 @@ class EngineTiers:
         self._due: list = []                          # heap of (time, seq, what, info) due at a boundary
         self.prefetch_dirty = False                   # candidates may have changed for this engine
         self.prefetch_times: list = []                # heap of times an agent enters the window
-        self._cached_upto: dict[int, tuple] = {}      # agent -> (its chain, pool evictions then, cached prefix)
+        # prefetch: each candidate's cached prefix, kept exact as blocks are evicted (see _evicted)
+        self._cached_upto: dict[int, list] = {}       # agent -> [its chain, cached prefix in blocks]
+        self._watch: dict[int, tuple[int, set]] = {}  # hash -> (its position, agents whose prefix holds it)
         # the policy's candidates among given agents (optional Prefetcher method), else filtered here
         self._candidates_among = self.policy.prefetch_candidates_among if caps.prefetch_among else None
         # what the mechanism did, for tests and studies: (event, time, program or agent, detail)
@@ -223,6 +227,30 @@ class EngineTiers:
         self.cpu.store(h, 0.0)
         self.link.bytes_moved["d2h"] += self.block_bytes
         self.stats["written_back_blocks"] += 1
+
+    def _evicted(self, h: int, now: float) -> None:
+        """The pool hands out the block cached under ``h``: write it back (if on), and shorten the
+        remembered cached prefix of every prefetch candidate whose chain holds ``h`` to ``h``'s
+        position. (A hash leaves the prefix cache only this way, so the prefixes remembered stay
+        exact: ``_prefetch`` scans on from them instead of from the chain's first block.)"""
+        if self.write_back:
+            self.written_back(h, now)
+        w = self._watch.pop(h, None)
+        if w is None:
+            return
+        p, agents = w
+        upto = self._cached_upto
+        for a in agents:
+            m = upto.get(a)
+            if m is None or m[1] <= p:
+                continue
+            hashes = m[0][1]
+            if hashes[p] == h:
+                m[1] = p
+            else:
+                # ``h`` at another depth of this chain (a hash collision; chained hashes fix the
+                # depth): forget the prefix, the next look scans the chain from its start
+                del upto[a]
 
     # ------------------------------------------------------------------ held calls
     def _plan(self, hashes: list, limit: int, now: float) -> tuple[int, list, float]:
@@ -471,20 +499,33 @@ class EngineTiers:
         else:
             cands = pol.prefetch_candidates(now)
             mine = [(a, c) for a, c in zip(cands, map(last_chain.get, cands)) if c and c[0] == eid]
+        watch = self._watch
         for agent, chain in mine:
             hashes = chain[1]
             # How much of the agent's chain is cached. A hash leaves the prefix cache only when its
-            # block is evicted, so with no eviction since the last look the prefix known then is
-            # still cached: scan on from there (candidates come back at every boundary)
-            evictions = pool.num_evictions
+            # block is evicted, and _evicted shortens the remembered prefix when that hash is in it,
+            # so the prefix remembered is still cached: scan on from there (candidates come back at
+            # every boundary; most evictions are of other agents' blocks)
             memo = cached_upto.get(agent)
-            if memo is not None and memo[0] is chain and memo[1] == evictions:
-                k = memo[2]
-                if k < len(hashes):
-                    k += len(list(takewhile(cached.__contains__, islice(hashes, k, None))))
+            if memo is not None and memo[0] is chain:
+                k0 = memo[1]
             else:
-                k = pool.num_cached_prefix(hashes, len(hashes))
-            cached_upto[agent] = (chain, evictions, k)
+                k0 = 0
+                memo = cached_upto[agent] = [chain, 0]
+            k = k0
+            if k < len(hashes):
+                k += len(list(takewhile(cached.__contains__, islice(hashes, k, None))))
+            if k > k0:
+                memo[1] = k
+                # the agent watches the hashes its prefix now holds (one position per hash: it
+                # chains every block before it)
+                for i in range(k0, k):
+                    h = hashes[i]
+                    w = watch.get(h)
+                    if w is None:
+                        watch[h] = (i, {agent})
+                    else:
+                        w[1].add(agent)
             to_load = []
             for h in islice(hashes, k, None):
                 if h in self.cpu and h not in self.inflight:

@@ -315,11 +315,17 @@ def test_scalesim_prefetch_budget_admits_what_fits_and_stops_at_the_first_that_d
                   "workload.params": {"num_agents": 60, "num_steps": 5}}),
     ("kvflow", {"workload.generator": "kvflow", "workload.agents": 4, "workload.num_programs": 8,
                 "cluster.engine.max_model_len": 16384, "workload.params": {"fixed_tokens": 1024}}),
+    ("scalesim", {"workload.generator": "society", "workload.agents": 1, "workload.num_programs": 2,
+                  "cluster.gpus_per_node": 2, "cluster.engine.num_gpu_blocks_override": 260,
+                  "workload.params": {"num_agents": 80, "num_steps": 5}}),
+    ("kvflow", {"workload.generator": "kvflow", "workload.agents": 8, "workload.num_programs": 16,
+                "cluster.gpus_per_node": 2, "cluster.engine.max_model_len": 16384,
+                "cluster.engine.num_gpu_blocks_override": 400, "workload.params": {"fixed_tokens": 1024}}),
 ])
 def test_prefetch_with_and_without_the_cached_prefix_memo_is_the_same_run(policy, over):
-    """The CPU tier resumes a candidate's cached-prefix scan where it stopped while the pool evicted
-    nothing since; with the memo turned off (every scan from block 0) the run is the same: calls,
-    engine samples and every tier action, with prefetches and evictions happening."""
+    """The CPU tier resumes a candidate's cached-prefix scan where it stopped (shortened when one of
+    its blocks is evicted); with the memo turned off (every scan from block 0) the run is the same:
+    calls, engine samples and every tier action, with prefetches and evictions happening."""
     import pandas as pd
 
     class NoMemo(dict):
@@ -341,6 +347,58 @@ def test_prefetch_with_and_without_the_cached_prefix_memo_is_the_same_run(policy
     pd.testing.assert_frame_equal(a.engines, b.engines, check_exact=True)
     assert ta.log == tb.log and ta.stats == tb.stats
     assert ta.stats["prefetched_blocks"] > 0 and ev > 0 and len(ta._cached_upto) > 0
+
+
+@pytest.mark.parametrize("policy,over", [
+    ("scalesim", {"workload.generator": "society", "workload.agents": 1, "workload.num_programs": 2,
+                  "workload.params": {"num_agents": 80, "num_steps": 5}}),
+    ("scalesim", {"workload.generator": "society", "workload.agents": 1, "workload.num_programs": 2,
+                  "cluster.gpus_per_node": 2, "workload.params": {"num_agents": 80, "num_steps": 5}}),
+    ("kvflow", {"workload.generator": "kvflow", "workload.agents": 4, "workload.num_programs": 8,
+                "cluster.engine.max_model_len": 16384, "workload.params": {"fixed_tokens": 1024}}),
+])
+def test_the_remembered_cached_prefixes_stay_cached_and_follow_evictions(policy, over):
+    """The tier remembers each prefetch candidate's cached prefix and, when a hash of it is evicted,
+    shortens it to that hash's depth: before and after every prefetch decision, every block of every
+    remembered prefix is cached (a prefix may since have grown: the next look scans on from it), and
+    a shortened prefix ends at a block no longer cached. Small caches: evictions at most boundaries.
+    (That the scans then find what a scan from block 0 finds is the run equality above.)"""
+    sim = Simulation(load_config(None, {
+        "cluster.num_nodes": 1, "cluster.gpus_per_node": 1, "workload.arrival": "closed", "policy": policy,
+        "sim.drain": True, "duration": 1e5, "cluster.engine.num_gpu_blocks_override": 260, "seed": 4, **over}))
+    seen = {"checks": 0, "shortened": 0}
+
+    def still_cached(et) -> None:
+        cached = et.pool.cached
+        for agent, (chain, k) in et._cached_upto.items():
+            assert all(h in cached for h in chain[1][:k]), (agent, k)
+            seen["checks"] += 1
+
+    def checked(et):
+        prefetch, evicted = et._prefetch, et._evicted
+
+        def _prefetch(now):
+            still_cached(et)
+            prefetch(now)
+            still_cached(et)
+
+        def _evicted(h, now):
+            before = {a: m[1] for a, m in et._cached_upto.items()}
+            evicted(h, now)
+            for a, m in et._cached_upto.items():
+                if a in before and m[1] < before[a]:
+                    seen["shortened"] += 1
+                    assert m[0][1][m[1]] == h   # shortened to the evicted block's depth
+
+        et._prefetch = _prefetch
+        et.pool.on_evict(_evicted)
+
+    for et in sim.mechanisms.engines:
+        checked(et)
+    sim.run()
+    tiers = sim.mechanisms.engines
+    assert sum(et.stats["prefetched_blocks"] for et in tiers) > 0
+    assert seen["checks"] > 1000 and seen["shortened"] > 0, seen
 
 
 @pytest.mark.parametrize("source", ["oracle", "ewma"])
