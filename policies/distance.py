@@ -463,11 +463,28 @@ class LeveledFreeQueue:
         self._seq += 1
         heapq.heappush(self._heap, (-self._level(g, now), oldest, self._seq, g))
 
+    def _levels(self, groups: list[int], now: float) -> list[float]:
+        """The level of each of ``groups`` (none of them ``_NOHASH``), as :meth:`_level` gives it; the
+        agents' levels in one call to the policy (``levels``)."""
+        agents = [g for g in groups if g != _SUFFIX and g != _SHARED]
+        if len(agents) == len(groups):
+            return self.policy.levels(agents, now)
+        it = iter(self.policy.levels(agents, now))
+        return [INF if g == _SUFFIX else self._shared_level(now) if g == _SHARED else next(it) for g in groups]
+
     def _rebuild(self, now: float) -> None:
-        self._heap = []
-        for g in self._groups:
-            if g != _NOHASH:
-                self._push(g, now)
+        # the same entries as a _push of each group in turn (the heap's order is that of its
+        # entries, all distinct by their sequence numbers)
+        groups = self._groups
+        keys = [g for g in groups if g != _NOHASH]
+        seq = self._seq
+        heap = []
+        for g, lv in zip(keys, self._levels(keys, now)):
+            seq += 1
+            heap.append((-lv, next(iter(groups[g].values())).last_used_at, seq, g))
+        self._seq = seq
+        heapq.heapify(heap)
+        self._heap = heap
         self._epoch = (now, self.policy.version)
 
     def pop(self, now: float) -> BlockView:
@@ -501,9 +518,13 @@ class LeveledFreeQueue:
     def evictable_by_level(self, now: float) -> list[tuple[float, int]]:
         """[(level, free blocks at that level)], farthest level first (what prefetch may displace)."""
         hist: dict[float, int] = {}
-        for g, grp in self._groups.items():
-            lv = INF if g == _NOHASH else self._level(g, now)
-            hist[lv] = hist.get(lv, 0) + len(grp)
+        groups = self._groups
+        keys = [g for g in groups if g != _NOHASH]
+        for g, lv in zip(keys, self._levels(keys, now)):
+            hist[lv] = hist.get(lv, 0) + len(groups[g])
+        nohash = groups.get(_NOHASH)
+        if nohash:
+            hist[INF] = hist.get(INF, 0) + len(nohash)
         return sorted(hist.items(), reverse=True)
 
     def eviction_order(self, now: float) -> list[BlockView]:
@@ -590,6 +611,11 @@ class _DistanceEvict:
     def level(self, agent_id: int, now: float) -> float:
         raise NotImplementedError
 
+    def levels(self, agent_ids: list[int], now: float) -> list[float]:
+        """``[level(a, now) for a in agent_ids]`` (a queue asks for all its groups' at once)."""
+        level = self.level
+        return [level(a, now) for a in agent_ids]
+
     # hooks forwarded to the distance table
     def on_call_arrive(self, call: CallView, now: float) -> None:
         self.table.on_call_arrive(call, now)
@@ -661,6 +687,31 @@ class InvocationDistance(_DistanceEvict):
         d = self.steps(agent_id, now)
         cap = self.hold_levels + 1
         return float(cap) if d is None else float(min(cap, d))
+
+    def levels(self, agent_ids: list[int], now: float) -> list[float]:
+        """``[level(a, now) for a in agent_ids]``, the time-based sources' arithmetic inlined (a
+        queue asks for all its groups' levels whenever time has moved)."""
+        if self.source == "steps":
+            return super().levels(agent_ids, now)
+        cap = self.hold_levels + 1
+        fcap = float(cap)
+        unit = self.unit
+        active = self.table.active
+        next_at = self.table.next_at
+        ceil = math.ceil
+        out = []
+        for a in agent_ids:
+            if a in active:
+                dist = 0.0
+            else:
+                t = next_at.get(a)
+                if t is None:
+                    out.append(fcap)
+                    continue
+                dist = max(0.0, t - now)
+            d = max(0, ceil(dist / unit - 1e-9) - 1)
+            out.append(float(min(cap, d)))
+        return out
 
     def prefetch_candidates(self, now: float) -> list[int]:
         """Agents not running whose D <= look_ahead, nearest first (ScaleSim's DispatchLoadTasks)."""

@@ -500,6 +500,8 @@ class EngineTiers:
             cands = pol.prefetch_candidates(now)
             mine = [(a, c) for a, c in zip(cands, map(last_chain.get, cands)) if c and c[0] == eid]
         watch = self._watch
+        host = self.cpu.ready_at
+        inflight = self.inflight
         for agent, chain in mine:
             hashes = chain[1]
             # How much of the agent's chain is cached. A hash leaves the prefix cache only when its
@@ -509,12 +511,12 @@ class EngineTiers:
             memo = cached_upto.get(agent)
             if memo is not None and memo[0] is chain:
                 k0 = memo[1]
+                if k0 == len(hashes):
+                    continue   # all of it cached: nothing to load
             else:
                 k0 = 0
                 memo = cached_upto[agent] = [chain, 0]
-            k = k0
-            if k < len(hashes):
-                k += len(list(takewhile(cached.__contains__, islice(hashes, k, None))))
+            k = k0 + len(list(takewhile(cached.__contains__, islice(hashes, k0, None))))
             if k > k0:
                 memo[1] = k
                 # the agent watches the hashes its prefix now holds (one position per hash: it
@@ -526,14 +528,14 @@ class EngineTiers:
                         watch[h] = (i, {agent})
                     else:
                         w[1].add(agent)
+            if k == len(hashes) or hashes[k] not in host or hashes[k] in inflight:
+                continue   # nothing to load: the next block is neither cached nor on the host (or on its way)
             to_load = []
             for h in islice(hashes, k, None):
-                if h in self.cpu and h not in self.inflight:
+                if h in host and h not in inflight:
                     to_load.append(h)
                 else:
                     break
-            if not to_load:
-                continue
             if plan is None:
                 plan = pol.plan_prefetch(self.free_queue, self.pool.num_never_used, now)
             level = plan.admit(agent, len(to_load))

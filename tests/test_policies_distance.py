@@ -524,3 +524,37 @@ def test_every_change_of_a_distance_table_that_moves_a_level_bumps_its_version()
     assert after[0] > before[0]
     pol.on_program_end(7, 0.0)                    # nothing left to forget: no change, no bump
     assert pol.version == after[0]
+
+
+@pytest.mark.parametrize("source", ["oracle", "ewma", "none", "steps"])
+def test_levels_of_many_agents_equal_each_agents_level(source):
+    """A leveled queue asks for all its groups' levels at once (``levels``): the same floats as
+    ``level`` of each agent, at times on and off the unit boundaries, for agents running, due, far
+    and unknown."""
+    import random
+
+    from agentsim.policies.distance import InvocationDistance
+
+    rng = random.Random(3)
+    seen: set[float] = set()
+    for unit in (0.5, 1.0, 2.5):
+        pol = InvocationDistance(source=source, unit=unit, hold_levels=rng.choice([0, 2, 4]), cpu_tier=False)
+        t = pol.table
+        agents = list(range(60))
+        for a in agents:
+            if source == "steps":
+                t.agent_program[a] = a % 3
+                if rng.random() < 0.8:
+                    t.next_step[a] = rng.randrange(0, 12)
+            elif rng.random() < 0.8:
+                # on unit boundaries, just off them, and far
+                t._set(a, rng.choice([k * unit for k in range(8)]) + rng.choice([0.0, 1e-12, -1e-12, 0.3 * unit]))
+            if rng.random() < 0.2:
+                t._started(a)
+        if source == "steps":
+            t.clock.update({0: 2, 1: 0, 2: 5})
+        for now in (0.0, unit, 1.5 * unit, 3 * unit - 1e-12, 10 * unit):
+            ids = rng.sample(agents, 40) + [999]   # 999: never seen
+            assert pol.levels(ids, now) == [pol.level(a, now) for a in ids]
+            seen.update(pol.levels(ids, now))
+    assert len(seen) >= 3, seen
