@@ -198,7 +198,7 @@ class EngineTiers:
         self.prefetch_times: list = []                # heap of times an agent enters the window
         # prefetch: each candidate's cached prefix, kept exact as blocks are evicted (see _evicted)
         self._cached_upto: dict[int, list] = {}       # agent -> [its chain, cached prefix in blocks]
-        self._watch: dict[int, tuple[int, set]] = {}  # hash -> (its position, agents whose prefix holds it)
+        self._watch: dict[int, int | set] = {}  # hash -> the agent (or agents) whose remembered prefix holds it
         # the policy's candidates among given agents (optional Prefetcher method), else filtered here
         self._candidates_among = self.policy.prefetch_candidates_among if caps.prefetch_among else None
         # what the mechanism did, for tests and studies: (event, time, program or agent, detail)
@@ -231,25 +231,27 @@ class EngineTiers:
     def _evicted(self, h: int, now: float) -> None:
         """The pool hands out the block cached under ``h``: write it back (if on), and shorten the
         remembered cached prefix of every prefetch candidate whose chain holds ``h`` to ``h``'s
-        position. (A hash leaves the prefix cache only this way, so the prefixes remembered stay
-        exact: ``_prefetch`` scans on from them instead of from the chain's first block.)"""
+        depth. (A hash leaves the prefix cache only this way, so the prefixes remembered stay
+        cached: ``_prefetch`` scans on from them instead of from the chain's first block.)"""
         if self.write_back:
             self.written_back(h, now)
         w = self._watch.pop(h, None)
         if w is None:
             return
-        p, agents = w
+        block = self.pool.cached.get(h)
+        p = -1 if block is None else block.position   # its depth in every chain that holds it
         upto = self._cached_upto
-        for a in agents:
+        for a in (w if type(w) is set else (w,)):
             m = upto.get(a)
-            if m is None or m[1] <= p:
+            if m is None:
                 continue
             hashes = m[0][1]
-            if hashes[p] == h:
-                m[1] = p
+            if 0 <= p < len(hashes) and hashes[p] == h:
+                if p < m[1]:
+                    m[1] = p
             else:
-                # ``h`` at another depth of this chain (a hash collision; chained hashes fix the
-                # depth): forget the prefix, the next look scans the chain from its start
+                # not where the block says (a hash collision, or a block placed otherwise): forget
+                # the prefix, the next look scans the chain from its start
                 del upto[a]
 
     # ------------------------------------------------------------------ held calls
@@ -513,6 +515,15 @@ class EngineTiers:
                 k0 = memo[1]
                 if k0 == len(hashes):
                     continue   # all of it cached: nothing to load
+            elif memo is not None:
+                # a new chain (the agent's next call ended): it extends the last one, whose
+                # remembered prefix it shares when its hash at that depth is the same (hashes chain
+                # every block before them, as vLLM's prefix cache assumes)
+                k0 = memo[1]
+                if k0 > len(hashes) or (k0 and hashes[k0 - 1] != memo[0][1][k0 - 1]):
+                    k0 = 0
+                memo[0] = chain
+                memo[1] = k0
             else:
                 k0 = 0
                 memo = cached_upto[agent] = [chain, 0]
@@ -521,13 +532,14 @@ class EngineTiers:
                 memo[1] = k
                 # the agent watches the hashes its prefix now holds (one position per hash: it
                 # chains every block before it)
-                for i in range(k0, k):
-                    h = hashes[i]
+                for h in islice(hashes, k0, k):
                     w = watch.get(h)
                     if w is None:
-                        watch[h] = (i, {agent})
-                    else:
-                        w[1].add(agent)
+                        watch[h] = agent
+                    elif type(w) is set:
+                        w.add(agent)
+                    elif w != agent:
+                        watch[h] = {w, agent}
             if k == len(hashes) or hashes[k] not in host or hashes[k] in inflight:
                 continue   # nothing to load: the next block is neither cached nor on the host (or on its way)
             to_load = []
