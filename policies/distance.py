@@ -411,7 +411,7 @@ class LeveledFreeQueue:
     """
 
     __slots__ = ("policy", "engine_id", "block_size", "_groups", "_oldest", "_users", "_shared_users", "_n",
-                 "_heap", "_epoch", "_seq")
+                 "_heap", "_rebuilt", "_pos", "_epoch", "_seq")
 
     def __init__(self, policy: "_DistanceEvict", engine_id: int) -> None:
         self.policy = policy
@@ -424,7 +424,9 @@ class LeveledFreeQueue:
         self._users: dict[int, dict[int, None]] = {}   # block_id -> agents that freed it (most recent last)
         self._shared_users: dict[int, None] = {}       # union of the shared group's users
         self._n = 0
-        self._heap: list = []
+        self._heap: list = []     # entries pushed since the last rebuild (a heap)
+        self._rebuilt: tuple = ([], [], [], 0, [])   # the last rebuild's entries: keys, levels, oldest, first seq, order
+        self._pos = 0             # entries of the rebuild taken so far, in its order
         self._epoch: tuple | None = None
         self._seq = 0
 
@@ -520,19 +522,40 @@ class LeveledFreeQueue:
         return [INF if g == _SUFFIX else self._shared_level(now) if g == _SHARED else next(it) for g in groups]
 
     def _rebuild(self, now: float) -> None:
-        # the same entries as a _push of each group in turn (the heap's order is that of its
-        # entries, all distinct by their sequence numbers)
+        # One entry per group, (-level, oldest, seq, group) with seq in the groups' order, as a
+        # _push of each in turn would make; they are sorted at once (numpy) and taken in that order
+        # as pops need them, merged with the entries _push adds until the next rebuild (_heap). The
+        # pops are those of one heap holding all the entries: every entry is distinct by its seq.
         keys = list(self._groups)
         olds = list(self._oldest.values())
         if _NOHASH in self._oldest:
             i = keys.index(_NOHASH)
             del keys[i], olds[i]
-        seq = self._seq
-        self._seq = seq + len(keys)
-        heap = list(zip([-lv for lv in self._levels(keys, now)], olds, range(seq + 1, seq + 1 + len(keys)), keys))
-        heapq.heapify(heap)
-        self._heap = heap
+        levels = self._levels(keys, now)
+        n = len(keys)
+        self._rebuilt = (keys, levels, olds, self._seq + 1,
+                         np.lexsort((np.array(olds, dtype=np.float64), -np.array(levels, dtype=np.float64))).tolist()
+                         if n else [])
+        self._pos = 0
+        self._seq += n
+        self._heap = []
         self._epoch = (now, self.policy.version)
+
+    def _top(self) -> tuple[int, bool]:
+        """The group of the smallest entry not yet taken, and whether it is a pushed one (else rebuilt)."""
+        heap = self._heap
+        keys, levels, olds, seq0, order = self._rebuilt
+        if self._pos < len(order):
+            i = order[self._pos]
+            if not heap or (-levels[i], olds[i], seq0 + i, keys[i]) < heap[0]:
+                return keys[i], False
+        return heap[0][3], True
+
+    def _take(self, pushed: bool) -> None:
+        if pushed:
+            heapq.heappop(self._heap)
+        else:
+            self._pos += 1
 
     def pop(self, now: float) -> BlockView:
         nohash = self._groups.get(_NOHASH)
@@ -547,19 +570,18 @@ class LeveledFreeQueue:
             return block
         if self._epoch != (now, self.policy.version):
             self._rebuild(now)
-        heap = self._heap
         while True:
-            g = heap[0][3]
+            g, pushed = self._top()
             grp = self._groups.get(g)
             if grp is None:
-                heapq.heappop(heap)
+                self._take(pushed)
                 continue
             _, block = grp.popitem(last=False)
             self._n -= 1
             if not grp:
                 del self._groups[g]
                 del self._oldest[g]
-                heapq.heappop(heap)
+                self._take(pushed)
                 if g == _SHARED:
                     self._shared_users = {}
             else:
