@@ -521,21 +521,35 @@ class LeveledFreeQueue:
         it = iter(levels(agents, now))
         return [INF if g == _SUFFIX else self._shared_level(now) if g == _SHARED else next(it) for g in groups]
 
+    def _level_array(self, keys: list[int], now: float) -> np.ndarray:
+        """The levels of the groups ``keys`` (no ``_NOHASH``) as :meth:`_level` gives them, float64."""
+        arr = getattr(self.policy, "levels_array", None)
+        lv = arr(keys, now) if arr is not None else None
+        if lv is None:
+            return np.array(self._levels(keys, now), dtype=np.float64)
+        # the policy was asked for every key; the two groups that are not agents have their own
+        groups = self._groups
+        if _SUFFIX in groups:
+            lv[keys.index(_SUFFIX)] = INF
+        if _SHARED in groups:
+            lv[keys.index(_SHARED)] = self._shared_level(now)
+        return lv
+
     def _rebuild(self, now: float) -> None:
         # One entry per group, (-level, oldest, seq, group) with seq in the groups' order, as a
-        # _push of each in turn would make; they are sorted at once (numpy) and taken in that order
-        # as pops need them, merged with the entries _push adds until the next rebuild (_heap). The
-        # pops are those of one heap holding all the entries: every entry is distinct by its seq.
+        # _push of each in turn would make; they are sorted at once (numpy, a stable sort: seq
+        # breaks ties) and taken in that order as pops need them, merged with the entries _push adds
+        # until the next rebuild (_heap). The pops are those of one heap holding all the entries:
+        # every entry is distinct by its seq.
         keys = list(self._groups)
         olds = list(self._oldest.values())
         if _NOHASH in self._oldest:
             i = keys.index(_NOHASH)
             del keys[i], olds[i]
-        levels = self._levels(keys, now)
         n = len(keys)
+        levels = self._level_array(keys, now) if n else np.empty(0)
         self._rebuilt = (keys, levels, olds, self._seq + 1,
-                         np.lexsort((np.array(olds, dtype=np.float64), -np.array(levels, dtype=np.float64))).tolist()
-                         if n else [])
+                         np.lexsort((np.array(olds, dtype=np.float64), -levels)).tolist() if n else [])
         self._pos = 0
         self._seq += n
         self._heap = []
@@ -547,7 +561,7 @@ class LeveledFreeQueue:
         keys, levels, olds, seq0, order = self._rebuilt
         if self._pos < len(order):
             i = order[self._pos]
-            if not heap or (-levels[i], olds[i], seq0 + i, keys[i]) < heap[0]:
+            if not heap or (-float(levels[i]), olds[i], seq0 + i, keys[i]) < heap[0]:
                 return keys[i], False
         return heap[0][3], True
 
@@ -592,14 +606,24 @@ class LeveledFreeQueue:
     # ------------------------------------------------------------------ queries for the backend
     def evictable_by_level(self, now: float) -> list[tuple[float, int]]:
         """[(level, free blocks at that level)], farthest level first (what prefetch may displace)."""
-        hist: dict[float, int] = {}
         groups = self._groups
-        keys = [g for g in groups if g != _NOHASH]
-        for g, lv in zip(keys, self._levels(keys, now)):
-            hist[lv] = hist.get(lv, 0) + len(groups[g])
-        nohash = groups.get(_NOHASH)
+        keys = list(groups)
+        sizes = list(map(len, groups.values()))
+        if _NOHASH in groups:
+            i = keys.index(_NOHASH)
+            del keys[i]
+            nohash = sizes.pop(i)
+        else:
+            nohash = 0
+        if keys:
+            # blocks per distinct level, farthest first (levels are floats, equal ones add up)
+            levels, which = np.unique(self._level_array(keys, now), return_inverse=True)
+            counts = np.bincount(which.ravel(), weights=sizes, minlength=len(levels))
+            hist = dict(zip(levels.tolist(), (int(c) for c in counts)))
+        else:
+            hist = {}
         if nohash:
-            hist[INF] = hist.get(INF, 0) + len(nohash)
+            hist[INF] = hist.get(INF, 0) + nohash
         return sorted(hist.items(), reverse=True)
 
     def eviction_order(self, now: float) -> list[BlockView]:
@@ -764,10 +788,17 @@ class InvocationDistance(_DistanceEvict):
         return float(cap) if d is None else float(min(cap, d))
 
     def levels(self, agent_ids: list[int], now: float) -> list[float]:
-        """``[level(a, now) for a in agent_ids]``, the time-based sources' arithmetic inlined (a
-        queue asks for all its groups' levels whenever time has moved)."""
+        """``[level(a, now) for a in agent_ids]`` (the time-based sources: :meth:`levels_array`)."""
         if self.source == "steps" or not agent_ids:
             return super().levels(agent_ids, now)
+        return self.levels_array(agent_ids, now).tolist()
+
+    def levels_array(self, agent_ids: list[int], now: float) -> np.ndarray | None:
+        """``levels(agent_ids, now)`` as a float64 array, the time-based sources' arithmetic in
+        numpy (a queue asks for all its groups' levels whenever time has moved); None for the
+        ``steps`` source (its levels are read one by one). Ids the table never saw are unknown."""
+        if self.source == "steps":
+            return None
         t = self.table
         ids = np.fromiter(map(t.slot.get, agent_ids, repeat(0)), np.int64, len(agent_ids))
         fcap = float(self.hold_levels + 1)
@@ -777,8 +808,7 @@ class InvocationDistance(_DistanceEvict):
         # min(cap, D); cap when unknown. The same IEEE operations, element by element.
         dist = np.where(running, 0.0, np.maximum(0.0, at - now))
         d = np.maximum(0.0, np.ceil(dist / self.unit - 1e-9) - 1.0)
-        lv = np.where(np.isnan(at) & ~running, fcap, np.minimum(fcap, d))
-        return lv.tolist()
+        return np.where(np.isnan(at) & ~running, fcap, np.minimum(fcap, d))
 
     def prefetch_candidates(self, now: float) -> list[int]:
         """Agents not running whose D <= look_ahead, nearest first (ScaleSim's DispatchLoadTasks)."""
