@@ -410,7 +410,7 @@ class LeveledFreeQueue:
     Python work is per rebuild, not per group (ScaleSim on 80 engines keeps ~2,000 groups per queue).
     """
 
-    __slots__ = ("policy", "engine_id", "block_size", "_groups", "_oldest", "_users", "_shared_users", "_n",
+    __slots__ = ("policy", "engine_id", "block_size", "_groups", "_oldest", "_users", "_is_suffix", "_shared_users", "_n",
                  "_heap", "_rebuilt", "_pos", "_epoch", "_seq")
 
     def __init__(self, policy: "_DistanceEvict", engine_id: int) -> None:
@@ -421,7 +421,10 @@ class LeveledFreeQueue:
         # group -> last_used_at of its first (oldest) block, in the same order as _groups (a group
         # enters and leaves both together), so a rebuild reads every group's in C
         self._oldest: dict[int, float] = {}
-        self._users: dict[int, dict[int, None]] = {}   # block_id -> agents that freed it (most recent last)
+        self._users: dict[int, int | dict[int, None]] = {}   # block_id -> agent(s) that freed it (most recent last)
+        # the policy's suffix rule, unless it is the base one (no block is a suffix)
+        self._is_suffix = (None if getattr(type(policy), "is_suffix", None) is _DistanceEvict.is_suffix
+                           else policy.is_suffix)
         self._shared_users: dict[int, None] = {}       # union of the shared group's users
         self._n = 0
         self._heap: list = []     # entries pushed since the last rebuild (a heap)
@@ -436,17 +439,21 @@ class LeveledFreeQueue:
     def _group_of(self, block: BlockView) -> int:
         if block.block_hash is None:
             return _NOHASH
-        if self.policy.is_suffix(block, self.block_size):
+        if self._is_suffix is not None and self._is_suffix(block, self.block_size):
             return _SUFFIX
+        # the agents that freed the block, most recent last: one agent's id, or a dict of two or more
         users = self._users.get(block.block_id)
         a = block.agent_id
         if users is None:
-            self._users[block.block_id] = {a: None}
+            self._users[block.block_id] = a
             return a
-        users.pop(a, None)
-        users[a] = None
-        if len(users) == 1:
-            return a
+        if type(users) is not dict:
+            if users == a:
+                return a
+            users = self._users[block.block_id] = {users: None, a: None}
+        else:
+            users.pop(a, None)
+            users[a] = None
         su = self._shared_users
         for u in users:
             su.pop(u, None)

@@ -157,6 +157,7 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
     free: set[int] = set()
     now = 0.0
     pops = 0
+    seen_groups: set[int] = set()
     for _ in range(3000):
         op = rng.random()
         if op < 0.4 and len(free) < 300:
@@ -204,9 +205,13 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
                     t.on_tool_end(0, a, "world", now)
             else:
                 c.hints.next_invocation_steps = rng.randrange(1, 6)
+                c.hints.fixed_prefix_tokens = rng.choice([None, 32, 64])   # blocks past it: the suffix group
                 pol.on_call_arrive(c, now)
                 pol.on_call_finish(c, now)
         assert len(fast) == ref.n
+        seen_groups.update(fast._groups)
         if rng.random() < 0.05:
             assert fast.evictable_by_level(now) == ref.evictable_by_level(now)
     assert pops > 300
+    kinds = set(fast._groups) | seen_groups
+    assert _SHARED in kinds and _NOHASH in kinds and (kind != "steps-to-execution" or _SUFFIX in kinds)
