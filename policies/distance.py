@@ -410,7 +410,8 @@ class LeveledFreeQueue:
     Python work is per rebuild, not per group (ScaleSim on 80 engines keeps ~2,000 groups per queue).
     """
 
-    __slots__ = ("policy", "engine_id", "block_size", "_groups", "_oldest", "_users", "_is_suffix", "_shared_users", "_n",
+    __slots__ = ("policy", "engine_id", "block_size", "_groups", "_oldest", "_users", "_bulk", "_is_suffix",
+                 "_shared_users", "_n",
                  "_heap", "_rebuilt", "_pos", "_epoch", "_seq")
 
     def __init__(self, policy: "_DistanceEvict", engine_id: int) -> None:
@@ -422,9 +423,10 @@ class LeveledFreeQueue:
         # enters and leaves both together), so a rebuild reads every group's in C
         self._oldest: dict[int, float] = {}
         self._users: dict[int, int | dict[int, None]] = {}   # block_id -> agent(s) that freed it (most recent last)
-        # the policy's suffix rule, unless it is the base one (no block is a suffix)
-        self._is_suffix = (None if getattr(type(policy), "is_suffix", None) is _DistanceEvict.is_suffix
-                           else policy.is_suffix)
+        # the policy's suffix rule, only if it has one (KVFlow); a LeveledEvict policy of the user's
+        # (level and is_suffix alone) gets the plain forms
+        self._bulk = isinstance(policy, _DistanceEvict)
+        self._is_suffix = None if self._bulk and not policy.suffix_blocks else policy.is_suffix
         self._shared_users: dict[int, None] = {}       # union of the shared group's users
         self._n = 0
         self._heap: list = []     # entries pushed since the last rebuild (a heap)
@@ -519,8 +521,9 @@ class LeveledFreeQueue:
         """The level of each of ``groups`` (none of them ``_NOHASH``), as :meth:`_level` gives it; the
         agents' levels in one call to the policy (``levels``)."""
         agents = [g for g in groups if g != _SUFFIX and g != _SHARED]
-        levels = getattr(self.policy, "levels", None)
-        if levels is None:   # a policy with level() alone
+        if self._bulk:
+            levels = self.policy.levels
+        else:
             level = self.policy.level
             levels = lambda ids, t: [level(a, t) for a in ids]   # noqa: E731
         if len(agents) == len(groups):
@@ -530,8 +533,7 @@ class LeveledFreeQueue:
 
     def _level_array(self, keys: list[int], now: float) -> np.ndarray:
         """The levels of the groups ``keys`` (no ``_NOHASH``) as :meth:`_level` gives them, float64."""
-        arr = getattr(self.policy, "levels_array", None)
-        lv = arr(keys, now) if arr is not None else None
+        lv = self.policy.levels_array(keys, now) if self._bulk else None
         if lv is None:
             return np.array(self._levels(keys, now), dtype=np.float64)
         # the policy was asked for every key; the two groups that are not agents have their own
@@ -711,6 +713,8 @@ class _DistanceEvict:
     def version(self) -> int:
         return self.table.version
 
+    suffix_blocks = False   # whether is_suffix can be True (KVFlow's dynamic suffixes)
+
     def is_suffix(self, block: BlockView, block_size: int) -> bool:
         return False
 
@@ -721,6 +725,12 @@ class _DistanceEvict:
         """``[level(a, now) for a in agent_ids]`` (a queue asks for all its groups' at once)."""
         level = self.level
         return [level(a, now) for a in agent_ids]
+
+    def levels_array(self, agent_ids: list[int], now: float):
+        """``levels`` as a float64 numpy array computed in bulk, or None when the policy has no bulk
+        form (the queue then asks :meth:`levels`). The ids may include group keys that are not
+        agents; the queue overwrites their levels."""
+        return None
 
     # hooks forwarded to the distance table
     def on_call_arrive(self, call: CallView, now: float) -> None:
@@ -895,6 +905,8 @@ class StepsToExecution(_DistanceEvict):
         f = call.hints.fixed_prefix_tokens
         if f is not None:
             self.fixed_tokens[call.agent_id] = f
+
+    suffix_blocks = True
 
     def is_suffix(self, block: BlockView, block_size: int) -> bool:
         f = self.fixed_tokens.get(block.agent_id)

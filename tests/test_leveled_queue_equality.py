@@ -139,14 +139,40 @@ class _Call:
                                     "fixed_prefix_tokens": None, "stage": None})()
 
 
+class _PlainLeveled:
+    """A user's LeveledEvict policy: ``level``, ``is_suffix``, ``version``, ``min_level`` and nothing else
+    (the queue asks it one agent at a time), here over a time-based distance table."""
+
+    min_level = 0.0
+
+    def __init__(self) -> None:
+        self.inner = InvocationDistance(source="oracle", unit=0.5, hold_levels=3, cpu_tier=False)
+        self.table = self.inner.table
+
+    @property
+    def version(self) -> int:
+        return self.inner.version
+
+    def level(self, agent_id: int, now: float) -> float:
+        return self.inner.level(agent_id, now)
+
+    def is_suffix(self, block, block_size: int) -> bool:
+        return block.position >= 6
+
+    def on_distance_update(self, distances: dict, now: float) -> None:
+        self.inner.on_distance_update(distances, now)
+
+
 def _policy(kind: str):
     if kind == "steps-to-execution":
         return StepsToExecution(graph="hints", cpu_tier=False)
+    if kind == "plain":
+        return _PlainLeveled()
     return InvocationDistance(source=kind, unit=0.5, hold_levels=3, cpu_tier=False)
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind", ["oracle", "ewma", "steps", "steps-to-execution"])
+@pytest.mark.parametrize("kind", ["oracle", "ewma", "steps", "steps-to-execution", "plain"])
 def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
     rng = random.Random(seed)
     pol = _policy(kind)
@@ -187,7 +213,7 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
             a = rng.choice(agents)
             t = pol.table
             c = _Call(a)
-            if kind in ("oracle", "ewma"):
+            if kind in ("oracle", "ewma", "plain"):
                 if rng.random() < 0.5:
                     t.on_call_arrive(c, now)
                 else:
@@ -214,4 +240,4 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
             assert fast.evictable_by_level(now) == ref.evictable_by_level(now)
     assert pops > 300
     kinds = set(fast._groups) | seen_groups
-    assert _SHARED in kinds and _NOHASH in kinds and (kind != "steps-to-execution" or _SUFFIX in kinds)
+    assert _SHARED in kinds and _NOHASH in kinds and (kind not in ("steps-to-execution", "plain") or _SUFFIX in kinds)
