@@ -635,11 +635,24 @@ def _run_ray_cell(modules: list[str], bundles: list, base: dict, cell: dict, cel
 
 
 def _ray_failure(e: BaseException) -> dict:
-    """A Ray error from ``ray.get`` of a cell (its worker or node died, out of memory, cancelled) as a
-    failed cell's row: one line, no traceback (``_run_cell`` itself never raises)."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return {"_error": f"its Ray worker died, {1 + RAY_MAX_RETRIES} tries ({type(e).__name__}: {first})",
-            "_bad_input": False}
+    """A Ray error from ``ray.get`` of a cell as a failed cell's row: one line, no traceback
+    (``_run_cell`` itself never raises). Its worker or node died (after Ray's retries, up to
+    ``RAY_MAX_RETRIES``; out of memory included), the task raised (a registering module failed to
+    import on the node, say: its own error), or Ray gave up on it otherwise (cancelled, ...)."""
+    from ray.exceptions import NodeDiedError, OutOfMemoryError, RayTaskError, WorkerCrashedError
+
+    def first_line(x: BaseException) -> str:
+        text = str(x).strip()
+        return f"{type(x).__name__}: {text.splitlines()[0]}" if text else type(x).__name__
+
+    if isinstance(e, RayTaskError):
+        cause = e.cause if isinstance(e.cause, BaseException) else e
+        why = f"its Ray task raised {first_line(cause)}"
+    elif isinstance(e, (WorkerCrashedError, NodeDiedError, OutOfMemoryError)):
+        why = f"its Ray worker died ({first_line(e)}); Ray retried it up to {RAY_MAX_RETRIES} times"
+    else:
+        why = f"Ray gave up on it ({first_line(e)})"
+    return {"_error": why, "_bad_input": False}
 
 
 def _run_ray(spec, todo, cells_dir, address, rows, tracker, keys) -> None:

@@ -423,10 +423,11 @@ class LeveledFreeQueue:
         # enters and leaves both together), so a rebuild reads every group's in C
         self._oldest: dict[int, float] = {}
         self._users: dict[int, int | dict[int, None]] = {}   # block_id -> agent(s) that freed it (most recent last)
-        # the policy's suffix rule, only if it has one (KVFlow); a LeveledEvict policy of the user's
-        # (level and is_suffix alone) gets the plain forms
+        # the policy's suffix rule, skipped only when it is _DistanceEvict's own (no block is a
+        # suffix); a LeveledEvict policy of the user's (level and is_suffix alone) gets the plain forms
         self._bulk = isinstance(policy, _DistanceEvict)
-        self._is_suffix = None if self._bulk and not policy.suffix_blocks else policy.is_suffix
+        self._is_suffix = (None if self._bulk and type(policy).is_suffix is _DistanceEvict.is_suffix
+                           else policy.is_suffix)
         self._shared_users: dict[int, None] = {}       # union of the shared group's users
         self._n = 0
         self._heap: list = []     # entries pushed since the last rebuild (a heap)
@@ -487,7 +488,7 @@ class LeveledFreeQueue:
             del self._oldest[g]
             if g == _SHARED:
                 self._shared_users = {}
-        elif block.last_used_at == self._oldest[g]:
+        elif not block.last_used_at > self._oldest[g]:
             # it may have been the first block (a first block's time is the group's oldest)
             self._oldest[g] = next(iter(grp.values())).last_used_at
 
@@ -713,8 +714,6 @@ class _DistanceEvict:
     def version(self) -> int:
         return self.table.version
 
-    suffix_blocks = False   # whether is_suffix can be True (KVFlow's dynamic suffixes)
-
     def is_suffix(self, block: BlockView, block_size: int) -> bool:
         return False
 
@@ -806,20 +805,29 @@ class InvocationDistance(_DistanceEvict):
 
     def levels(self, agent_ids: list[int], now: float) -> list[float]:
         """``[level(a, now) for a in agent_ids]`` (the time-based sources: :meth:`levels_array`)."""
-        if self.source == "steps" or not agent_ids:
-            return super().levels(agent_ids, now)
-        return self.levels_array(agent_ids, now).tolist()
+        lv = self.levels_array(agent_ids, now) if agent_ids else None
+        return super().levels(agent_ids, now) if lv is None else lv.tolist()
+
+    def _bulk_levels(self) -> bool:
+        """Whether :meth:`levels_array` may compute the levels: a time-based source, and ``level``,
+        ``steps`` and the table's ``distance`` are this module's own (a subclass that changes any of
+        them gets its levels one by one)."""
+        cls = type(self)
+        return (self.source != "steps" and cls.level is InvocationDistance.level
+                and cls.steps is InvocationDistance.steps and type(self.table).distance is TimeDistances.distance)
 
     def levels_array(self, agent_ids: list[int], now: float) -> np.ndarray | None:
         """``levels(agent_ids, now)`` as a float64 array, the time-based sources' arithmetic in
         numpy (a queue asks for all its groups' levels whenever time has moved); None for the
         ``steps`` source (its levels are read one by one). Ids the table never saw are unknown."""
-        if self.source == "steps":
+        if not self._bulk_levels():
             return None
         t = self.table
         ids = np.fromiter(map(t.slot.get, agent_ids, repeat(0)), np.int64, len(agent_ids))
         fcap = float(self.hold_levels + 1)
         at = t.next_at_array[ids]
+        if np.isinf(at).any():
+            return None   # an infinite distance: level() raises there (math.ceil), as it always did
         running = t.active_array[ids]
         # level(): distance 0 while running, else max(0, at - now); D = max(0, ceil(d/unit - 1e-9) - 1);
         # min(cap, D); cap when unknown. The same IEEE operations, element by element.
@@ -905,8 +913,6 @@ class StepsToExecution(_DistanceEvict):
         f = call.hints.fixed_prefix_tokens
         if f is not None:
             self.fixed_tokens[call.agent_id] = f
-
-    suffix_blocks = True
 
     def is_suffix(self, block: BlockView, block_size: int) -> bool:
         f = self.fixed_tokens.get(block.agent_id)

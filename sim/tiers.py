@@ -255,8 +255,9 @@ class EngineTiers:
                 del upto[a]
 
     # ------------------------------------------------------------------ held calls
-    def _plan(self, hashes: list, limit: int, now: float) -> tuple[int, list, float]:
-        """(GPU prefix blocks, host-held hashes to load after it, latest in-flight completion)."""
+    def _plan(self, hashes: list, limit: int, now: float) -> tuple[int, list, float, int]:
+        """(GPU prefix blocks, host-held hashes to load after it, latest in-flight completion, the
+        depth of the first hash to load: after the prefix and the blocks already on their way)."""
         k = self.pool.num_cached_prefix(hashes, limit)
         i = k
         to_load = []
@@ -272,7 +273,7 @@ class EngineTiers:
             else:
                 break
             i += 1
-        return k, to_load, wait
+        return k, to_load, wait, i - len(to_load)
 
     def intercept(self, call: Any) -> bool:
         """At arrival: take ``call`` aside until the next step boundary, where the tier decides
@@ -306,7 +307,7 @@ class EngineTiers:
     def _start_call_load(self, call: Any, now: float) -> None:
         limit = (call.num_prompt_tokens - 1) // self.bs
         hashes = call.full_hashes
-        k, to_load, wait = self._plan(hashes, limit, now) if limit > 0 else (0, [], -math.inf)
+        k, to_load, wait, first = self._plan(hashes, limit, now) if limit > 0 else (0, [], -math.inf, 0)
         if not to_load and wait == -math.inf:
             self._release_call(call, at_boundary=True)
             return
@@ -318,7 +319,8 @@ class EngineTiers:
         free = self.pool.num_free
         if len(to_load) > free:
             to_load = to_load[:free]
-        blocks, done = self._load(to_load, k, now, call.program_id, call.agent_id)
+        # the loaded blocks sit at their hashes' depths (after any still in flight for another load)
+        blocks, done = self._load(to_load, first, now, call.program_id, call.agent_id)
         done = max(done, wait)
         self.log.append(("hold", now, call.call_id, (len(to_load), done)))
         ld = _Load("call", blocks, to_load, done, call.agent_id, call.program_id, call, protect)

@@ -163,16 +163,34 @@ class _PlainLeveled:
         self.inner.on_distance_update(distances, now)
 
 
+class _OwnLevel(InvocationDistance):
+    """A subclass with its own level rule: the queue must follow it, not the bulk arithmetic."""
+
+    def level(self, agent_id: int, now: float) -> float:
+        return 10.0 - super().level(agent_id, now)
+
+
+class _OwnSuffix(InvocationDistance):
+    """A subclass with a suffix rule of its own."""
+
+    def is_suffix(self, block, block_size: int) -> bool:
+        return block.position >= 6
+
+
 def _policy(kind: str):
     if kind == "steps-to-execution":
         return StepsToExecution(graph="hints", cpu_tier=False)
     if kind == "plain":
         return _PlainLeveled()
+    if kind in ("own-level", "own-suffix"):
+        return (_OwnLevel if kind == "own-level" else _OwnSuffix)(source="oracle", unit=0.5, hold_levels=3,
+                                                                    cpu_tier=False)
     return InvocationDistance(source=kind, unit=0.5, hold_levels=3, cpu_tier=False)
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind", ["oracle", "ewma", "steps", "steps-to-execution", "plain"])
+@pytest.mark.parametrize("kind", ["oracle", "ewma", "steps", "steps-to-execution", "plain", "own-level",
+                                  "own-suffix"])
 def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
     rng = random.Random(seed)
     pol = _policy(kind)
@@ -213,7 +231,7 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
             a = rng.choice(agents)
             t = pol.table
             c = _Call(a)
-            if kind in ("oracle", "ewma", "plain"):
+            if kind in ("oracle", "ewma", "plain", "own-level", "own-suffix"):
                 if rng.random() < 0.5:
                     t.on_call_arrive(c, now)
                 else:
@@ -240,4 +258,4 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
             assert fast.evictable_by_level(now) == ref.evictable_by_level(now)
     assert pops > 300
     kinds = set(fast._groups) | seen_groups
-    assert _SHARED in kinds and _NOHASH in kinds and (kind not in ("steps-to-execution", "plain") or _SUFFIX in kinds)
+    assert _SHARED in kinds and _NOHASH in kinds and (kind not in ("steps-to-execution", "plain", "own-suffix") or _SUFFIX in kinds)

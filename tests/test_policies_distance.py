@@ -401,6 +401,38 @@ def test_the_remembered_cached_prefixes_stay_cached_and_follow_evictions(policy,
     assert seen["checks"] > 1000 and seen["shortened"] > 0, seen
 
 
+def test_blocks_loaded_for_a_held_call_sit_at_their_hashes_depths():
+    """A call held for a host load whose first missing blocks are already on their way (another
+    load's) gets the blocks after those: each loaded block's position is its hash's depth in the
+    call's chain (KVFlow's suffix rule and the tier's memo read it). The tier once placed them at the
+    end of the cached prefix instead (this run failed at its first such load)."""
+    sim = Simulation(load_config(None, {
+        "cluster.num_nodes": 1, "cluster.gpus_per_node": 1, "workload.arrival": "closed", "policy": "scalesim",
+        "sim.drain": True, "duration": 1e5, "cluster.engine.num_gpu_blocks_override": 260, "seed": 4,
+        "workload.generator": "society", "workload.agents": 1, "workload.num_programs": 2,
+        "workload.params": {"num_agents": 80, "num_steps": 5}}))
+    seen = {"blocks": 0, "after_inflight": 0}
+    for et in sim.mechanisms.engines:
+        complete, plan = et._complete, et._plan
+
+        def _plan(hashes, limit, now, plan=plan):
+            out = plan(hashes, limit, now)
+            k, to_load, wait, first = out
+            seen["after_inflight"] += bool(to_load) and first > k
+            return out
+
+        def _complete(ld, complete=complete):
+            if ld.kind == "call":
+                for b, h in zip(ld.blocks, ld.hashes):
+                    assert ld.call.full_hashes[b.position] == h, (b.position, ld.call.call_id)
+                    seen["blocks"] += 1
+            return complete(ld)
+
+        et._complete, et._plan = _complete, _plan
+    sim.run()
+    assert seen["blocks"] > 1000 and seen["after_inflight"] > 0, seen
+
+
 @pytest.mark.parametrize("source", ["oracle", "ewma"])
 def test_invocation_distance_candidates_equal_a_scan_of_every_agents_next_call(source):
     """The time table keeps its next-call times sorted (``by_time``), so the prefetch candidates are
