@@ -10,7 +10,6 @@ distance-table events must give the same block at every pop and the same evictab
 from __future__ import annotations
 
 import heapq
-import math
 import random
 from collections import OrderedDict
 
