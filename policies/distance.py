@@ -45,6 +45,7 @@ INF = math.inf
 _SHARED = -(1 << 62)      # group key of blocks used by several agents
 _SUFFIX = -(1 << 62) + 1  # group key of dynamic-suffix blocks (KVFlow)
 _NOHASH = -(1 << 62) + 2  # blocks with no cached content (a partial last block): reused first, as in vLLM
+UNKNOWN_STEPS = 1e9       # KVFlow's level of an agent whose steps to execution are unknown: evicted first
 
 
 def _gauss(*parts: object) -> float:
@@ -276,6 +277,47 @@ class StepDistances(_InFlight):
         self.active: dict[int, int] = {}
         self.version = 0
         self._cache: tuple | None = None
+        # the hints' step counts again as arrays, for the steps of many agents at once
+        # (StepsToExecution.levels_array): agent -> its slot (slot 0: never seen), client -> its slot
+        # (slot 0: none, zero steps); per agent slot its next call's client step (NaN: none), client
+        # slot and whether it runs; per client slot its finished calls
+        self.slot: dict[int, int] = {}
+        self.client_slot: dict[int, int] = {}
+        self.next_array = np.full(64, np.nan)
+        self.client_array = np.zeros(64, dtype=np.int64)
+        self.active_array = np.zeros(64, dtype=bool)
+        self.client_steps_array = np.zeros(64)
+
+    def _slot(self, agent_id: int) -> int:
+        i = self.slot.get(agent_id)
+        if i is None:
+            i = self.slot[agent_id] = len(self.slot) + 1
+            n = len(self.next_array)
+            if i >= n:
+                self.next_array = np.concatenate([self.next_array, np.full(n, np.nan)])
+                self.client_array = np.concatenate([self.client_array, np.zeros(n, dtype=np.int64)])
+                self.active_array = np.concatenate([self.active_array, np.zeros(n, dtype=bool)])
+        return i
+
+    def _client_slot(self, client: int) -> int:
+        i = self.client_slot.get(client)
+        if i is None:
+            i = self.client_slot[client] = len(self.client_slot) + 1
+            n = len(self.client_steps_array)
+            if i >= n:
+                self.client_steps_array = np.concatenate([self.client_steps_array, np.zeros(n)])
+        return i
+
+    def _started(self, agent_id: int) -> None:
+        super()._started(agent_id)
+        i = self._slot(agent_id)   # first: it may replace the arrays
+        self.active_array[i] = True
+
+    def _ended(self, agent_id: int) -> None:
+        super()._ended(agent_id)
+        if agent_id not in self.active:
+            i = self._slot(agent_id)
+            self.active_array[i] = False
 
     def on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
         self.client_of[program_id] = agent_id
@@ -298,20 +340,25 @@ class StepDistances(_InFlight):
         self.agent_client[a] = c
         self.agent_stage[a] = stage
         self._started(a)
+        i = self.slot[a]
+        self.client_array[i] = self._client_slot(c)
         if self.mode == "hints":
             steps = call.hints.next_invocation_steps
             pos = self.client_steps.get(c, 0)
             if steps is None:
                 self.agent_next.pop(a, None)
+                self.next_array[i] = np.nan
             else:
-                self.agent_next[a] = pos + int(steps)
+                self.agent_next[a] = nxt = pos + int(steps)
+                self.next_array[i] = nxt
         self.version += 1
 
     def on_call_finish(self, call: CallView, now: float) -> None:
         a = call.agent_id
         self._ended(a)
         c = self._client(call)
-        self.client_steps[c] = self.client_steps.get(c, 0) + 1
+        self.client_steps[c] = n = self.client_steps.get(c, 0) + 1
+        self.client_steps_array[self._client_slot(c)] = n
         self.version += 1
 
     # ------------------------------------------------------------------ steps
@@ -920,7 +967,28 @@ class StepsToExecution(_DistanceEvict):
 
     def level(self, agent_id: int, now: float) -> float:
         s = self.table.steps(agent_id, now)
-        return 1e9 if s is None else s
+        return UNKNOWN_STEPS if s is None else s
+
+    def levels(self, agent_ids: list[int], now: float) -> list[float]:
+        """``[level(a, now) for a in agent_ids]`` (the ``hints`` graph: :meth:`levels_array`)."""
+        lv = self.levels_array(agent_ids, now) if agent_ids else None
+        return super().levels(agent_ids, now) if lv is None else lv.tolist()
+
+    def levels_array(self, agent_ids: list[int], now: float) -> np.ndarray | None:
+        """``levels(agent_ids, now)`` as a float64 array, the ``hints`` graph's step counts in numpy
+        (a queue asks for all its groups' levels at every step that evicts); None for the other
+        graphs, or when ``level`` or the table's ``steps`` are a subclass's own. Ids the table never
+        saw are unknown (``UNKNOWN_STEPS``)."""
+        t = self.table
+        if (t.mode != "hints" or type(self).level is not StepsToExecution.level
+                or type(t).steps is not StepDistances.steps):
+            return None
+        ids = np.fromiter(map(t.slot.get, agent_ids, repeat(0)), np.int64, len(agent_ids))
+        # steps(): 0 while running; unknown without a hinted next call; else max(0, next step -
+        # the client's finished calls), integers exact in float64
+        nxt = t.next_array[ids]
+        togo = np.maximum(0.0, nxt - t.client_steps_array[t.client_array[ids]])
+        return np.where(t.active_array[ids], 0.0, np.where(np.isnan(nxt), UNKNOWN_STEPS, togo))
 
     def prefetch_candidates(self, now: float) -> list[int]:
         # steps-to-execution change only on call events (the table's version), not with time, and

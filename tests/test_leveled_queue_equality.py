@@ -176,9 +176,18 @@ class _OwnSuffix(InvocationDistance):
         return block.position >= 6
 
 
+class _OwnSteps(StepsToExecution):
+    """A KVFlow subclass with its own level rule: the queue must follow it, not the bulk arithmetic."""
+
+    def level(self, agent_id: int, now: float) -> float:
+        return 50.0 - min(super().level(agent_id, now), 40.0)
+
+
 def _policy(kind: str):
     if kind == "steps-to-execution":
         return StepsToExecution(graph="hints", cpu_tier=False)
+    if kind == "own-steps":
+        return _OwnSteps(graph="hints", cpu_tier=False)
     if kind == "plain":
         return _PlainLeveled()
     if kind in ("own-level", "own-suffix"):
@@ -188,8 +197,8 @@ def _policy(kind: str):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind", ["oracle", "ewma", "steps", "steps-to-execution", "plain", "own-level",
-                                  "own-suffix"])
+@pytest.mark.parametrize("kind", ["oracle", "ewma", "steps", "steps-to-execution", "own-steps", "plain",
+                                  "own-level", "own-suffix"])
 def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
     rng = random.Random(seed)
     pol = _policy(kind)
@@ -247,14 +256,26 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
                 if rng.random() < 0.3:
                     t.on_tool_end(0, a, "world", now)
             else:
-                c.hints.next_invocation_steps = rng.randrange(1, 6)
+                # KVFlow: calls of several workflow clients (programs) arrive and end, some left
+                # running, some without a hinted next call; programs start and end (the client map)
+                c.program_id = rng.randrange(3)
+                if rng.random() < 0.15:
+                    pol.on_program_start(c.program_id, rng.choice(agents), "kvflow", now)
+                elif rng.random() < 0.05:
+                    pol.on_program_end(c.program_id, now)
+                c.hints.next_invocation_steps = rng.choice([None, 1, 2, 3, 5])
                 c.hints.fixed_prefix_tokens = rng.choice([None, 32, 64])   # blocks past it: the suffix group
-                pol.on_call_arrive(c, now)
-                pol.on_call_finish(c, now)
+                if a in t.active and rng.random() < 0.6:
+                    pol.on_call_finish(c, now)
+                else:
+                    pol.on_call_arrive(c, now)
+                    if rng.random() < 0.5:
+                        pol.on_call_finish(c, now)
         assert len(fast) == ref.n
         seen_groups.update(fast._groups)
         if rng.random() < 0.05:
             assert fast.evictable_by_level(now) == ref.evictable_by_level(now)
     assert pops > 300
     kinds = set(fast._groups) | seen_groups
-    assert _SHARED in kinds and _NOHASH in kinds and (kind not in ("steps-to-execution", "plain", "own-suffix") or _SUFFIX in kinds)
+    assert _SHARED in kinds and _NOHASH in kinds and (kind not in ("steps-to-execution", "own-steps", "plain", "own-suffix")
+                                                        or _SUFFIX in kinds)

@@ -590,3 +590,34 @@ def test_levels_of_many_agents_equal_each_agents_level(source):
             assert pol.levels(ids, now) == [pol.level(a, now) for a in ids]
             seen.update(pol.levels(ids, now))
     assert len(seen) >= 3, seen
+
+
+@pytest.mark.parametrize("graph", ["hints", "learned"])
+def test_kvflow_levels_of_many_agents_equal_each_agents_level(graph):
+    """KVFlow's queue asks for all its groups' levels at once: the ``hints`` graph's are computed in
+    numpy from arrays the step table keeps (``levels_array``), the others one by one. Both equal
+    ``level`` agent by agent: running, hinted near and far, past their hinted step, unhinted, unknown."""
+    import random
+
+    from types import SimpleNamespace
+
+    from agentsim.policies.distance import UNKNOWN_STEPS, StepsToExecution
+
+    rng = random.Random(5)
+    pol = StepsToExecution(graph=graph, cpu_tier=False)
+    agents = list(range(30))
+    seen: set[float] = set()
+    for k in range(400):
+        a = rng.choice(agents)
+        call = SimpleNamespace(agent_id=a, program_id=a % 4, hints=CallHints(
+            stage=f"agent{a % 5}", next_invocation_steps=rng.choice([None, 1, 3, 7])))
+        if a in pol.table.active and rng.random() < 0.7:
+            pol.on_call_finish(call, 0.0)
+        else:
+            pol.on_call_arrive(call, 0.0)
+        ids = rng.sample(agents, 20) + [999]    # 999: never seen
+        want = [pol.level(x, 0.0) for x in ids]
+        assert pol.levels(ids, 0.0) == want
+        seen.update(want)
+    assert (pol.levels_array(agents, 0.0) is None) == (graph != "hints")
+    assert 0.0 in seen and UNKNOWN_STEPS in seen and len(seen) >= 4, seen
