@@ -16,6 +16,13 @@ memory, not work. Three columns:
   it does a little less. Not the simulator's code: it is here to show what that layout would gain.
 - ``hash maps``: the prefix-cache maps alone, the same dict operations per block as the pool
   (an insert when a block is cached, a lookup and a delete when it is evicted).
+- ``compiled``: what a compiled pool would cost (needs ``pip install numba``; the column says
+  "no numba" without it). The ``arrays`` prototype's LRU order in machine integers, compiled with
+  numba: per pool, block state in int arrays, the free queue a ring of block ids and the
+  prefix-cache map an open-addressing table (linear probing, deletion by backward shift) of 64-bit
+  hashes, one compiled call per simulated call, the Python-to-numba crossing (hash list to array,
+  dispatch) included. Like ``arrays`` it keeps only what LRU needs, and with no prefix hits here its
+  queue never holds a removed block, so it is a lower bound for a compiled pool, not a design.
 
     python benchmarks/kv_locality.py                      # 1, 8 and 80 pools of 27,000 blocks
     python benchmarks/kv_locality.py --pools 1 80 --calls 40000
@@ -24,6 +31,7 @@ memory, not work. Three columns:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import random
 import statistics
@@ -94,6 +102,89 @@ class ArrayPool:
         self.queue.extend(unused)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_kernel():
+    """The ``compiled`` layout's one-call kernel, or None without numba (compiled on first use)."""
+    try:
+        from numba import njit
+    except ImportError:
+        return None
+    import numpy as np  # noqa: F401  (numba types the arrays)
+
+    @njit(inline="always")
+    def lookup(keys, vals, p, mask, h):
+        i = h & mask
+        while True:
+            k = keys[p, i]
+            if k == -1:
+                return -1
+            if k == h:
+                return vals[p, i]
+            i = (i + 1) & mask
+
+    @njit(inline="always")
+    def delete(keys, vals, p, mask, h):
+        i = h & mask
+        while keys[p, i] != h:
+            if keys[p, i] == -1:
+                return
+            i = (i + 1) & mask
+        j = i
+        while True:   # backward shift: move up every later entry of the run whose home is not in (i, j]
+            j = (j + 1) & mask
+            k = keys[p, j]
+            if k == -1:
+                break
+            home = k & mask
+            if (i < j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+                keys[p, i] = k
+                vals[p, i] = vals[p, j]
+                i = j
+        keys[p, i] = -1
+
+    @njit
+    def one_call(ref, block_hash, ring, counters, keys, vals, p, old, hashes, out):
+        # counters[p]: [blocks created, ring head, ring tail]; a pool's blocks ``ref.shape[1]``
+        num_blocks = ref.shape[1]
+        ring_len = ring.shape[1]
+        mask = keys.shape[1] - 1
+        c = counters[p]
+        for i in range(old.shape[0] - 1, -1, -1):      # free, tail first (vLLM's order)
+            b = old[i]
+            rc = ref[p, b] - 1
+            ref[p, b] = rc
+            if rc == 0:
+                ring[p, c[2] % ring_len] = b
+                c[2] += 1
+        n = hashes.shape[0]
+        for i in range(n):                               # allocate: never-used first, then LRU
+            if c[0] < num_blocks:
+                b = c[0]
+                c[0] += 1
+            else:
+                b = ring[p, c[1] % ring_len]
+                c[1] += 1
+                h = block_hash[p, b]
+                if h != -1:
+                    if lookup(keys, vals, p, mask, h) == b:
+                        delete(keys, vals, p, mask, h)
+                    block_hash[p, b] = -1
+            ref[p, b] = 1
+            out[i] = b
+        for i in range(n):                               # cache under the new hashes
+            b = out[i]
+            h = hashes[i]
+            if block_hash[p, b] == -1 and lookup(keys, vals, p, mask, h) == -1:
+                block_hash[p, b] = h
+                slot = h & mask
+                while keys[p, slot] != -1:
+                    slot = (slot + 1) & mask
+                keys[p, slot] = h
+                vals[p, slot] = b
+
+    return one_call
+
+
 def _pools(layout: str, num_pools: int, pool_blocks: int) -> tuple[list, object]:
     """The pools and a ``one_call(pool, held_blocks_to_free, new_hashes) -> new blocks``."""
     if layout == "BlockPool":
@@ -118,6 +209,21 @@ def _pools(layout: str, num_pools: int, pool_blocks: int) -> tuple[list, object]
             out = pool.allocate(len(hashes))
             for b, h in zip(out, hashes):
                 pool.cache(b, h)
+            return out
+    elif layout == "compiled":
+        import numpy as np
+
+        kernel = _compiled_kernel()
+        size = 1 << (2 * pool_blocks - 1).bit_length()      # table at most half full
+        state = (np.zeros((num_pools, pool_blocks), np.int32), np.full((num_pools, pool_blocks), -1, np.int64),
+                 np.zeros((num_pools, pool_blocks + 1), np.int32), np.zeros((num_pools, 3), np.int64),
+                 np.full((num_pools, size), -1, np.int64), np.zeros((num_pools, size), np.int32))
+        none = np.zeros(0, np.int32)
+        pools = list(range(num_pools))
+
+        def one(pool, old, hashes):
+            out = np.empty(len(hashes), np.int32)
+            kernel(*state, pool, none if old is None else old, np.array(hashes, np.int64), out)
             return out
     else:   # the hash maps alone: a block's hash enters at cache time and leaves at its eviction
         pools = [({}, deque()) for _ in range(num_pools)]
@@ -194,7 +300,10 @@ def main() -> None:
     if args.blocks * (args.live + 1) > args.pool_blocks:
         _bad(f"--blocks x (--live + 1) = {args.blocks * (args.live + 1):,}: more blocks than a pool has "
              f"(--pool-blocks {args.pool_blocks:,})")
-    layouts = ("BlockPool", "arrays", "hash maps")
+    layouts = ["BlockPool", "arrays", "hash maps", "compiled"]
+    if _compiled_kernel() is None:
+        print("compiled: no numba here (pip install numba); that column is left out", file=sys.stderr)
+        layouts.pop()
     print(f"{args.pool_blocks:,} blocks per pool, {args.blocks} blocks per call, {args.live} calls held per pool; "
           "CPU ns per block (allocate + cache + free), median of 5 rounds")
     print("| pools | blocks in all pools | " + " | ".join(layouts) + " |\n|---|---|" + "---|" * len(layouts))
