@@ -525,6 +525,45 @@ class LeveledFreeQueue:
         grp[block.block_id] = block
         self._n += 1
 
+    def append_blocks(self, blocks: list[BlockView], now: float) -> None:
+        """``append(b, now)`` for each of ``blocks`` in order (the pool frees a call's blocks at once),
+        the common case of :meth:`_group_of` inline: a cached block freed by the agent that freed it
+        last, or by its first agent."""
+        groups = self._groups
+        users_of = self._users
+        group_of = self._group_of
+        plain = self._is_suffix is None
+        for block in blocks:
+            if plain and block.block_hash is not None:
+                bid = block.block_id
+                a = block.agent_id
+                users = users_of.get(bid)
+                if users is None:
+                    users_of[bid] = g = a
+                elif users == a:     # one agent's id (a dict of users never equals an int)
+                    g = a
+                else:
+                    g = group_of(block)
+            else:
+                g = group_of(block)
+            block.qkey = g
+            grp = groups.get(g)
+            if grp is None:
+                grp = groups[g] = OrderedDict()
+                self._oldest[g] = block.last_used_at
+                grp[block.block_id] = block
+                self._n += 1
+                if self._epoch is not None and g != _NOHASH:
+                    self._push(g, now)
+            else:
+                grp[block.block_id] = block
+                self._n += 1
+
+    def pop_blocks(self, n: int, now: float) -> list[BlockView]:
+        """``[pop(now) for _ in range(n)]``."""
+        pop = self.pop
+        return [pop(now) for _ in range(n)]
+
     def remove(self, block: BlockView) -> None:
         g = block.qkey
         grp = self._groups[g]

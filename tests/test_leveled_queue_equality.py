@@ -213,25 +213,35 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
     for _ in range(3000):
         op = rng.random()
         if op < 0.4 and len(free) < 300:
-            bid = rng.randrange(400)
-            if bid in free:
-                continue
-            h = None if rng.random() < 0.1 else rng.choice(hashes + [rng.randrange(10**9)])
-            fields = (bid, h, 0, now, 0, rng.choice(agents), rng.randrange(8))
-            twins[bid] = (BlockView(*fields), BlockView(*fields))
-            fast.append(twins[bid][0], now)
-            ref.append(twins[bid][1], now)
-            free.add(bid)
+            # one block, or a call's blocks at once (the pool's append_blocks), one agent's or mixed
+            bids = [b for b in rng.sample(range(400), rng.choice([1, 1, 2, 5])) if b not in free]
+            agent = rng.choice(agents)
+            new = []
+            for bid in bids:
+                h = None if rng.random() < 0.1 else rng.choice(hashes + [rng.randrange(10**9)])
+                a = agent if rng.random() < 0.8 else rng.choice(agents)
+                fields = (bid, h, 0, now, 0, a, rng.randrange(8))
+                twins[bid] = (BlockView(*fields), BlockView(*fields))
+                new.append(bid)
+                free.add(bid)
+            if len(new) == 1 and rng.random() < 0.5:
+                fast.append(twins[new[0]][0], now)
+            else:
+                fast.append_blocks([twins[b][0] for b in new], now)
+            for b in new:
+                ref.append(twins[b][1], now)
         elif op < 0.5 and free:
             bid = rng.choice(sorted(free))
             fast.remove(twins[bid][0])
             ref.remove(twins[bid][1])
             free.discard(bid)
         elif op < 0.75 and free:
-            a, b = fast.pop(now), ref.pop(now)
-            assert a.block_id == b.block_id, (pops, a, b)
-            free.discard(a.block_id)
-            pops += 1
+            k = min(len(free), rng.choice([1, 1, 1, 3]))
+            got = [fast.pop(now)] if k == 1 and rng.random() < 0.5 else fast.pop_blocks(k, now)
+            want = [ref.pop(now) for _ in range(k)]
+            assert [b.block_id for b in got] == [b.block_id for b in want], (pops, got, want)
+            free.difference_update(b.block_id for b in got)
+            pops += k
         elif op < 0.85:
             now += rng.choice([0.0, 0.1, 0.25, 0.5, 1.0])
         else:
