@@ -698,6 +698,9 @@ class Mechanisms:
             bundle.subscribe("on_program_end", self._on_program_end)
             if caps.prefetch_on_events:
                 bundle.subscribe("on_tool_end", self._on_tool_end)
+        # the engines that prefetch, with their wake-ups, in engine order: a step-clock or workflow
+        # event marks them all (prefetch_on is fixed when the tier is built)
+        self._prefetching = [(et, et.engine.notify) for et in self.engines if et.prefetch_on]
 
     @property
     def active(self) -> bool:
@@ -752,17 +755,17 @@ class Mechanisms:
                 et.prefetch_at(t)
             if self.caps.prefetch_on_events:
                 # steps-to-execution: one call ending moves every agent of its workflow a step closer
-                for et2 in self.engines:
+                # (every other engine: et prefetches, so all do)
+                for et2, notify in self._prefetching:
                     if et2 is not et:
                         et2.prefetch_dirty = True
-                        et2.engine.notify()
+                        notify()
 
     def _on_tool_end(self, program_id: int, agent_id: int, tool: str, now: float) -> None:
         # a step clock may have advanced: distances of many agents changed at once
-        for et in self.engines:
-            if et.prefetch_on:
-                et.prefetch_dirty = True
-                et.engine.notify()
+        for et, notify in self._prefetching:
+            et.prefetch_dirty = True
+            notify()
 
     def _on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
         self.live_programs.add(program_id)
