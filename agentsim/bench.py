@@ -191,15 +191,29 @@ def serving_metrics(input_lens: Sequence[int], output_lens: Sequence[int], ttfts
     return out
 
 
+#: The largest integer a bench file's fields may hold: any larger one is no count of tokens or
+#: seconds, and does not convert to a float or an int64 (JSON integers are unbounded).
+MAX_JSON_INT = 2 ** 53
+
+
+def _finite(x) -> bool:
+    """A finite JSON number (an integer within :data:`MAX_JSON_INT`, or a finite float)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return abs(x) <= MAX_JSON_INT
+    return isinstance(x, float) and math.isfinite(x)
+
+
 def _num(d: dict, key: str, where: str, *, allow_inf: bool = False) -> float | None:
     v = d.get(key)
     if v is None:
         return None
     if allow_inf and isinstance(v, str) and v.strip().lower() in ("inf", "infinity"):
         return math.inf
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and not _finite(v)):
         what = 'a number or "inf"' if allow_inf else "a number"
-        raise BenchError(f"{where}: {key}", f"must be {what}, got {v!r}")
+        raise BenchError(f"{where}: {key}", f"must be {what}, got {v!r}"[:200])
     v = float(v)
     if math.isnan(v) or (v < 0):
         raise BenchError(f"{where}: {key}", f"must be >= 0, got {v}")
@@ -216,11 +230,11 @@ def _list(d: dict, key: str, where: str, n: int | None, kind: str) -> list | Non
         raise BenchError(f"{where}: {key}", f"has {len(v)} entries but input_lens has {n}")
     for i, x in enumerate(v):
         if kind == "int":
-            ok = isinstance(x, int) and not isinstance(x, bool) and x >= 0
+            ok = isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_JSON_INT
         elif kind == "float":
-            ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            ok = _finite(x)
         elif kind == "floats":
-            ok = isinstance(x, list) and all(isinstance(y, (int, float)) and not isinstance(y, bool) for y in x)
+            ok = isinstance(x, list) and all(_finite(y) for y in x)
         else:
             ok = x is None or isinstance(x, str)
         if not ok:
@@ -267,6 +281,8 @@ def load_bench(path: str | Path) -> BenchRun:
     if duration is not None and duration <= 0:
         raise BenchError(f"{where}: duration", f"must be > 0, got {duration}")
     rate = _num(d, "request_rate", where, allow_inf=True)
+    if rate is not None and rate <= 0:
+        raise BenchError(f"{where}: request_rate", f"must be > 0 requests/s (or \"inf\"), got {rate}")
     burst = _num(d, "burstiness", where)
     if burst is not None and burst <= 0:
         raise BenchError(f"{where}: burstiness", f"must be > 0, got {burst}")
@@ -275,7 +291,9 @@ def load_bench(path: str | Path) -> BenchRun:
         raise BenchError(f"{where}: max_concurrency", f"must be a positive integer or null, got {mc!r}")
     if lists["start_times"] is None and rate is None:
         raise BenchError(f"{where}: request_rate", "missing, and no start_times to take arrivals from")
-    seed = d.get("seed") if isinstance(d.get("seed"), int) else None
+    seed = d.get("seed") if isinstance(d.get("seed"), int) and not isinstance(d.get("seed"), bool) else None
+    if seed is not None and seed < 0:
+        raise BenchError(f"{where}: seed", f"must be an integer >= 0, got {seed}")
     summary = {k: float(d[k]) for k in METRIC_KEYS
                if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)}
     return BenchRun(

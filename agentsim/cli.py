@@ -9,7 +9,8 @@ status (the convention of click-based CLIs and of ``vllm``):
       incomplete or interrupted live run (``typer.Exit(1)`` raised by the command)
 2     bad input: a usage error (unknown command or option, a value of the wrong type: the usage
       line and the error, no traceback) or an :class:`~agentsim.errors.AgentsimError` (one line
-      naming the field, FILE:LINE or output path)
+      naming the field, FILE:LINE or output path); an ``OSError`` about a named path that no
+      check caught first is reported the same way (one line naming the path)
 130   interrupted (Ctrl-C / SIGINT: 128 + signal 2, as shells report it)
 ====  =====================================================================================
 
@@ -122,6 +123,13 @@ def run_cli(args: list[str] | None = None) -> int:
         rv = app(args=args, prog_name="agentsim", standalone_mode=False)
     except AgentsimError as e:
         typer.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    except OSError as e:
+        # a path the command was given that the file system refuses where no check caught it first
+        # (the commands check their paths before any work; this keeps a missed one to one line)
+        if e.filename is None:
+            raise
+        typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)
         return EXIT_USAGE
     except typer.Exit as e:  # raised outside typer's own handling (e.g. from an eager callback)
         return int(e.exit_code or 0)

@@ -213,9 +213,8 @@ def register_commands(app: typer.Typer) -> None:
         }
         overrides.update(parse_set_options(set_))
         cfg = load_config(config, overrides)
-        note = preflight_result_dir(out)  # before the run: never after the work is done
-        if note:
-            typer.echo(note, err=True)
+        # before the run: never after the work is done; its note once the result is written
+        note = preflight_result_dir(out, done=True)
         bar = _LazyProgress("simulating")
         try:
             result = run(cfg, progress=bar)
@@ -228,6 +227,8 @@ def register_commands(app: typer.Typer) -> None:
             typer.echo(cut, err=True)
         write_results(out, result.calls, result.programs, result.engines, result.summary,
                       {**result.manifest, "stats": result.stats}, links=result.links)
+        if note:
+            typer.echo(note, err=True)
         if as_json:
             print_json(result.summary)
         elif not quiet:
@@ -289,8 +290,10 @@ def register_commands(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed for arrival times drawn from a file's rate (files without start_times)."),
     ) -> None:
         """Replay `vllm bench serve` runs in the simulator; compare duration, throughput, TTFT, TPOT, ITL, E2EL."""
+        from agentsim.config import Param
         from agentsim.validate import check_out_dir, render, validate as run_validate, write_out_dir
 
+        Param(int, ge=0).check(seed, "--seed")
         check_out_dir(out)
         report = run_validate(bench, config, profile, seed)
         render(report, console)

@@ -424,12 +424,21 @@ class WorkloadSpec:
             if not isinstance(m, MixEntry):
                 raise ConfigError(f"workload.mix[{i}]", "must be a table with generator, weight, params")
             check_params(m, f"workload.mix[{i}]")
+        if self.mix and not math.isfinite(sum(m.weight for m in self.mix)):
+            raise ConfigError("workload.mix", "the weights add up to more than a float holds; they are relative "
+                                              "shares, so scale them down (e.g. 1 and 3)")
+
+
+#: The finest engine time-series period (simulated s). A finer one fills memory with rows (one per
+#: engine per period), and one below the clock's resolution never advances it: the run hangs
+#: (``1e-17`` did). Engine steps take milliseconds, so nothing finer is needed.
+MIN_SAMPLE_INTERVAL = 1e-3
 
 
 @dataclass(frozen=True)
 class SimOptions:
     fast_forward: bool = param(True, "advance decode-only stretches as one event")
-    sample_interval: float = param(1.0, "engine time-series period", gt=0, unit="simulated s")
+    sample_interval: float = param(1.0, "engine time-series period", ge=MIN_SAMPLE_INTERVAL, unit="simulated s")
     max_ff_steps: int = param(1_000_000, "cap on one fast-forward window", ge=1, unit="steps")
     drain: bool = param(False, "after duration, stop new programs and finish the rest")
 

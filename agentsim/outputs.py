@@ -24,6 +24,8 @@ path that changed while the work ran is still never clobbered.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -47,6 +49,16 @@ class OutputError(AgentsimError):
     """An output path that agentsim refuses to write (it holds something agentsim did not write)."""
 
 
+@contextlib.contextmanager
+def _os_errors(where: str, what: str = "cannot use this path"):
+    """An OSError while a path is checked or probed (a name too long, a loop of symbolic links, a
+    read-only file system) becomes :class:`OutputError` naming ``where``: one line, exit code 2."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(where, f"{what} ({e.strerror or e})") from None
+
+
 def _where(path: Path, option: str) -> str:
     return f"{option} {path}" if option else str(path)
 
@@ -60,6 +72,22 @@ def _is_cwd_or_ancestor(path: Path) -> bool:
     return p == cwd or p in cwd.parents
 
 
+def _check_names(p: Path) -> None:
+    """Raise OSError (ENAMETOOLONG) if a name of ``p`` still to be made is longer than its file
+    system allows (``stat`` of a missing path does not say so: the write would fail after the work)."""
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is None:
+        return
+    limit = _name_max(parent)
+    made = parent
+    for part in p.absolute().relative_to(parent).parts:
+        if len(os.fsencode(part)) > limit:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), part)
+        made = made / part
+        if made.is_symlink():   # it does not exist, so it leads nowhere (or in a loop)
+            raise OSError(errno.ELOOP, "a symbolic link that leads nowhere or in a loop", str(made))
+
+
 def _check_parent(p: Path, where: str) -> None:
     """The nearest existing ancestor of ``p`` must be a directory this process can write in."""
     for parent in p.absolute().parents:
@@ -71,11 +99,50 @@ def _check_parent(p: Path, where: str) -> None:
             return
 
 
+def foreign_report_entry(directory: Path, name: str) -> str | None:
+    """Whether the entry ``name`` (one of :data:`REPORT_ENTRIES`) of ``directory`` is what ``agentsim
+    report`` writes there: ``report.html`` / ``report.md`` a regular file, ``report_files`` a
+    directory of PNG files and nothing else. Returns None if so, else the first entry that is not
+    (``report_files/x/y.csv``, ``report.html`` when it is a directory), which agentsim must not
+    delete with the directory it sits in."""
+    q = directory / name
+    try:
+        if q.is_symlink():
+            return name
+        if name != "report_files":
+            return None if q.is_file() else name
+        if not q.is_dir():
+            return name
+        for e in sorted(os.scandir(q), key=lambda e: e.name):
+            if not (e.is_file(follow_symlinks=False) and e.name.endswith(".png")):
+                return f"{name}/{e.name}"
+    except OSError:
+        return name
+    return None
+
+
+def _foreign_entries(directory: Path, names, allowed) -> list[str]:
+    """The entries of ``directory`` (``names``) agentsim did not write: not in ``allowed``, or a
+    report entry holding something a report does not write (:func:`foreign_report_entry`)."""
+    out = []
+    for n in sorted(names):
+        if n in REPORT_ENTRIES:
+            bad = foreign_report_entry(directory, n)
+            if bad is not None:
+                out.append(bad)
+        elif n not in allowed:
+            out.append(n)
+    return out
+
+
 def is_result_dir(path: str | Path) -> bool:
     """True if ``path`` is a directory that agentsim wrote as a run result (and holds nothing else).
 
     Leftover hidden temporaries of an interrupted write (``.NAME.tmp-PID``) are not inside a
-    result directory (they sit beside it), so none are allowed here.
+    result directory (they sit beside it), so none are allowed here. A report written into it
+    (:data:`REPORT_ENTRIES`) counts only as the files ``agentsim report`` writes: a replaced result
+    takes its old report with it, so anything else there (a folder named ``report.html``, a file of
+    the user's in ``report_files/``) makes the directory not a result.
     """
     p = Path(path)
     if p.is_symlink() or not p.is_dir():
@@ -84,7 +151,7 @@ def is_result_dir(path: str | Path) -> bool:
         names = {e.name for e in os.scandir(p)}
     except OSError:
         return False
-    if "manifest.json" not in names or not names <= set(RESULT_FILES) | set(REPORT_ENTRIES):
+    if "manifest.json" not in names or _foreign_entries(p, names, RESULT_FILES):
         return False
     try:
         manifest = json.loads((p / "manifest.json").read_text())
@@ -97,12 +164,16 @@ def dir_entries(p: Path, where: str, kind: str) -> list[str] | None:
     """The sorted entry names of an output directory ``p`` about to be written, or None if it does
     not exist (its parent checked). Raises :class:`OutputError` (naming ``where``) for a symbolic
     link, an existing file (not a ``kind``) or an unreadable directory."""
-    if p.is_symlink():
+    with _os_errors(where):
+        link, exists, is_dir = p.is_symlink(), p.exists(), p.is_dir()
+    if link:
         raise OutputError(where, "is a symbolic link; give the directory itself")
-    if not p.exists():
+    if not exists:
         _check_parent(p, where)
+        with _os_errors(where):
+            _check_names(p)
         return None
-    if not p.is_dir():
+    if not is_dir:
         raise OutputError(where, f"is an existing file, not a {kind}; choose another path")
     try:
         return sorted(e.name for e in os.scandir(p))
@@ -153,21 +224,26 @@ def check_result_dir(path: str | Path, option: str = "--out", allow_cwd: bool = 
     if is_result_dir(p):
         _check_parent(p, where)
         return REPLACE
-    other = [e for e in entries if e not in RESULT_FILES and e not in REPORT_ENTRIES] or entries
+    other = _foreign_entries(p, entries, RESULT_FILES) or entries
     raise OutputError(where, f"holds files agentsim did not write (e.g. {other[0]!r}); refusing to touch it "
                              "-- choose a new or empty directory")
 
 
-def describe(path: str | Path, state: str) -> str | None:
-    """The stderr note for a result path about to be written (None when nothing is replaced)."""
-    if state == REPLACE:
-        return f"note: replacing the previous agentsim result in {path} (atomically, when this run is written)"
-    return None
+def describe(path: str | Path, state: str, done: bool = False) -> str | None:
+    """The stderr note for a result path about to be written, or (``done``) just written; None when
+    nothing is replaced. A command that can still fail before it writes says it when ``done``: an
+    error then stays one line, with no note of a replacement that did not happen."""
+    if state != REPLACE:
+        return None
+    if done:
+        return f"note: replaced the previous agentsim result in {path}"
+    return f"note: replacing the previous agentsim result in {path} (atomically, when this run is written)"
 
 
-def preflight_result_dir(path: str | Path, option: str = "--out") -> str | None:
+def preflight_result_dir(path: str | Path, option: str = "--out", done: bool = False) -> str | None:
     """:func:`check_result_dir`, then prove the directory the write will happen in is writable (a
-    hidden probe directory is made and removed there). Returns the stderr note (:func:`describe`).
+    hidden probe directory is made and removed there). Returns the stderr note (:func:`describe`,
+    worded for after the write when ``done``).
 
     For the CLI, before any work: a run is never computed only to find it cannot be written.
     """
@@ -185,7 +261,7 @@ def preflight_result_dir(path: str | Path, option: str = "--out") -> str | None:
         probe.rmdir()
     except OSError as e:
         raise OutputError(_where(p, option), f"cannot write in {where_to} ({e.strerror})") from None
-    return describe(p, state)
+    return describe(p, state, done)
 
 
 def check_sweep_dir(path: str | Path, option: str = "--out") -> str:
@@ -222,17 +298,66 @@ def check_output_file(path: str | Path, option: str = "--out", is_ours=None) -> 
     """
     p = Path(path)
     where = _where(p, option)
-    if p.is_symlink():
+    with _os_errors(where):
+        link, is_dir, exists = p.is_symlink(), p.is_dir(), p.exists()
+        if not exists:
+            _check_names(p)
+    if link:
         raise OutputError(where, "is a symbolic link; give a file path")
-    if p.is_dir():
+    if is_dir:
         raise OutputError(where, "is an existing directory; give a file path")
-    if p.exists():
+    if exists:
         if is_ours is not None and is_ours(p):
             return REPLACE
-        raise OutputError(where, "exists and was not written by agentsim; refusing to overwrite it "
-                                 "-- choose a new path or remove it yourself")
+        raise OutputError(where, "exists and is not a file agentsim recognises as its own; refusing to "
+                                 "overwrite it -- choose a new path or remove it yourself")
     _check_parent(p, where)
     return NEW
+
+
+def preflight_output_file(path: str | Path, option: str = "--out", is_ours=None) -> str:
+    """:func:`check_output_file`, then prove a file can be made where the write will happen (a hidden
+    probe file is made and removed in the nearest existing ancestor directory). Raises
+    :class:`OutputError` naming ``option`` and the path before any work: a read-only file system, a
+    directory without write permission, a name too long for the file system."""
+    p = Path(path)
+    where = _where(p, option)
+    state = check_output_file(p, option, is_ours)
+    probe_file(p, where)
+    return state
+
+
+def probe_file(path: str | Path, where: str) -> None:
+    """Prove a file can be made beside ``path`` (an atomic writer's temporary): a hidden probe file is
+    made and removed in the nearest existing ancestor. Raises :class:`OutputError` naming ``where``."""
+    p = Path(path)
+    with _os_errors(where, "cannot write there"):
+        _check_names(p)
+        parent = next(a for a in p.absolute().parents if a.exists())
+        probe = parent / f".agentsim-probe-{os.getpid()}"
+        probe.touch(exist_ok=False)
+        probe.unlink()
+
+
+def probe_writable(path: str | Path, where: str) -> None:
+    """Prove a directory can be made beside ``path`` (where an atomic writer makes its temporary):
+    a hidden probe directory is made and removed in the nearest existing ancestor. Raises
+    :class:`OutputError` naming ``where`` if not (read-only file system, permission, a name too
+    long), so the work is not done only to find it cannot be written."""
+    p = Path(path)
+    with _os_errors(where, "cannot write there"):
+        _check_names(p)
+        parent = next(a for a in p.absolute().parents if a.exists())
+        probe = parent / f".agentsim-probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def check_resumable_dir(path: str | Path, marker: str, option: str = "--out") -> str:
@@ -299,4 +424,5 @@ def is_agentsim_trace(path: str | Path) -> bool:
 
 __all__ = ["OutputError", "RESULT_FILES", "SWEEP_ENTRIES", "REPORT_ENTRIES", "NEW", "EMPTY", "REPLACE", "is_result_dir",
            "check_result_dir", "check_sweep_dir", "check_output_file", "check_resumable_dir", "is_agentsim_trace",
-           "is_agentsim_profile", "is_parquet", "describe", "preflight_result_dir", "dir_entries", "swap_in"]
+           "is_agentsim_profile", "is_parquet", "describe", "preflight_result_dir", "preflight_output_file",
+           "dir_entries", "swap_in", "foreign_report_entry", "probe_writable", "probe_file"]

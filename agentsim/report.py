@@ -1072,9 +1072,17 @@ def figure_dir_for(out: Path) -> Path:
 
 
 def _check_target(out: Path, fmt_: str, force: bool) -> None:
-    from agentsim.outputs import OutputError, _check_parent
+    from agentsim.outputs import _os_errors, probe_file
 
     where = f"--out {out}"
+    with _os_errors(where):
+        _check_target_path(out, fmt_, force, where)
+    probe_file(out, where)   # before the report is built: a place no file can be made is refused
+
+
+def _check_target_path(out: Path, fmt_: str, force: bool, where: str) -> None:
+    from agentsim.outputs import OutputError, _check_parent
+
     if out.is_symlink():
         raise OutputError(where, "is a symbolic link; give a file path")
     if out.is_dir():
@@ -1083,7 +1091,10 @@ def _check_target(out: Path, fmt_: str, force: bool) -> None:
         raise OutputError(where, "exists; pass --force to overwrite it")
     _check_parent(out, where)
     if fmt_ == MD:
+        from agentsim.outputs import _check_names
+
         fd = figure_dir_for(out)
+        _check_names(fd)   # its name is longer than the file's
         w = f"--out {out}: figure folder {fd}"
         if fd.is_symlink() or (fd.exists() and not fd.is_dir()):
             raise OutputError(w, "exists and is not a folder; refusing to touch it")

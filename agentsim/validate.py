@@ -189,17 +189,19 @@ def is_validation_dir(path: Path) -> bool:
 
 def check_out_dir(path: Path) -> None:
     """Refuse (OutputError, one line) a path holding anything ``agentsim validate`` did not write."""
-    from agentsim.outputs import OutputError, dir_entries
+    from agentsim.outputs import OutputError, dir_entries, probe_writable
 
     where = f"--out {path}"
     entries = dir_entries(path, where, "directory")
     if entries is None:
+        probe_writable(path, where)   # before the replay: never only after it
         return
     if entries and not is_validation_dir(path):
         raise OutputError(where, "holds files agentsim validate did not write; refusing to touch it "
                                  "-- choose a new or empty directory")
     if entries and path.resolve() == Path.cwd().resolve():
         raise OutputError(where, "is the current directory and not empty; name a new directory")
+    probe_writable(path, where)
 
 
 def write_out_dir(path: Path, report: dict, runs: Sequence[dict]) -> None:

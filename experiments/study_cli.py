@@ -160,6 +160,11 @@ def study_help() -> str:
     return "\n\n".join(f"{n.ljust(width)}  {s.help}" for n, s in sorted(STUDIES.items()))
 
 
+#: The studies that read each extra table option (``experiments/studies/joint.py`` reads both,
+#: ``policies.py`` the success table for ``topology``).
+EXTRA_OPTIONS = {"success": ("joint", "topology"), "prices": ("joint",)}
+
+
 def run_study(name: str, quick: bool, out: Optional[Path], workers: int, ray_address: Optional[str],
               sets: dict, extra: dict, command: str, console) -> int:
     """Run study ``name`` into ``out``; write its tables, figures and ``study.json``. Returns the exit
@@ -170,6 +175,9 @@ def run_study(name: str, quick: bool, out: Optional[Path], workers: int, ray_add
         raise ConfigError("study NAME", f"unknown study {name!r} (known: {', '.join(sorted(STUDIES))})")
     if workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {workers}")
+    for option, users in EXTRA_OPTIONS.items():   # a table a study never reads is a mistake, not a no-op
+        if option in extra and name not in users:
+            raise ConfigError(f"--{option}", f"study {name!r} does not read it (only {', '.join(users)})")
     study = STUDIES[name]
     out = Path(out) if out is not None else Path("runs/studies") / (f"{name}-quick" if quick else name)
     previous = check_study_dir(out, name)

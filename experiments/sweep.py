@@ -154,6 +154,12 @@ def load_spec(path: str | Path, check: bool = True, overrides: dict | None = Non
         n = len(_split_key(k))
         if n > 1 and any(not isinstance(x, list) or len(x) != n for x in v):
             raise ConfigError(f"{path}: grid.{k}", f"a linked key takes lists of {n} values each")
+        seen: set[str] = set()
+        for x in v:   # the same value twice is the same cell twice: one run, two rows of the table
+            key = json.dumps(x, sort_keys=True)
+            if key in seen:
+                raise ConfigError(f"{path}: grid.{k}", f"lists {x!r} twice")
+            seen.add(key)
     if overrides:
         base = json.loads(json.dumps(base))
         for k, v in overrides.items():

@@ -98,10 +98,15 @@ def live(
     """Run a workload on real vLLM engines with the simulator's programs, policies and metrics."""
     if ctx.invoked_subcommand is not None:
         return
-    from agentsim.config import load_config
+    from agentsim.config import MIN_SAMPLE_INTERVAL, Param, load_config
     from agentsim.live.driver import LiveOptions
     from agentsim.live.runner import LiveSettings, run_live
 
+    # the driver's own periods and sizes, checked before a cluster starts (0 s: a busy loop)
+    Param(float, ge=MIN_SAMPLE_INTERVAL).check(sample_interval, "--sample-interval")
+    Param(float, ge=0).check(flush_interval, "--flush-interval")
+    Param(float, gt=0, optional=True).check(drain_timeout, "--drain-timeout")
+    Param(float, gt=0).check(kv_cache_gib, "--kv-cache-gib")
     if rate is not None and arrival is None:
         arrival = "poisson"
     flags = {

@@ -73,10 +73,22 @@ def load_run(path: str | Path) -> dict[str, Any]:
     if missing and (p / "calls.parquet").exists():
         from agentsim.metrics import summarize
 
-        calls = pd.read_parquet(p / "calls.parquet")
-        programs = pd.read_parquet(p / "programs.parquet")
-        engines = pd.read_parquet(p / "engines.parquet")
-        full = summarize(calls, programs, engines, float(summary.get("duration_s") or 0.0))
+        tables = {}
+        for name in ("calls", "programs", "engines"):
+            f = p / f"{name}.parquet"
+            try:
+                tables[name] = pd.read_parquet(f)
+            except Exception as e:  # noqa: BLE001 - a missing or corrupt table is the directory's fault
+                raise ConfigError(str(f), f"cannot read the table ({type(e).__name__}: {e})"[:300]) from None
+        calls, programs, engines = tables["calls"], tables["programs"], tables["engines"]
+        duration = summary.get("duration_s")
+        try:
+            duration = float(duration or 0.0)
+        except (TypeError, ValueError):
+            duration = math.nan
+        if not (math.isfinite(duration) and duration >= 0) or isinstance(summary.get("duration_s"), bool):
+            raise ConfigError(f"{sp}: duration_s", f"must be a number of seconds >= 0, got {summary.get('duration_s')!r}")
+        full = summarize(calls, programs, engines, duration)
         full["num_retries"] = float(calls["num_retries"].clip(lower=0).sum())
         for k in missing:
             if k in full:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentsim.policies.base import CallView
-from agentsim.policies.registry import register, register_bundle
+from agentsim.policies.registry import check_range, register, register_bundle
 
 INF = math.inf
 
@@ -348,6 +348,10 @@ class HexGenUrgency:
 
     def __init__(self, program_slo: float | None = None, decode_time_per_token: float = 0.025,
                  prefill_time_per_token: float = 0.0002) -> None:
+        if program_slo is not None:
+            check_range("program_slo", program_slo, lo=0)
+        check_range("decode_time_per_token", decode_time_per_token, lo=0)
+        check_range("prefill_time_per_token", prefill_time_per_token, lo=0)
         self.program_slo = program_slo
         self.decode_time_per_token = decode_time_per_token
         self.prefill_time_per_token = prefill_time_per_token

@@ -50,6 +50,19 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
+def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    """Raise ValueError unless ``lo <= value <= hi`` (either bound optional) and ``value`` is finite."""
+    ok = value == value and abs(value) != float("inf")
+    if lo is not None:
+        ok = ok and value >= lo
+    if hi is not None:
+        ok = ok and value <= hi
+    if not ok:
+        span = (f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None
+                else f">= {lo:g}" if lo is not None else f"<= {hi:g}" if hi is not None else "finite")
+        raise ValueError(f"{name} must be {span}, got {value!r}")
+
+
 _COMPONENTS: dict[tuple[str, str], Entry] = {}
 _BUNDLES: dict[str, BundleEntry] = {}
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from agentsim.policies.base import CallView, TierSettings
-from agentsim.policies.registry import check_choice, register, register_bundle
+from agentsim.policies.registry import check_choice, check_range, register, register_bundle
 
 INF = math.inf
 
@@ -291,6 +291,11 @@ class TokencakeOffload:
                  cpu_gib: float = 100.0, pcie_GBps: float | None = None) -> None:
         if not 0 <= pressure <= 1:
             raise ValueError("pressure must be in [0, 1]")
+        check_range("alpha", alpha, 0.0, 1.0)
+        check_range("default_tool_time", default_tool_time, lo=0)
+        check_range("cpu_gib", cpu_gib, lo=0)
+        if pcie_GBps is not None:
+            check_range("pcie_GBps", pcie_GBps, lo=1e-9)
         self.pressure = pressure
         self.alpha = alpha
         self.default_tool_time = default_tool_time

@@ -17,7 +17,7 @@ from typing import Sequence
 from agentsim.policies.base import (
     CallView, EngineView, engine_cached_prefix, engine_kv_usage, engine_loads, engine_longest_prefix, engine_waiting,
 )
-from agentsim.policies.registry import check_choice, register, register_bundle
+from agentsim.policies.registry import check_choice, check_range, register, register_bundle
 
 
 def _argmin(values: list[float]) -> int:
@@ -44,6 +44,7 @@ class AutellixLB:
 
     def __init__(self, threshold_tokens: int = 2048, metric: str = "calls") -> None:
         check_choice("metric", metric, self.METRICS)
+        check_range("threshold_tokens", threshold_tokens, lo=0)
         self.threshold_tokens = threshold_tokens
         self.metric = metric
         self.table: dict[int, int] = {}   # program -> engine_id (the process table's engine field)
@@ -88,6 +89,10 @@ class PrefixAffinity:
     def __init__(self, cache_threshold: float = 0.3, balance_abs_threshold: int = 64,
                  balance_rel_threshold: float = 1.5, match: str = "cache", max_tree_blocks: int = 1 << 20) -> None:
         check_choice("match", match, self.MATCHES)
+        check_range("cache_threshold", cache_threshold, 0.0, 1.0)      # a match rate
+        check_range("balance_abs_threshold", balance_abs_threshold, lo=0)
+        check_range("balance_rel_threshold", balance_rel_threshold, lo=0)
+        check_range("max_tree_blocks", max_tree_blocks, lo=1)
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
@@ -155,6 +160,8 @@ class WeightedScorer:
     """
 
     def __init__(self, queue_weight: float = 2.0, kv_weight: float = 2.0, prefix_weight: float = 3.0) -> None:
+        for name, w in (("queue_weight", queue_weight), ("kv_weight", kv_weight), ("prefix_weight", prefix_weight)):
+            check_range(name, w, lo=0)
         self.queue_weight = queue_weight
         self.kv_weight = kv_weight
         self.prefix_weight = prefix_weight
@@ -196,6 +203,8 @@ class HexGenDispatch:
                  decode_time_per_token: float = 0.025, prefill_time_per_token: float = 0.0002) -> None:
         if not 0 <= alpha <= 1:
             raise ValueError("alpha must be in [0, 1]")
+        check_range("decode_time_per_token", decode_time_per_token, lo=0)
+        check_range("prefill_time_per_token", prefill_time_per_token, lo=0)
         self.alpha = alpha
         self.speeds = list(speeds) if speeds else None
         self.cumulative = cumulative

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generator
 
-from agentsim.policies.registry import check_choice, register, register_bundle
+from agentsim.policies.registry import check_choice, check_range, register, register_bundle
 from agentsim.workload import CallHints, Context, ProgramContext, stable_id
 
 TOPOLOGIES = ("sequential", "parallel", "hierarchical", "hybrid", "debate")
@@ -85,6 +85,11 @@ class AdaptOrch:
                  depth_test: str = "nodes", charge_router: bool = True, decomposer_prompt_tokens: int = 768,
                  decomposer_output_tokens_per_node: int = 48) -> None:
         check_choice("depth_test", depth_test, ("nodes", "depth"))
+        for name, v in (("theta_width", theta_width), ("theta_coupling", theta_coupling)):
+            check_range(name, v, 0.0, 1.0)
+        for name, v in (("theta_depth", theta_depth), ("decomposer_prompt_tokens", decomposer_prompt_tokens),
+                        ("decomposer_output_tokens_per_node", decomposer_output_tokens_per_node)):
+            check_range(name, v, lo=0)
         self.theta_width = theta_width
         self.theta_coupling = theta_coupling
         self.theta_depth = theta_depth

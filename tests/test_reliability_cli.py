@@ -562,7 +562,7 @@ def test_previous_result_replaced_atomically_and_said(tmp_path):
     out = tmp_path / "run"
     assert agentsim_cli("simulate", *QUICK, "-q", "-o", out).returncode == 0
     p = agentsim_cli("simulate", *QUICK, "--seed", "7", "-q", "-o", out)
-    assert p.returncode == 0 and "replacing the previous agentsim result" in p.stderr
+    assert p.returncode == 0 and "replaced the previous agentsim result" in p.stderr
     assert json.loads((out / "manifest.json").read_text())["seed"] == 7
     assert sorted(x.name for x in tmp_path.iterdir()) == ["run"]  # no temporaries left beside it
     (tmp_path / "empty").mkdir()
@@ -596,7 +596,7 @@ def test_trace_outputs_are_checked(tmp_path):
     assert snapshot(tmp_path) == before
     # a previous agentsim trace is replaced, and said so
     p = agentsim_cli("trace", "generate", "chat", "-n", "3", "-o", src)
-    assert p.returncode == 0 and "replacing the previous agentsim trace" in p.stderr
+    assert p.returncode == 0 and "replaced the previous agentsim trace" in p.stderr
 
 
 def test_calibrate_outputs_are_checked(tmp_path):

@@ -242,6 +242,13 @@ GOOD = {"request_rate": "inf", "duration": 1.0, "input_lens": [10, 12], "output_
     ({"input_lens": [10, "x"]}, "input_lens[1]"),
     ({"max_concurrency": 0}, "max_concurrency"),
     ({"burstiness": -1}, "burstiness"),
+    # a rate of 0 with no start_times to take arrivals from (a division by zero before)
+    ({"request_rate": 0, "start_times": None}, "request_rate"),
+    ({"seed": -1, "request_rate": 5.0, "start_times": None}, "seed"),
+    # JSON integers are unbounded: beyond any count, and no float or int64 holds them
+    ({"input_lens": [10, 10 ** 30]}, "input_lens[1]"),
+    ({"duration": 10 ** 400}, "duration"),
+    ({"latencies": [0.3, 10 ** 400]}, "latencies[1]"),
 ])
 def test_bad_bench_file_exits_2_one_line(tmp_path, change, field):
     d = {k: v for k, v in {**GOOD, **change}.items() if v is not None}

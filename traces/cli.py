@@ -36,12 +36,13 @@ def import_cmd(
     """Import FILE (FORMAT) into canonical Parquet; nothing is written unless every record is valid."""
     from agentsim.traces.importers import import_trace
 
-    _check_out(out)
+    note = _check_out(out)
     res = import_trace(src, out, None if fmt == "auto" else fmt, skip_bad=skip_bad,
                        **_options(spread=spread or None, sessions=sessions or None, block_size=block_size,
                                   prefix=prefix))
     typer.echo(f"imported {res.num_programs:,} programs ({res.num_steps:,} steps) from {src} "
                f"[{res.meta['source_format']}] -> {res.path}")
+    _say(note)
     if res.num_skipped:
         typer.echo(f"skipped {res.num_skipped:,} bad records; first: " + " | ".join(res.skipped), err=True)
 
@@ -86,9 +87,10 @@ def export_cmd(
     from agentsim.traces.importers import get_importer
 
     imp = get_importer(src, fmt)
-    _check_out(out)
+    note = _check_out(out)
     path = export(imp.meta, imp.programs(), out, to)
     typer.echo(f"exported {src} -> {path} [{to}]")
+    _say(note)
 
 
 @app.command("generate")
@@ -108,6 +110,7 @@ def generate_cmd(
     from agentsim.config import Param
 
     Param(int, ge=1).check(num_programs, "--num-programs")
+    Param(int, ge=0).check(seed, "--seed")
     Param(float, gt=0, optional=True).check(rate, "--rate")  # programs/s; NaN and inf refused
     params = {}
     for p in param:
@@ -118,19 +121,27 @@ def generate_cmd(
             params[k.strip()] = json.loads(v)
         except ValueError:
             params[k.strip()] = v
-    _check_out(out)
+    note = _check_out(out)
     meta, progs = generate_programs(generator, params, num_programs, rate=rate, seed=seed)
     path = write_trace(out, meta, progs)
     typer.echo(f"generated {num_programs:,} {generator} programs -> {path}")
+    _say(note)
 
 
-def _check_out(out: Path) -> None:
-    """Refuse (exit 2, one line) an ``-o`` that is a directory or a file agentsim did not write;
-    a previous agentsim trace (canonical Parquet or agentsim JSONL) is replaced, and said so."""
-    from agentsim.outputs import REPLACE, check_output_file, is_agentsim_trace
+def _check_out(out: Path) -> str | None:
+    """Refuse (exit 2, one line) an ``-o`` that is a directory, a file agentsim did not write or a
+    place no file can be made; a previous agentsim trace (canonical Parquet or agentsim JSONL) is
+    replaced. Returns the note to print once the trace is written (None for a new file)."""
+    from agentsim.outputs import REPLACE, is_agentsim_trace, preflight_output_file
 
-    if check_output_file(out, "--out", is_agentsim_trace) == REPLACE:
-        typer.echo(f"note: replacing the previous agentsim trace {out}", err=True)
+    if preflight_output_file(out, "--out", is_agentsim_trace) == REPLACE:
+        return f"note: replaced the previous agentsim trace {out}"
+    return None
+
+
+def _say(note: str | None) -> None:
+    if note:
+        typer.echo(note, err=True)
 
 
 def _jsonable(x):

@@ -143,7 +143,11 @@ def _tools(value: Any) -> tuple[ToolSpec, ...]:
         return value
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError("tools must be a non-empty list of tool tables")
-    return tuple(t if isinstance(t, ToolSpec) else ToolSpec(**t) for t in value)
+    tools = tuple(t if isinstance(t, ToolSpec) else ToolSpec(**t) for t in value)
+    if not math.isfinite(sum(t.weight for t in tools)):
+        raise ValueError("tools: the weights add up to more than a float holds; they are relative, so scale "
+                         "them down")
+    return tools
 
 
 # Defaults after research/policies.md §12: shell/file/API tools lognormal (median 0.5-2 s,

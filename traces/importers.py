@@ -42,7 +42,38 @@ def open_text(path: str | Path) -> io.TextIOBase:
     magic = f.read(2)
     f.seek(0)
     raw = gzip.GzipFile(fileobj=f) if magic == b"\x1f\x8b" else f
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    return _TraceText(raw, encoding="utf-8-sig", newline="", path=path)
+
+
+class _TraceText(io.TextIOWrapper):
+    """A trace's text: a read that fails (a truncated or corrupt gzip stream, bytes that are not
+    UTF-8, a disk error) raises :class:`TraceError` naming the file, not EOFError -- which the CLI
+    framework would report as a Ctrl-C -- or a traceback."""
+
+    def __init__(self, raw, *, path: Path, **kw) -> None:
+        super().__init__(raw, **kw)
+        self._path = path
+
+    def _failed(self, e: Exception) -> TraceError:
+        return TraceError(str(self._path), f"cannot read as text ({e})")
+
+    def __next__(self) -> str:
+        try:
+            return super().__next__()
+        except (OSError, UnicodeDecodeError, EOFError) as e:
+            raise self._failed(e) from None
+
+    def read(self, size: int | None = -1) -> str:
+        try:
+            return super().read(size)
+        except (OSError, UnicodeDecodeError, EOFError) as e:
+            raise self._failed(e) from None
+
+    def readline(self, size: int = -1) -> str:
+        try:
+            return super().readline(size)
+        except (OSError, UnicodeDecodeError, EOFError) as e:
+            raise self._failed(e) from None
 
 
 class Importer:
@@ -97,9 +128,12 @@ class Importer:
                     continue
                 w = self.where(ln)
                 try:
-                    obj = json.loads(line)
-                except ValueError as e:
+                    obj = json.loads(line, parse_int=bounded_int)
+                except json.JSONDecodeError as e:
                     self.bad(w, f"malformed JSON ({e.msg} at column {e.colno})")
+                    continue
+                except ValueError as e:   # an integer out of range (bounded_int)
+                    self.bad(w, str(e))
                     continue
                 yield (ln, w, obj, line) if raw else (ln, w, obj)
 
@@ -114,6 +148,21 @@ class Importer:
 
     def _programs(self) -> Iterator[ProgramRecord]:
         raise NotImplementedError
+
+
+#: The largest magnitude of an integer a trace may hold. JSON integers are unbounded; a larger one
+#: is no token count, time or id, and would overflow the int64 columns it goes into.
+MAX_TRACE_INT = 2 ** 62
+
+
+def bounded_int(text: str) -> int:
+    """``json.loads(..., parse_int=bounded_int)``: an integer literal, refused (ValueError) beyond
+    :data:`MAX_TRACE_INT`."""
+    v = int(text)
+    if -MAX_TRACE_INT <= v <= MAX_TRACE_INT:
+        return v
+    shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
+    raise ValueError(f"integer {shown} is out of range (at most 2**62 in magnitude)")
 
 
 _REGISTRY: dict[str, type[Importer]] = {}
