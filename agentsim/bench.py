@@ -281,8 +281,6 @@ def load_bench(path: str | Path) -> BenchRun:
     if duration is not None and duration <= 0:
         raise BenchError(f"{where}: duration", f"must be > 0, got {duration}")
     rate = _num(d, "request_rate", where, allow_inf=True)
-    if rate is not None and rate <= 0:
-        raise BenchError(f"{where}: request_rate", f"must be > 0 requests/s (or \"inf\"), got {rate}")
     burst = _num(d, "burstiness", where)
     if burst is not None and burst <= 0:
         raise BenchError(f"{where}: burstiness", f"must be > 0, got {burst}")
@@ -292,8 +290,12 @@ def load_bench(path: str | Path) -> BenchRun:
     if lists["start_times"] is None and rate is None:
         raise BenchError(f"{where}: request_rate", "missing, and no start_times to take arrivals from")
     seed = d.get("seed") if isinstance(d.get("seed"), int) and not isinstance(d.get("seed"), bool) else None
-    if seed is not None and seed < 0:
-        raise BenchError(f"{where}: seed", f"must be an integer >= 0, got {seed}")
+    if lists["start_times"] is None:   # arrivals drawn from the rate (with start_times both are labels)
+        if rate is not None and rate <= 0:
+            raise BenchError(f"{where}: request_rate", f"must be > 0 requests/s (or \"inf\") to draw arrivals "
+                                                       f"from, got {rate:g}")
+        if seed is not None and seed < 0:
+            raise BenchError(f"{where}: seed", f"must be an integer >= 0 to draw arrivals with, got {seed}")
     summary = {k: float(d[k]) for k in METRIC_KEYS
                if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)}
     return BenchRun(

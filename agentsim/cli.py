@@ -6,11 +6,11 @@ status (the convention of click-based CLIs and of ``vllm``):
 ====  =====================================================================================
 0     success
 1     the command ran and failed: ``calibrate check --max-median-error`` exceeded, an
-      incomplete or interrupted live run (``typer.Exit(1)`` raised by the command)
+      incomplete or interrupted live run (``typer.Exit(1)`` raised by the command), a file
+      operation that failed where no check caught it first (one line naming the file)
 2     bad input: a usage error (unknown command or option, a value of the wrong type: the usage
       line and the error, no traceback) or an :class:`~agentsim.errors.AgentsimError` (one line
-      naming the field, FILE:LINE or output path); an ``OSError`` about a named path that no
-      check caught first is reported the same way (one line naming the path)
+      naming the field, FILE:LINE or output path)
 130   interrupted (Ctrl-C / SIGINT: 128 + signal 2, as shells report it)
 ====  =====================================================================================
 
@@ -125,12 +125,14 @@ def run_cli(args: list[str] | None = None) -> int:
         typer.echo(f"error: {e}", err=True)
         return EXIT_USAGE
     except OSError as e:
-        # a path the command was given that the file system refuses where no check caught it first
-        # (the commands check their paths before any work; this keeps a missed one to one line)
+        # a file operation that failed where no check caught it first (the commands check their
+        # paths before any work): one line naming the file(s), and exit 1 -- the command ran and
+        # failed; it is not known to be bad input
         if e.filename is None:
             raise
-        typer.echo(f"error: {e.filename}: {e.strerror or e}", err=True)
-        return EXIT_USAGE
+        files = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+        typer.echo(f"error: {files}: {e.strerror or e}", err=True)
+        return 1
     except typer.Exit as e:  # raised outside typer's own handling (e.g. from an eager callback)
         return int(e.exit_code or 0)
     except usage_error as e:

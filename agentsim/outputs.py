@@ -72,19 +72,29 @@ def _is_cwd_or_ancestor(path: Path) -> bool:
     return p == cwd or p in cwd.parents
 
 
+#: What the writers add to an output's name for their temporaries beside it (``.NAME.tmp-PID``,
+#: ``.NAME.old-PID``: a dot, five characters, a process id of up to 7 digits, with room to spare).
+TEMP_NAME_EXTRA = 16
+
+
 def _check_names(p: Path) -> None:
-    """Raise OSError (ENAMETOOLONG) if a name of ``p`` still to be made is longer than its file
-    system allows (``stat`` of a missing path does not say so: the write would fail after the work)."""
+    """Raise OSError if ``p`` cannot be made where the work will write it: a name still to be made
+    longer than its file system allows (``stat`` of a missing path does not say so), counting the
+    temporary ``.NAME.tmp-PID`` a writer makes beside the last one (ENAMETOOLONG), or a symbolic link
+    on the way that leads nowhere or in a loop (ELOOP). Otherwise the write fails after the work."""
     parent = next((a for a in p.absolute().parents if a.exists()), None)
     if parent is None:
         return
     limit = _name_max(parent)
+    parts = p.absolute().relative_to(parent).parts
     made = parent
-    for part in p.absolute().relative_to(parent).parts:
-        if len(os.fsencode(part)) > limit:
-            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), part)
+    for k, part in enumerate(parts):
+        extra = TEMP_NAME_EXTRA if k == len(parts) - 1 else 0
+        if len(os.fsencode(part)) + extra > limit:
+            why = " with the temporary .NAME.tmp-PID written beside it" if extra else ""
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG) + why, part)
         made = made / part
-        if made.is_symlink():   # it does not exist, so it leads nowhere (or in a loop)
+        if made.is_symlink() and not made.exists():   # it leads nowhere, or in a loop
             raise OSError(errno.ELOOP, "a symbolic link that leads nowhere or in a loop", str(made))
 
 
@@ -168,10 +178,10 @@ def dir_entries(p: Path, where: str, kind: str) -> list[str] | None:
         link, exists, is_dir = p.is_symlink(), p.exists(), p.is_dir()
     if link:
         raise OutputError(where, "is a symbolic link; give the directory itself")
+    with _os_errors(where):
+        _check_names(p)
     if not exists:
         _check_parent(p, where)
-        with _os_errors(where):
-            _check_names(p)
         return None
     if not is_dir:
         raise OutputError(where, f"is an existing file, not a {kind}; choose another path")
@@ -300,7 +310,7 @@ def check_output_file(path: str | Path, option: str = "--out", is_ours=None) -> 
     where = _where(p, option)
     with _os_errors(where):
         link, is_dir, exists = p.is_symlink(), p.is_dir(), p.exists()
-        if not exists:
+        if not link:
             _check_names(p)
     if link:
         raise OutputError(where, "is a symbolic link; give a file path")

@@ -1094,10 +1094,10 @@ def _check_target_path(out: Path, fmt_: str, force: bool, where: str) -> None:
         from agentsim.outputs import _check_names
 
         fd = figure_dir_for(out)
-        _check_names(fd)   # its name is longer than the file's
         w = f"--out {out}: figure folder {fd}"
         if fd.is_symlink() or (fd.exists() and not fd.is_dir()):
             raise OutputError(w, "exists and is not a folder; refusing to touch it")
+        _check_names(fd)   # its name is longer than the file's
         if fd.is_dir():
             if not force:
                 raise OutputError(w, "exists; pass --force to overwrite it")

@@ -156,7 +156,7 @@ def load_spec(path: str | Path, check: bool = True, overrides: dict | None = Non
             raise ConfigError(f"{path}: grid.{k}", f"a linked key takes lists of {n} values each")
         seen: set[str] = set()
         for x in v:   # the same value twice is the same cell twice: one run, two rows of the table
-            key = json.dumps(x, sort_keys=True)
+            key = json.dumps(x, sort_keys=True, default=str)
             if key in seen:
                 raise ConfigError(f"{path}: grid.{k}", f"lists {x!r} twice")
             seen.add(key)

@@ -105,7 +105,7 @@ def live(
     # the driver's own periods and sizes, checked before a cluster starts (0 s: a busy loop)
     Param(float, ge=MIN_SAMPLE_INTERVAL).check(sample_interval, "--sample-interval")
     Param(float, ge=0).check(flush_interval, "--flush-interval")
-    Param(float, gt=0, optional=True).check(drain_timeout, "--drain-timeout")
+    Param(float, ge=0, optional=True).check(drain_timeout, "--drain-timeout")
     Param(float, gt=0).check(kv_cache_gib, "--kv-cache-gib")
     if rate is not None and arrival is None:
         arrival = "poisson"

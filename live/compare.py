@@ -48,13 +48,18 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 def load_run(path: str | Path) -> dict[str, Any]:
     """Summary and manifest of a result directory; ConfigError if it is not one."""
     p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(str(p), "no such result directory")
+    try:
+        if not p.is_dir():
+            raise ConfigError(str(p), "no such result directory")
+    except OSError as e:   # a name too long, a loop of symbolic links
+        raise ConfigError(str(p), f"cannot read it ({e.strerror or e})") from None
     sp = p / "summary.json"
     if not sp.exists():
         raise ConfigError(str(p), "not a result directory (no summary.json)")
     try:
         summary = json.loads(sp.read_text())
+    except OSError as e:
+        raise ConfigError(str(sp), f"cannot read it ({e.strerror or e})") from None
     except ValueError as e:
         raise ConfigError(str(sp), f"malformed JSON ({e})") from None
     if not isinstance(summary, dict):

@@ -46,6 +46,7 @@ _SHARED = -(1 << 62)      # group key of blocks used by several agents
 _SUFFIX = -(1 << 62) + 1  # group key of dynamic-suffix blocks (KVFlow)
 _NOHASH = -(1 << 62) + 2  # blocks with no cached content (a partial last block): reused first, as in vLLM
 UNKNOWN_STEPS = 1e9       # KVFlow's level of an agent whose steps to execution are unknown: evicted first
+_EXACT_INT = 1 << 53      # float64 holds every integer up to this exactly
 
 
 def _gauss(*parts: object) -> float:
@@ -287,6 +288,7 @@ class StepDistances(_InFlight):
         self.client_array = np.zeros(64, dtype=np.int64)
         self.active_array = np.zeros(64, dtype=bool)
         self.client_steps_array = np.zeros(64)
+        self.exact = True   # every hinted step fits the arrays exactly (float64 integers up to 2^53)
 
     def _slot(self, agent_id: int) -> int:
         i = self.slot.get(agent_id)
@@ -340,8 +342,9 @@ class StepDistances(_InFlight):
         self.agent_client[a] = c
         self.agent_stage[a] = stage
         self._started(a)
+        j = self._client_slot(c)
         i = self.slot[a]
-        self.client_array[i] = self._client_slot(c)
+        self.client_array[i] = j
         if self.mode == "hints":
             steps = call.hints.next_invocation_steps
             pos = self.client_steps.get(c, 0)
@@ -350,7 +353,11 @@ class StepDistances(_InFlight):
                 self.next_array[i] = np.nan
             else:
                 self.agent_next[a] = nxt = pos + int(steps)
-                self.next_array[i] = nxt
+                if abs(nxt) <= _EXACT_INT:
+                    self.next_array[i] = nxt
+                else:   # beyond float64's exact integers: levels_array steps aside from now on
+                    self.next_array[i] = np.nan
+                    self.exact = False
         self.version += 1
 
     def on_call_finish(self, call: CallView, now: float) -> None:
@@ -358,7 +365,8 @@ class StepDistances(_InFlight):
         self._ended(a)
         c = self._client(call)
         self.client_steps[c] = n = self.client_steps.get(c, 0) + 1
-        self.client_steps_array[self._client_slot(c)] = n
+        j = self._client_slot(c)   # first: it may replace the array (a client first seen here)
+        self.client_steps_array[j] = n
         self.version += 1
 
     # ------------------------------------------------------------------ steps
@@ -529,6 +537,11 @@ class LeveledFreeQueue:
         """``append(b, now)`` for each of ``blocks`` in order (the pool frees a call's blocks at once),
         the common case of :meth:`_group_of` inline: a cached block freed by the agent that freed it
         last, or by its first agent."""
+        cls = type(self)
+        if cls.append is not LeveledFreeQueue.append or cls._group_of is not LeveledFreeQueue._group_of:
+            for block in blocks:   # a subclass's own rule, block by block
+                self.append(block, now)
+            return
         groups = self._groups
         users_of = self._users
         group_of = self._group_of
@@ -1017,9 +1030,10 @@ class StepsToExecution(_DistanceEvict):
         """``levels(agent_ids, now)`` as a float64 array, the ``hints`` graph's step counts in numpy
         (a queue asks for all its groups' levels at every step that evicts); None for the other
         graphs, or when ``level`` or the table's ``steps`` are a subclass's own. Ids the table never
-        saw are unknown (``UNKNOWN_STEPS``)."""
+        saw are unknown (``UNKNOWN_STEPS``). None too once a hinted step passed 2^53 (float64 would
+        round it; ``level`` does integer arithmetic)."""
         t = self.table
-        if (t.mode != "hints" or type(self).level is not StepsToExecution.level
+        if (t.mode != "hints" or not t.exact or type(self).level is not StepsToExecution.level
                 or type(t).steps is not StepDistances.steps):
             return None
         ids = np.fromiter(map(t.slot.get, agent_ids, repeat(0)), np.int64, len(agent_ids))

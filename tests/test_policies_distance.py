@@ -621,3 +621,35 @@ def test_kvflow_levels_of_many_agents_equal_each_agents_level(graph):
         seen.update(want)
     assert (pol.levels_array(agents, 0.0) is None) == (graph != "hints")
     assert 0.0 in seen and UNKNOWN_STEPS in seen and len(seen) >= 4, seen
+
+
+def test_kvflow_step_arrays_grow_for_clients_first_seen_at_a_finish_and_stay_exact():
+    """A call whose program ended while it ran finishes under a client never seen at an arrival (the
+    program id): the client arrays grow there. A hinted step past 2^53 is not rounded: the queue
+    then asks ``level`` one agent at a time."""
+    from types import SimpleNamespace
+
+    from agentsim.policies.distance import StepsToExecution
+
+    pol = StepsToExecution(graph="hints", cpu_tier=False)
+    t = pol.table
+
+    def call(agent, program, steps=3):
+        return SimpleNamespace(agent_id=agent, program_id=program,
+                               hints=CallHints(stage="s", next_invocation_steps=steps))
+
+    for a in range(62):
+        pol.on_program_start(a, a, "kvflow", 0.0)
+        pol.on_call_arrive(call(a, a), 0.0)
+    for pid in range(62, 200):                    # each ends before its call finishes
+        pol.on_program_start(pid, 1000 + pid, "kvflow", 0.0)
+        pol.on_call_arrive(call(1000 + pid, pid), 0.0)
+        pol.on_program_end(pid, 0.0)
+        pol.on_call_finish(call(1000 + pid, pid), 0.0)
+    ids = list(range(62)) + [1000 + p for p in range(62, 200)] + [5]
+    assert pol.levels(ids, 0.0) == [pol.level(a, 0.0) for a in ids]
+    assert pol.levels_array(ids, 0.0) is not None
+    pol.on_call_arrive(call(7, 7, steps=2 ** 53 + 1), 0.0)
+    pol.on_call_finish(call(7, 7), 0.0)
+    assert pol.levels_array(ids, 0.0) is None      # float64 would round 2^53 + 1
+    assert pol.levels(ids, 0.0) == [pol.level(a, 0.0) for a in ids]

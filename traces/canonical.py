@@ -137,6 +137,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+#: The largest magnitude of a trace's counts and ids: JSON integers are unbounded, and a larger one
+#: is no token count and fits no int64 column (it failed in the Parquet writer with a traceback).
+MAX_TRACE_INT = 2 ** 62
+
+
+def _short(x: Any) -> str:
+    t = repr(x)
+    return t if len(t) <= 24 else f"{t[:20]}... ({len(t)} characters)"
+
+
 def check_program(prog: ProgramRecord, where: str) -> None:
     """Raise :class:`TraceError` at ``where`` unless ``prog`` is a well-formed program."""
     if not _is_int(prog.program_id) or prog.program_id < 0:
@@ -153,8 +163,9 @@ def check_program(prog: ProgramRecord, where: str) -> None:
             raise TraceError(where, f"{sw}: step_id {s.step_id} out of order (steps are numbered 0..k-1)")
         if s.kind not in STEP_KINDS:
             raise TraceError(where, f"{sw}: kind must be 'llm' or 'tool', got {s.kind!r}")
-        if not _is_int(s.agent_id):
-            raise TraceError(where, f"{sw}: agent_id must be an integer, got {s.agent_id!r}")
+        if not _is_int(s.agent_id) or abs(s.agent_id) > MAX_TRACE_INT:
+            raise TraceError(where, f"{sw}: agent_id must be an integer of at most 2^62 in magnitude, "
+                                    f"got {_short(s.agent_id)}")
         if len(set(s.parents)) != len(s.parents) or any(not _is_int(p) or not 0 <= p < i for p in s.parents):
             raise TraceError(where, f"{sw}: parents {list(s.parents)} must be distinct earlier step ids")
         if s.kind == "llm":
@@ -162,10 +173,11 @@ def check_program(prog: ProgramRecord, where: str) -> None:
                 raise TraceError(where, f"{sw}: an LLM step needs seg_ids and seg_tokens of the same non-zero length")
             if any(not _is_int(x) or not 0 <= x <= MAX_SEG_ID for x in s.seg_ids):
                 raise TraceError(where, f"{sw}: seg_ids must be integers in [0, 2^62)")
-            if any(not _is_int(n) or n < 1 for n in s.seg_tokens):
-                raise TraceError(where, f"{sw}: seg_tokens must be integers >= 1")
-            if not _is_int(s.output_tokens) or s.output_tokens < 1:
-                raise TraceError(where, f"{sw}: output_tokens must be an integer >= 1, got {s.output_tokens!r}")
+            if any(not _is_int(n) or not 1 <= n <= MAX_TRACE_INT for n in s.seg_tokens):
+                raise TraceError(where, f"{sw}: seg_tokens must be integers >= 1 (and at most 2^62)")
+            if not _is_int(s.output_tokens) or not 1 <= s.output_tokens <= MAX_TRACE_INT:
+                raise TraceError(where, f"{sw}: output_tokens must be an integer >= 1 (and at most 2^62), "
+                                        f"got {_short(s.output_tokens)}")
             if not _is_int(s.output_seg_id) or not -1 <= s.output_seg_id <= MAX_SEG_ID:
                 raise TraceError(where, f"{sw}: output_seg_id must be -1 or in [0, 2^62)")
             if s.tool_name or s.tool_time:

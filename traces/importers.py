@@ -128,12 +128,9 @@ class Importer:
                     continue
                 w = self.where(ln)
                 try:
-                    obj = json.loads(line, parse_int=bounded_int)
-                except json.JSONDecodeError as e:
+                    obj = json.loads(line)
+                except ValueError as e:
                     self.bad(w, f"malformed JSON ({e.msg} at column {e.colno})")
-                    continue
-                except ValueError as e:   # an integer out of range (bounded_int)
-                    self.bad(w, str(e))
                     continue
                 yield (ln, w, obj, line) if raw else (ln, w, obj)
 
@@ -148,21 +145,6 @@ class Importer:
 
     def _programs(self) -> Iterator[ProgramRecord]:
         raise NotImplementedError
-
-
-#: The largest magnitude of an integer a trace may hold. JSON integers are unbounded; a larger one
-#: is no token count, time or id, and would overflow the int64 columns it goes into.
-MAX_TRACE_INT = 2 ** 62
-
-
-def bounded_int(text: str) -> int:
-    """``json.loads(..., parse_int=bounded_int)``: an integer literal, refused (ValueError) beyond
-    :data:`MAX_TRACE_INT`."""
-    v = int(text)
-    if -MAX_TRACE_INT <= v <= MAX_TRACE_INT:
-        return v
-    shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
-    raise ValueError(f"integer {shown} is out of range (at most 2**62 in magnitude)")
 
 
 _REGISTRY: dict[str, type[Importer]] = {}

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 from agentsim.errors import TraceError
 from agentsim.traces.canonical import ProgramRecord, Step, llm_step, tool_step, truncate_pieces
-from agentsim.traces.importers import Importer, bounded_int, open_text, register_importer
+from agentsim.traces.importers import Importer, open_text, register_importer
 
 CHARS_PER_TOKEN = 4.0
 SHARED_AGENT_SYSTEM = 0   # content ids of the two shared system prompts
@@ -64,11 +64,9 @@ class Tau2Importer(Importer):
         with open_text(self.path) as f:
             text = f.read()
         try:
-            doc = json.loads(text, parse_int=bounded_int)
+            doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise TraceError(self.where(e.lineno), f"malformed JSON ({e.msg} at column {e.colno})") from None
-        except ValueError as e:   # an integer out of range
-            raise TraceError(self.where(1), str(e)) from None
         if not isinstance(doc, dict) or not isinstance(doc.get("simulations"), list):
             raise TraceError(self.where(1), "not a tau2-bench results file (no 'simulations' list)")
         return doc, text
