@@ -289,3 +289,21 @@ def test_leveled_queue_pops_what_the_reference_pops(kind, seed):
     kinds = set(fast._groups) | seen_groups
     assert _SHARED in kinds and _NOHASH in kinds and (kind not in ("steps-to-execution", "own-steps", "plain", "own-suffix")
                                                         or _SUFFIX in kinds)
+
+
+def test_a_subclass_with_its_own_append_gets_it_for_a_calls_blocks():
+    """The pool hands a call's freed blocks to ``append_blocks``: a queue subclass's own ``append`` (or
+    group rule) must still see every block, in order."""
+
+    class Counting(LeveledFreeQueue):
+        def __init__(self, *a) -> None:
+            super().__init__(*a)
+            self.seen: list[int] = []
+
+        def append(self, block, now: float) -> None:
+            self.seen.append(block.block_id)
+            super().append(block, now)
+
+    q = Counting(InvocationDistance(source="oracle", cpu_tier=False), 0)
+    q.append_blocks([BlockView(i, 100 + i, 0, 0.0, 0, 1, i) for i in (3, 1, 2)], 0.0)
+    assert q.seen == [3, 1, 2] and len(q) == 3
