@@ -57,12 +57,39 @@ def _gauss(*parts: object) -> float:
 
 
 class _InFlight:
-    """Counts each agent's LLM calls in flight (``self.active``: agent -> calls)."""
+    """Counts each agent's LLM calls in flight (``self.active``: agent -> calls).
+
+    A table that also keeps numpy arrays indexed by agent slot (for the levels of many agents at
+    once) names them in ``_ARRAYS`` as (attribute, fill) pairs, one of them ``active_array`` (the
+    running flag); ``slot`` maps an agent to its slot (0: never seen), and the arrays grow together.
+    """
 
     active: dict[int, int]
+    slot: dict[int, int]
+    active_array: np.ndarray
+    _ARRAYS: tuple[tuple[str, Any], ...] = ()
+
+    def _new_arrays(self) -> None:
+        self.slot = {}
+        for name, fill in self._ARRAYS:
+            setattr(self, name, np.full(64, fill, dtype=np.asarray(fill).dtype))
+
+    def _slot(self, agent_id: int) -> int:
+        """The agent's slot, made on first sight (the arrays may be replaced: read them after)."""
+        i = self.slot.get(agent_id)
+        if i is None:
+            i = self.slot[agent_id] = len(self.slot) + 1
+            if i >= len(self.active_array):
+                for name, fill in self._ARRAYS:
+                    a = getattr(self, name)
+                    setattr(self, name, np.concatenate([a, np.full(len(a), fill, dtype=a.dtype)]))
+        return i
 
     def _started(self, agent_id: int) -> None:
         self.active[agent_id] = self.active.get(agent_id, 0) + 1
+        if self._ARRAYS:
+            i = self._slot(agent_id)   # first: it may replace the arrays
+            self.active_array[i] = True
 
     def _ended(self, agent_id: int) -> None:
         n = self.active.get(agent_id, 0) - 1
@@ -70,6 +97,9 @@ class _InFlight:
             self.active[agent_id] = n
         else:
             self.active.pop(agent_id, None)
+            if self._ARRAYS:
+                i = self._slot(agent_id)
+                self.active_array[i] = False
 
 
 # --------------------------------------------------------------------------- distance estimators
@@ -99,31 +129,10 @@ class TimeDistances(_InFlight):
         self.gap: dict[int, float] = {}        # agent -> EWMA of observed gaps
         self.version = 0
         # next_at and active again as arrays, for levels of many agents at once
-        # (InvocationDistance.levels): agent -> its slot (slot 0: never seen, NaN and not running)
-        self.slot: dict[int, int] = {}
-        self.next_at_array = np.full(64, np.nan)
-        self.active_array = np.zeros(64, dtype=bool)
+        # (InvocationDistance.levels): by agent slot (slot 0: never seen, NaN and not running)
+        self._new_arrays()
 
-    def _slot(self, agent_id: int) -> int:
-        i = self.slot.get(agent_id)
-        if i is None:
-            i = self.slot[agent_id] = len(self.slot) + 1
-            n = len(self.next_at_array)
-            if i >= n:
-                self.next_at_array = np.concatenate([self.next_at_array, np.full(n, np.nan)])
-                self.active_array = np.concatenate([self.active_array, np.zeros(n, dtype=bool)])
-        return i
-
-    def _started(self, agent_id: int) -> None:
-        super()._started(agent_id)
-        i = self._slot(agent_id)   # first: it may replace the arrays
-        self.active_array[i] = True
-
-    def _ended(self, agent_id: int) -> None:
-        super()._ended(agent_id)
-        if agent_id not in self.active:
-            i = self._slot(agent_id)
-            self.active_array[i] = False
+    _ARRAYS = (("next_at_array", np.nan), ("active_array", False))
 
     def on_call_arrive(self, call: CallView, now: float) -> None:
         a = call.agent_id
@@ -279,27 +288,15 @@ class StepDistances(_InFlight):
         self.version = 0
         self._cache: tuple | None = None
         # the hints' step counts again as arrays, for the steps of many agents at once
-        # (StepsToExecution.levels_array): agent -> its slot (slot 0: never seen), client -> its slot
-        # (slot 0: none, zero steps); per agent slot its next call's client step (NaN: none), client
-        # slot and whether it runs; per client slot its finished calls
-        self.slot: dict[int, int] = {}
+        # (StepsToExecution.levels_array): per agent slot (0: never seen) its next call's client step
+        # (NaN: none), its client's slot and whether it runs; per client slot (0: none, zero steps)
+        # its finished calls
+        self._new_arrays()
         self.client_slot: dict[int, int] = {}
-        self.next_array = np.full(64, np.nan)
-        self.client_array = np.zeros(64, dtype=np.int64)
-        self.active_array = np.zeros(64, dtype=bool)
         self.client_steps_array = np.zeros(64)
         self.exact = True   # every hinted step fits the arrays exactly (float64 integers up to 2^53)
 
-    def _slot(self, agent_id: int) -> int:
-        i = self.slot.get(agent_id)
-        if i is None:
-            i = self.slot[agent_id] = len(self.slot) + 1
-            n = len(self.next_array)
-            if i >= n:
-                self.next_array = np.concatenate([self.next_array, np.full(n, np.nan)])
-                self.client_array = np.concatenate([self.client_array, np.zeros(n, dtype=np.int64)])
-                self.active_array = np.concatenate([self.active_array, np.zeros(n, dtype=bool)])
-        return i
+    _ARRAYS = (("next_array", np.nan), ("client_array", 0), ("active_array", False))
 
     def _client_slot(self, client: int) -> int:
         i = self.client_slot.get(client)
@@ -309,17 +306,6 @@ class StepDistances(_InFlight):
             if i >= n:
                 self.client_steps_array = np.concatenate([self.client_steps_array, np.zeros(n)])
         return i
-
-    def _started(self, agent_id: int) -> None:
-        super()._started(agent_id)
-        i = self._slot(agent_id)   # first: it may replace the arrays
-        self.active_array[i] = True
-
-    def _ended(self, agent_id: int) -> None:
-        super()._ended(agent_id)
-        if agent_id not in self.active:
-            i = self._slot(agent_id)
-            self.active_array[i] = False
 
     def on_program_start(self, program_id: int, agent_id: int, kind: str, now: float) -> None:
         self.client_of[program_id] = agent_id
