@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import sys
 from pathlib import Path
 from typing import Optional
@@ -147,27 +150,34 @@ def profile_cmd(
 @app.command()
 def fit(
     job_dir: Path = typer.Argument(..., help="profiling job directory"),
-    out: Path = typer.Option(..., "--out", help="profile JSON to write (raw points go beside it as .points.parquet)"),
+    out: Path = typer.Option(..., "--out", help="profile JSON to write (raw points go beside it as .points.parquet; "
+                                                "refused if it exists, unless --force)"),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="model name in the profile (default: the model directory's name)"),
     clock: Optional[str] = typer.Option(None, "--clock", help="step time to fit: 'wall' or 'cpu' (default: cpu for a 1-thread CPU engine, else wall)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --out profile (and its raw points)"),
 ) -> None:
     """Fit non-negative step-time coefficients on the job's points (held-out points excluded)."""
-    from agentsim.calibration.job import Job, fit_job, write_raw_points
+    from agentsim.calibration.job import fit_job, write_raw_points
 
     if model_name is not None and (not model_name or "_" in model_name or "/" in model_name):
         raise ConfigError("--model-name", f"{model_name!r}: must be non-empty without '_' or '/' "
                                           f"(profile names are <gpu>_<model>_tp<N>)")
     from agentsim.outputs import check_output_file, is_agentsim_profile, is_parquet
 
-    check_output_file(out, "--out", is_agentsim_profile)  # before fitting: never overwrite a user's file
-    check_output_file(out.with_name(out.stem + ".points.parquet"), "--out (raw points)", is_parquet)
-    job = Job.load(job_dir)
+    # before fitting: never overwrite a user's file, nor a profile (perhaps tuned by hand) without --force
+    raw = out.with_name(out.stem + ".points.parquet")
+    for path, option in ((out, "--out"), (raw, "--out (raw points)")):
+        if path.exists() and not path.is_dir() and not force:
+            raise ConfigError(f"{option} {path}", "exists; pass --force to overwrite it")
+    check_output_file(out, "--out", is_agentsim_profile)
+    check_output_file(raw, "--out (raw points)", is_parquet)
+    job = _load_job(job_dir)
     if len(job.points) < len(job.meta["grid"]):
         print(f"note: fitting {len(job.points)} of {len(job.meta['grid'])} grid points (the job is incomplete; "
               f"rerun `agentsim calibrate profile` with the same options to finish it)", file=sys.stderr)
-    res = fit_job(job, model_name, clock)
+    with _job_errors(job_dir):
+        res = fit_job(job, model_name, clock)
     prof = res.profile
-    raw = out.with_name(out.stem + ".points.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_raw_points(job, raw)
     prof.provenance["raw_points"] = raw.name
@@ -178,6 +188,31 @@ def fit(
     print(f"coefficients: step time = {describe_coefficients(prof.coefficients)}")
     for label, e in (("fitted", res.train), ("held-out", res.held_out)):
         print(f"{label} points: {e.num_points}, median relative error {e.median:.1%}, p90 {e.p90:.1%}")
+
+
+@contextlib.contextmanager
+def _job_errors(job_dir: Path):
+    """A profiling job whose files parse but do not hold what a job holds (a point without ``kind``,
+    a sample that is not a table, a number given as text, job.json not an object): one line naming
+    the job directory, exit 2, instead of the fitter's traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ConfigError(str(job_dir), f"not a usable profiling job: its job.json or points.jsonl do not hold what "
+                                        f"`agentsim calibrate profile` writes ({type(e).__name__}: {e})"[:400]) from None
+
+
+def _load_job(job_dir: Path):
+    """:meth:`Job.load` for fit and check: a damaged job is one line; a job with no point yet too."""
+    from agentsim.calibration.job import Job
+
+    with _job_errors(job_dir):
+        job = Job.load(job_dir)
+        job.meta["grid"]   # noqa: B018 - the grid the points were measured on
+    if not job.points:
+        raise ConfigError(str(job_dir), "holds no measured point yet (interrupted before its first one; rerun "
+                                        "`agentsim calibrate profile` with the same options to measure them)")
+    return job
 
 
 @app.command()
@@ -192,11 +227,18 @@ def check(
 
     from agentsim.calibration.job import Job, check_profile
 
+    from agentsim.calibration.job import CLOCKS
+
+    if clock is not None and clock not in CLOCKS:
+        raise ConfigError("--clock", f"unknown clock {clock!r} (have {', '.join(CLOCKS)})")
+    if max_median_error is not None and not (math.isfinite(max_median_error) and max_median_error >= 0):
+        raise ConfigError("--max-median-error", f"must be a finite number >= 0, got {max_median_error}")
     prof = load_named_profile(profile)
-    job = Job.load(job_dir)
+    job = _load_job(job_dir)
     clock = clock or (prof.provenance.get("clock") if isinstance(prof.provenance, dict) else None)
-    clock = job.clock(clock if clock in ("wall", "cpu") else None)
-    stats = check_profile(prof, job, clock)
+    clock = job.clock(clock if clock in CLOCKS else None)
+    with _job_errors(job_dir):
+        stats = check_profile(prof, job, clock)
     t = Table(title=f"{prof.name} vs measured steps ({clock} time) in {job_dir}")
     for col in ("points", "n", "median rel. error", "p90 rel. error", "max rel. error", "mean signed"):
         t.add_column(col, justify="left" if col == "points" else "right")

@@ -285,11 +285,7 @@ def _main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    try:
-        success = load_success(args.success)
-    except ConfigError as e:
-        print(f"error: {e}")
-        return 2
+    success = load_success(args.success)
     if args.workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
     summary_path = args.figures / "summary.json"
@@ -304,9 +300,15 @@ def _main(argv: list[str] | None = None) -> int:
         if not isinstance(summary, dict) or any(not isinstance(v, dict) or "runs" not in v for v in summary.values()):
             raise ConfigError(f"--figures {summary_path}", "exists and is not a policy report summary; refusing to "
                                                            "overwrite it -- choose another --figures directory")
-    args.figures.mkdir(parents=True, exist_ok=True)
-    for study in (STUDIES if args.study == "all" else (args.study,)):
+    studies = STUDIES if args.study == "all" else (args.study,)
+    for study in studies:   # a figure is this script's only if its summary lists the study
+        png = args.figures / f"{study}.png"
+        if (png.exists() or png.is_symlink()) and study not in summary:
+            raise ConfigError(f"--figures {png}", "exists and was not written by this report; refusing to "
+                                                  "overwrite it -- choose another --figures directory")
+    for study in studies:
         table, out = run_study(study, args.out, args.workers)
+        args.figures.mkdir(parents=True, exist_ok=True)   # only once there is a figure to write
         fig = plt.figure(figsize=(11, 4.2) if study in ("autellix", "toolgap", "topology") else (8, 3.8))
         rep = REPORTS[study](table, fig, success) if study == "topology" else REPORTS[study](table, fig)
         png = args.figures / f"{study}.png"

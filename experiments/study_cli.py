@@ -181,6 +181,14 @@ def run_study(name: str, quick: bool, out: Optional[Path], workers: int, ray_add
     study = STUDIES[name]
     out = Path(out) if out is not None else Path("runs/studies") / (f"{name}-quick" if quick else name)
     previous = check_study_dir(out, name)
+    try:   # a --quick run and a full one never share a directory (their cells would mix, or be replaced)
+        prev_quick = json.loads((out / "study.json").read_text()).get("quick")
+    except (OSError, ValueError, AttributeError):
+        prev_quick = None
+    if isinstance(prev_quick, bool) and prev_quick != quick:
+        had, other = ("--quick", "a full") if prev_quick else ("full", "a --quick")
+        raise OutputError(f"-o {out}", f"holds the {had} run of study {name!r}; {other} run goes to its own "
+                                       f"directory (default runs/studies/{name}{'' if prev_quick else '-quick'})")
     created = not out.exists()  # on bad input, undo what this run made in a new or empty directory
     fresh = created or not any(out.iterdir())
     try:

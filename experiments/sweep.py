@@ -326,6 +326,20 @@ def _write_marker(out: Path, spec: SweepSpec) -> None:
     tmp.replace(out / "sweep.json")
 
 
+def _stored_summary(cdir: Path) -> dict | None:
+    """A finished cell's metrics, or None when its ``summary.json`` is not one agentsim writes (not
+    a JSON object of numbers with ``num_calls``: damaged, or edited by hand); the cell is then
+    recomputed as a stale one (it is agentsim's own directory, checked by the caller)."""
+    try:
+        summary = json.loads((cdir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or "num_calls" not in summary or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in summary.values()):
+        return None
+    return _upgrade(summary)
+
+
 def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = None,
               ray_address: str | None = None, console=None, progress=None, keep_going: bool = False) -> pd.DataFrame:
     """Run the cells that are missing or stale, then write and return the combined table.
@@ -346,6 +360,10 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
 
     if workers is not None and workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {workers}")
+    if ray_address is not None:   # before anything is written: ray.init retries a closed port for minutes
+        from agentsim.live.compat import check_ray_address
+
+        check_ray_address(ray_address, "--ray")
     option = "--out" if out is not None else f"{spec.path}: sweep.out"
     out = Path(out or spec.out)
     check_sweep_dir(out, option)
@@ -361,8 +379,9 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
         if cdir.exists() or cdir.is_symlink():
             check_result_dir(cdir, option + " cell")  # a cell directory holding user files is refused
             stored = _stored_key(cdir)
-            if stored is not None and stored == keys[cid]:
-                rows[cid] = {**cell, **_upgrade(json.loads((cdir / "summary.json").read_text()))}
+            summary = _stored_summary(cdir) if stored is not None and stored == keys[cid] else None
+            if summary is not None:
+                rows[cid] = {**cell, **summary}
                 continue
             stale += 1
         todo.append((cid, cell))
@@ -379,7 +398,8 @@ def run_sweep(spec: SweepSpec, out: Path | None = None, workers: int | None = No
             console.print(f"resuming: {len(rows)} of {total} cells already done", highlight=False, soft_wrap=True)
         if stale:
             console.print(f"stale: {stale} of {total} cells were computed with another config, agentsim version "
-                          "or input file; recomputing them", highlight=False, soft_wrap=True)
+                          "or input file, or their summary is damaged; recomputing them", highlight=False,
+                          soft_wrap=True)
     tracker = _Tracker(spec, console, total, len(rows), progress, keep_going, out)
     if todo:
         with tracker:

@@ -82,9 +82,10 @@ class RayCluster:
     @classmethod
     def connect(cls, address: str, num_nodes: int | None = None, log_to_driver: bool = False) -> "RayCluster":
         """Join a running cluster; engines go to its alive nodes in a stable order."""
-        from agentsim.live.compat import check_ray
+        from agentsim.live.compat import check_ray, check_ray_address
 
         check_ray()
+        check_ray_address(address, "--address")   # ray.init retries a closed port for minutes
         import ray
 
         try:

@@ -72,3 +72,28 @@ def check_ray(version: str | None = None) -> str:
     if _vtuple(v) < _vtuple(RAY_MIN):
         raise ConfigError("live", f"Ray {v} is too old (need >= {RAY_MIN})")
     return v
+
+
+def check_ray_address(address: str, option: str, timeout: float = 5.0) -> None:
+    """Raise :class:`~agentsim.errors.ConfigError` naming ``option`` unless something accepts a TCP
+    connection at ``address`` (``HOST:PORT``, a Ray head's GCS), within ``timeout`` seconds.
+
+    ``ray.init(address=...)`` keeps retrying a closed port for minutes (printing only Ray's own C++
+    warnings), so a wrong address is checked first. ``auto``, ``local`` and ``ray://`` (Ray Client)
+    addresses are left to Ray."""
+    import socket
+
+    from agentsim.errors import ConfigError
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(option, f"expected HOST:PORT of a Ray head, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError, OverflowError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ConfigError(option, f"nothing answers at {address} ({why}); is a Ray head running there "
+                                  "(`ray start --head`)?") from None

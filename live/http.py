@@ -169,7 +169,11 @@ def run_endpoints(cfg, settings, bundle, source, opt, out_dir) -> LiveResult:
     from agentsim.live.runner import manifest_base
 
     for u in settings.endpoints:
-        p = urlparse(u)
+        try:
+            p = urlparse(u)
+            p.port, p.hostname   # noqa: B018 - parse them now: a bad port or IPv6 host raises here
+        except ValueError as e:
+            raise ConfigError("--endpoints", f"not an http(s) URL: {u!r} ({e})") from None
         if p.scheme not in ("http", "https") or not p.netloc:
             raise ConfigError("--endpoints", f"not an http(s) URL: {u!r}")
 

@@ -176,15 +176,17 @@ def make_bundle(spec: str | dict | None) -> PolicyBundle:
     params = spec.get("params", {}) or {}
     if not isinstance(params, dict):
         raise ConfigError("policy.params", "must be a table {decision: {param: value}}")
+    for d in params:
+        if d not in DECISIONS:
+            raise ConfigError(f"policy.params.{d}", f"unknown decision (known: {', '.join(DECISIONS)})")
+        if params[d] is not None and not isinstance(params[d], dict):
+            raise ConfigError(f"policy.params.{d}", f"must be a table {{param: value}}, got {params[d]!r}")
     comps = {}
     for d in DECISIONS:
         cname = spec.get(d, base.components[d])
         p = dict(base.params.get(d, {})) if cname == base.components[d] else {}
         p.update(params.get(d, {}) or {})
         comps[d] = make_component(d, cname, p)
-    for d in params:
-        if d not in DECISIONS:
-            raise ConfigError(f"policy.params.{d}", f"unknown decision (known: {', '.join(DECISIONS)})")
     label = name if all(spec.get(d) in (None, base.components[d]) for d in DECISIONS) else \
         "+".join(spec.get(d, base.components[d]) for d in DECISIONS)
     return PolicyBundle(label, comps["route"], comps["order"], comps["evict"], comps["shape"], params)

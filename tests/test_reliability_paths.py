@@ -291,3 +291,140 @@ def test_a_study_refuses_a_table_it_never_reads(tmp_path):
     assert p.returncode == 2
     one_error_line(p, "--success", "scaling")
     assert not (tmp_path / "st").exists()
+
+
+# ----------------------------------------------------------------------------- a second probe (round 9)
+JOB = Path(__file__).parent / "data" / "vllm-bench-cpu" / "profile-job"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["simulate", *QUICK, "-q", "--set", "policy.params.route=7"], "policy.params.route"),
+    (["simulate", *QUICK, "-q", "--set", "policy={name='vllm', params={evict='x'}}"], "policy.params.evict"),
+    (["live", "--endpoints", "http://[::1", "--duration", "2", "-q"], "--endpoints"),
+])
+def test_malformed_values_inside_good_syntax_are_one_line(tmp_path, args, needle):
+    p = agentsim_cli(*args, "-o", tmp_path / "run")
+    assert p.returncode == 2, p.stderr
+    one_error_line(p, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(tmp_path):
+    """``ray.init`` retries a closed port for minutes, printing only Ray's own warnings: the sweep
+    used to hang there with sweep.json and an empty cells/ already written."""
+    spec = _spec(tmp_path, "[base]\nduration = 2.0\n[grid]\nseed = [0]\n")
+    for args, option in ((["sweep", spec, "-o", tmp_path / "sw", "--ray", "127.0.0.1:1"], "--ray"),
+                         (["live", "--address", "127.0.0.1:1", "--duration", "2", "-q", "-o", tmp_path / "lv"],
+                          "--address")):
+        p = agentsim_cli(*args, timeout=60)
+        assert p.returncode == 2, p.stderr
+        one_error_line(p, option, "127.0.0.1:1")
+    assert sorted(os.listdir(tmp_path)) == ["s.toml"]
+
+
+def test_a_study_reads_its_success_table_before_any_cell_runs(tmp_path):
+    p = agentsim_cli("study", "topology", "--quick", "-o", tmp_path / "st", "--success", tmp_path / "none.toml")
+    assert p.returncode == 2
+    one_error_line(p, "none.toml")
+    assert not (tmp_path / "st").exists()
+
+
+def test_a_quick_and_a_full_study_never_share_a_directory(tmp_path):
+    out = tmp_path / "st"
+    assert agentsim_cli("study", "scaling", "--quick", "-o", out).returncode == 0
+    doc = json.loads((out / "study.json").read_text())
+    (out / "study.json").write_text(json.dumps({**doc, "quick": False}))   # as a full run leaves it
+    before = snapshot(tmp_path)
+    p = agentsim_cli("study", "scaling", "--quick", "-o", out)
+    assert p.returncode == 2
+    one_error_line(p, "full run", "scaling")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ['{"mean_ttft_ms": "broken"}', "{}", "[1, 2]"])
+def test_a_cell_whose_summary_is_damaged_is_recomputed_not_reused(tmp_path, damage):
+    """A damaged summary.json used to count as finished work: a traceback (ArrowTypeError) or a row of NaNs."""
+    spec = _spec(tmp_path, "[base]\nduration = 2.0\nworkload = { agents = 2 }\n[grid]\nseed = [0]\n")
+    out = tmp_path / "sw"
+    first = agentsim_cli("sweep", spec, "-o", out, "-j", "1", "--json")
+    assert first.returncode == 0
+    (cell,) = (out / "cells").iterdir()
+    (cell / "summary.json").write_text(damage)
+    p = agentsim_cli("sweep", spec, "-o", out, "-j", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert "stale: 1 of 1" in p.stderr and "Traceback" not in p.stderr
+    assert json.loads(p.stdout) == json.loads(first.stdout)
+
+
+def _job(tmp_path: Path, name: str = "job") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(JOB, tmp_path / name))
+
+
+def test_calibrate_fit_replaces_a_profile_only_with_force(tmp_path):
+    job = _job(tmp_path)
+    prof = tmp_path / "p.json"
+    assert agentsim_cli("calibrate", "fit", job, "--out", prof).returncode == 0
+    prof.write_text(prof.read_text().replace('"provenance"', '"hand_tuned": true, "provenance"'))
+    before = snapshot(tmp_path)
+    p = agentsim_cli("calibrate", "fit", job, "--out", prof)
+    assert p.returncode == 2
+    one_error_line(p, "--force")
+    assert snapshot(tmp_path) == before
+    assert agentsim_cli("calibrate", "fit", job, "--out", prof, "--force").returncode == 0
+    assert "hand_tuned" not in prof.read_text()
+
+
+@pytest.mark.parametrize("damage", ["a point without kind", "a sample that is a number", "job.json a list",
+                                    "no points yet"])
+def test_calibrate_fit_and_check_name_a_damaged_job_in_one_line(tmp_path, damage):
+    job = _job(tmp_path)
+    prof = tmp_path / "p.json"
+    assert agentsim_cli("calibrate", "fit", job, "--out", prof).returncode == 0
+    lines = (job / "points.jsonl").read_text().splitlines()
+    point = json.loads(lines[0])
+    if damage == "a point without kind":
+        point.pop("kind")
+    elif damage == "a sample that is a number":
+        point["samples"][0] = 5
+    if damage == "job.json a list":
+        (job / "job.json").write_text("[1, 2]")
+    elif damage == "no points yet":   # a job interrupted before its first point
+        (job / "points.jsonl").write_text("")
+    else:
+        (job / "points.jsonl").write_text("\n".join([json.dumps(point)] + lines[1:]) + "\n")
+    for args in (["calibrate", "fit", job, "--out", tmp_path / "q.json"], ["calibrate", "check", prof, job]):
+        p = agentsim_cli(*args)
+        assert p.returncode == 2, (args, p.stderr)
+        one_error_line(p, str(job))
+    assert not (tmp_path / "q.json").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--clock", "foo"), ("--max-median-error", "nan"),
+                                         ("--max-median-error", "-1")])
+def test_calibrate_check_options_are_checked(tmp_path, flag, value):
+    job = _job(tmp_path)
+    assert agentsim_cli("calibrate", "fit", job, "--out", tmp_path / "p.json").returncode == 0
+    p = agentsim_cli("calibrate", "check", tmp_path / "p.json", job, flag, value)
+    assert p.returncode == 2
+    one_error_line(p, flag)
+
+
+def test_policy_report_keeps_a_figure_it_did_not_write(tmp_path):
+    import subprocess
+    import sys
+
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "kvflow.png").write_text("mine")
+    p = subprocess.run([sys.executable, "-m", "agentsim.experiments.policy_report", "kvflow", "--out",
+                        str(tmp_path / "runs"), "--figures", str(figs)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    one_error_line(p, "kvflow.png")
+    assert (figs / "kvflow.png").read_text() == "mine" and not (tmp_path / "runs").exists()
+    p = subprocess.run([sys.executable, "-m", "agentsim.experiments.policy_report", "topology", "--success",
+                        str(tmp_path / "none.toml"), "--figures", str(tmp_path / "f2")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""   # the error went to stdout before
+    one_error_line(p, "none.toml")

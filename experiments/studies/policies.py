@@ -33,6 +33,8 @@ def _run(name: str, out: Path, opts: StudyOptions) -> StudyResult:
     from agentsim.experiments import policy_report as pr
 
     spec = load(name, opts)
+    # the success table is read before any cell runs: a bad one is bad input, not found after the work
+    success = pr.load_success(opts.extra.get("success")) if name == "topology" else None
     tables, failed = run_specs(out, opts, [(name, spec)])
     t = tables[name]
     res = StudyResult(name=name, failed=failed)
@@ -42,7 +44,7 @@ def _run(name: str, out: Path, opts: StudyOptions) -> StudyResult:
     t["policy"] = [pr.label(v.get("policy", spec.base.get("policy", "vllm"))) for v in t["_values"]]
     fig = figure(11, 4.2) if name in ("autellix", "toolgap", "topology") else figure(8, 3.8)
     if name == "topology":
-        rep = pr.report_topology(t, fig, pr.load_success(opts.extra.get("success")))
+        rep = pr.report_topology(t, fig, success)
     else:
         rep = pr.REPORTS[name](t, fig)
     res.figures.append(save_figure(fig, out / f"{name}.png"))
