@@ -231,10 +231,10 @@ def _list(d: dict, key: str, where: str, n: int | None, kind: str) -> list | Non
     for i, x in enumerate(v):
         if kind == "int":
             ok = isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_JSON_INT
-        elif kind == "float":
-            ok = _finite(x)
+        elif kind == "float":   # seconds: a time or a duration, never negative
+            ok = _finite(x) and x >= 0
         elif kind == "floats":
-            ok = isinstance(x, list) and all(_finite(y) for y in x)
+            ok = isinstance(x, list) and all(_finite(y) and y >= 0 for y in x)
         else:
             ok = x is None or isinstance(x, str)
         if not ok:
@@ -298,12 +298,16 @@ def load_bench(path: str | Path) -> BenchRun:
             raise BenchError(f"{where}: seed", f"must be an integer >= 0 to draw arrivals with, got {seed}")
     summary = {k: float(d[k]) for k in METRIC_KEYS
                if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)}
-    return BenchRun(
+    run = BenchRun(
         path=where, input_lens=input_lens, output_lens=output_lens, ttfts=lists["ttfts"], itls=lists["itls"],
         start_times=lists["start_times"], latencies=lists["latencies"], queue_times=lists["queue_times"],
         errors=lists["errors"], duration=duration, request_rate=math.inf if rate is None else rate,
         burstiness=1.0 if burst is None else burst, max_concurrency=mc, summary=summary, seed=seed,
     )
+    if not any(run.success()):   # nothing measured to replay, fit or compare against
+        what = "errors" if run.errors is not None else "output_lens"
+        raise BenchError(f"{where}: {what}", f"every one of the {n} requests failed (no measurement to use)")
+    return run
 
 
 def bench_result_dict(input_lens: Sequence[int], output_lens: Sequence[int], ttfts: Sequence[float],

@@ -131,6 +131,8 @@ def profile_cmd(
         raise ConfigError("--gpu-memory-utilization", f"must be in (0, 1], got {gpu_memory_utilization}")
     if block_size is not None and block_size < 1:
         raise ConfigError("--block-size", f"must be >= 1, got {block_size}")
+    if max_points is not None and max_points < 1:
+        raise ConfigError("--max-points", f"must be >= 1, got {max_points}")
     if not (Path(model) / "config.json").exists():
         raise ConfigError("--model", f"{model}: no config.json (expected a local model directory)")
     from agentsim.outputs import check_resumable_dir

@@ -21,6 +21,8 @@ per_batched_token = knee_tokens = 0``. See :class:`StepTimeCoefficients` for the
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -302,8 +304,19 @@ class Profile:
         """Write atomically (temporary name, then rename)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        # strict JSON: a statistic that has no value (no held-out point) is null, not NaN
+        tmp.write_text(json.dumps(_finite_or_none(self.to_dict()), indent=2, allow_nan=False) + "\n")
         tmp.replace(path)
+
+
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
 
 
 def _need(d: Any, key: str, where: str, kind: type | tuple = (int, float)) -> Any:
@@ -318,6 +331,18 @@ def _need(d: Any, key: str, where: str, kind: type | tuple = (int, float)) -> An
     return v
 
 
+def _positive(d: Any, key: str, where: str, whole: bool = False) -> float:
+    """A GPU's or model's size: a finite number >= 0 (0: not known, as a fitted CPU profile's GPU
+    bandwidth), or a whole number >= 1 when ``whole`` (a model dimension). A negative layer count
+    used to load, and gave negative KV bytes."""
+    v = float(_need(d, key, where))
+    ok = (1 <= v < float("inf") and v == int(v)) if whole else 0 <= v < float("inf")
+    if not ok:
+        what = "a whole number >= 1" if whole else "a finite number >= 0"
+        raise ConfigError(f"{where}.{key}", f"must be {what}, got {d[key]!r}")
+    return v
+
+
 def profile_from_dict(d: dict, source: str = "<dict>") -> Profile:
     """Validate and build a profile; errors name ``source`` and the field."""
     if not isinstance(d, dict) or d.get("format") != FORMAT:
@@ -328,20 +353,21 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> Profile:
                           f"unsupported version {version!r} (this agentsim reads {', '.join(map(str, READ_VERSIONS))})")
     name = _need(d, "name", source, str)
     g = _need(d, "gpu", source, dict)
+    gw = f"{source}: gpu"
     gpu = GPUSpec(
-        name=_need(g, "name", f"{source}: gpu", str),
-        memory_gib=float(_need(g, "memory_gib", f"{source}: gpu")),
-        hbm_GBps=float(_need(g, "hbm_GBps", f"{source}: gpu")),
-        peak_tflops=float(_need(g, "peak_tflops", f"{source}: gpu")),
+        name=_need(g, "name", gw, str),
+        memory_gib=_positive(g, "memory_gib", gw),
+        hbm_GBps=_positive(g, "hbm_GBps", gw),
+        peak_tflops=_positive(g, "peak_tflops", gw),
     )
     m = _need(d, "model", source, dict)
     mw = f"{source}: model"
     model = ModelDims(
         name=_need(m, "name", mw, str),
-        **{k: int(_need(m, k, mw)) for k in (
+        **{k: int(_positive(m, k, mw, whole=True)) for k in (
             "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
             "intermediate_size", "vocab_size", "max_model_len")},
-        num_params=float(_need(m, "num_params", mw)),
+        num_params=_positive(m, "num_params", mw),
     )
     st = _need(d, "step_time", source, dict)
     coeffs = {}

@@ -160,8 +160,11 @@ def render_show(profile: Profile, console) -> None:
     for key in ("grid", "held_out_random_batches", "train", "held_out"):
         if key in fe and isinstance(fe[key], dict):
             e = fe[key]
-            console.print(f"fit error ({key}): median {e['median_rel_error']:.1%}, p90 {e['p90_rel_error']:.1%} "
-                          f"over {e['num_points']} points")
+
+            def pct(v) -> str:   # None: no point to measure it on (written as null, not NaN)
+                return "n/a" if not isinstance(v, (int, float)) else f"{v:.1%}"
+            console.print(f"fit error ({key}): median {pct(e.get('median_rel_error'))}, "
+                          f"p90 {pct(e.get('p90_rel_error'))} over {e.get('num_points', 0)} points")
     t = Table(title="predicted step time vs rooflines (lower bounds at peak HBM bandwidth / peak FLOP rate)")
     for col in ("batch", "predicted ms", "HBM roofline ms", "FLOP roofline ms", "x roofline", "tokens/s", "KV tokens"):
         t.add_column(col, justify="left" if col == "batch" else "right")

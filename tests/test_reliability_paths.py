@@ -428,3 +428,48 @@ def test_policy_report_keeps_a_figure_it_did_not_write(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stdout == ""   # the error went to stdout before
     one_error_line(p, "none.toml")
+
+
+def test_a_fitted_profile_is_strict_json_even_without_held_out_points(tmp_path):
+    """With no held-out point the held-out error has no value: it was written as a bare NaN, which
+    is not JSON (``jq`` and other languages' parsers refuse it)."""
+    job = _job(tmp_path)
+    lines = [json.loads(x) for x in (job / "points.jsonl").read_text().splitlines()]
+    (job / "points.jsonl").write_text("".join(json.dumps({**r, "holdout": False}) + "\n" for r in lines))
+    prof = tmp_path / "p.json"
+    assert agentsim_cli("calibrate", "fit", job, "--out", prof).returncode == 0
+
+    def refuse(name: str):
+        raise AssertionError(f"{name} in {prof}")
+    json.loads(prof.read_text(), parse_constant=refuse)
+    p = agentsim_cli("calibrate", "show", prof)
+    assert p.returncode == 0 and "n/a" in p.stdout
+
+
+def test_a_profile_with_a_negative_model_size_is_refused(tmp_path):
+    job = _job(tmp_path)
+    prof = tmp_path / "p.json"
+    assert agentsim_cli("calibrate", "fit", job, "--out", prof).returncode == 0
+    d = json.loads(prof.read_text())
+    d["model"]["num_layers"] = -3
+    prof.write_text(json.dumps(d))
+    for args in (["calibrate", "show", prof], ["simulate", *QUICK, "-q", "--profile", prof, "-o", tmp_path / "r"]):
+        p = agentsim_cli(*args)
+        assert p.returncode == 2, p.stderr
+        one_error_line(p, "num_layers")
+
+
+def test_a_bench_run_where_every_request_failed_is_refused(tmp_path):
+    bench = {"request_rate": "inf", "duration": 1.0, "input_lens": [10, 12], "output_lens": [3, 4],
+             "ttfts": [0.1, 0.1], "latencies": [0.3, 0.4], "start_times": [5.0, 5.0], "errors": ["boom", "boom"]}
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps(bench))
+    for args in (["validate", f, "-o", tmp_path / "v"], ["calibrate", "bench", f, "-o", tmp_path / "p.json"]):
+        p = agentsim_cli(*args)
+        assert p.returncode == 2, (args, p.stderr)
+        one_error_line(p, "every one of the 2 requests failed")
+    f.write_text(json.dumps({**bench, "errors": ["", ""], "latencies": [-1.0, 0.4]}))
+    p = agentsim_cli("validate", f, "-o", tmp_path / "v")
+    assert p.returncode == 2
+    one_error_line(p, "latencies[0]")
+    assert sorted(os.listdir(tmp_path)) == ["b.json"]
