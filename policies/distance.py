@@ -60,29 +60,34 @@ class _InFlight:
     """Counts each agent's LLM calls in flight (``self.active``: agent -> calls).
 
     A table that also keeps numpy arrays indexed by agent slot (for the levels of many agents at
-    once) names them in ``_ARRAYS`` as (attribute, fill) pairs, one of them ``active_array`` (the
-    running flag); ``slot`` maps an agent to its slot (0: never seen), and the arrays grow together.
+    once) names them in ``_ARRAYS`` as (name, fill) pairs, one of them ``active_array`` (the running
+    flag); they live in ``arrays`` (read through properties), ``slot`` maps an agent to its slot (0:
+    never seen), and the arrays grow together.
     """
 
     active: dict[int, int]
     slot: dict[int, int]
-    active_array: np.ndarray
+    arrays: dict[str, np.ndarray]
     _ARRAYS: tuple[tuple[str, Any], ...] = ()
 
     def _new_arrays(self) -> None:
         self.slot = {}
-        for name, fill in self._ARRAYS:
-            setattr(self, name, np.full(64, fill, dtype=np.asarray(fill).dtype))
+        self.arrays = {name: np.full(64, fill, dtype=np.asarray(fill).dtype) for name, fill in self._ARRAYS}
+
+    @property
+    def active_array(self) -> np.ndarray:
+        return self.arrays["active_array"]
 
     def _slot(self, agent_id: int) -> int:
         """The agent's slot, made on first sight (the arrays may be replaced: read them after)."""
         i = self.slot.get(agent_id)
         if i is None:
             i = self.slot[agent_id] = len(self.slot) + 1
-            if i >= len(self.active_array):
+            arrays = self.arrays
+            if i >= len(arrays["active_array"]):
                 for name, fill in self._ARRAYS:
-                    a = getattr(self, name)
-                    setattr(self, name, np.concatenate([a, np.full(len(a), fill, dtype=a.dtype)]))
+                    a = arrays[name]
+                    arrays[name] = np.concatenate([a, np.full(len(a), fill, dtype=a.dtype)])
         return i
 
     def _started(self, agent_id: int) -> None:
@@ -133,6 +138,10 @@ class TimeDistances(_InFlight):
         self._new_arrays()
 
     _ARRAYS = (("next_at_array", np.nan), ("active_array", False))
+
+    @property
+    def next_at_array(self) -> np.ndarray:
+        return self.arrays["next_at_array"]
 
     def on_call_arrive(self, call: CallView, now: float) -> None:
         a = call.agent_id
@@ -297,6 +306,14 @@ class StepDistances(_InFlight):
         self.exact = True   # every hinted step fits the arrays exactly (float64 integers up to 2^53)
 
     _ARRAYS = (("next_array", np.nan), ("client_array", 0), ("active_array", False))
+
+    @property
+    def next_array(self) -> np.ndarray:
+        return self.arrays["next_array"]
+
+    @property
+    def client_array(self) -> np.ndarray:
+        return self.arrays["client_array"]
 
     def _client_slot(self, client: int) -> int:
         i = self.client_slot.get(client)
