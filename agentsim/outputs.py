@@ -333,25 +333,13 @@ def preflight_output_file(path: str | Path, option: str = "--out", is_ours=None)
     p = Path(path)
     where = _where(p, option)
     state = check_output_file(p, option, is_ours)
-    probe_file(p, where)
+    probe_writable(p, where)
     return state
 
 
-def probe_file(path: str | Path, where: str) -> None:
-    """Prove a file can be made beside ``path`` (an atomic writer's temporary): a hidden probe file is
-    made and removed in the nearest existing ancestor. Raises :class:`OutputError` naming ``where``."""
-    p = Path(path)
-    with _os_errors(where, "cannot write there"):
-        _check_names(p)
-        parent = next(a for a in p.absolute().parents if a.exists())
-        probe = parent / f".agentsim-probe-{os.getpid()}"
-        probe.touch(exist_ok=False)
-        probe.unlink()
-
-
 def probe_writable(path: str | Path, where: str) -> None:
-    """Prove a directory can be made beside ``path`` (where an atomic writer makes its temporary):
-    a hidden probe directory is made and removed in the nearest existing ancestor. Raises
+    """Prove an entry can be made beside ``path`` (where an atomic writer makes its temporary file or
+    directory): a hidden probe directory is made and removed in the nearest existing ancestor. Raises
     :class:`OutputError` naming ``where`` if not (read-only file system, permission, a name too
     long), so the work is not done only to find it cannot be written."""
     p = Path(path)
@@ -435,4 +423,4 @@ def is_agentsim_trace(path: str | Path) -> bool:
 __all__ = ["OutputError", "RESULT_FILES", "SWEEP_ENTRIES", "REPORT_ENTRIES", "NEW", "EMPTY", "REPLACE", "is_result_dir",
            "check_result_dir", "check_sweep_dir", "check_output_file", "check_resumable_dir", "is_agentsim_trace",
            "is_agentsim_profile", "is_parquet", "describe", "preflight_result_dir", "preflight_output_file",
-           "dir_entries", "swap_in", "foreign_report_entry", "probe_writable", "probe_file"]
+           "dir_entries", "swap_in", "foreign_report_entry", "probe_writable"]

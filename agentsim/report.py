@@ -1072,12 +1072,12 @@ def figure_dir_for(out: Path) -> Path:
 
 
 def _check_target(out: Path, fmt_: str, force: bool) -> None:
-    from agentsim.outputs import _os_errors, probe_file
+    from agentsim.outputs import _os_errors, probe_writable
 
     where = f"--out {out}"
     with _os_errors(where):
         _check_target_path(out, fmt_, force, where)
-    probe_file(out, where)   # before the report is built: a place no file can be made is refused
+    probe_writable(out, where)   # before the report is built: a place no file can be made is refused
 
 
 def _check_target_path(out: Path, fmt_: str, force: bool, where: str) -> None:

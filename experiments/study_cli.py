@@ -34,9 +34,11 @@ from agentsim.outputs import REPORT_ENTRIES, OutputError, dir_entries
 MARKER = ".agentsim-study"
 
 
-def check_study_dir(out: Path, name: str) -> list[str]:
-    """Check that ``out`` may hold study ``name``'s results; return the previous result's table and figure
-    files (from its ``study.json``), which this run replaces. Raises OutputError naming ``-o OUT``."""
+def check_study_dir(out: Path, name: str, quick: bool | None = None) -> list[str]:
+    """Check that ``out`` may hold study ``name``'s results (with ``quick`` given, of a run of that kind:
+    a ``--quick`` run and a full one never share a directory, their cells would mix); return the
+    previous result's table and figure files (from its ``study.json``), which this run replaces.
+    Raises OutputError naming ``-o OUT``."""
     where = f"-o {out}"
     entries = dir_entries(out, where, "study directory")
     if not entries:
@@ -58,6 +60,11 @@ def check_study_dir(out: Path, name: str) -> list[str]:
     owner = (prev or {}).get("study") or marker
     if owner != name:
         raise OutputError(where, f"holds the results of study {owner!r}, not {name!r}; choose another directory")
+    prev_quick = (prev or {}).get("quick")
+    if quick is not None and isinstance(prev_quick, bool) and prev_quick != quick:
+        had, other = ("--quick", "a full") if prev_quick else ("full", "a --quick")
+        raise OutputError(where, f"holds the {had} run of study {name!r}; {other} run goes to its own "
+                                 f"directory (default runs/studies/{name}{'' if prev_quick else '-quick'})")
     ours = set((prev or {}).get("tables", {}).values()) | set((prev or {}).get("figures", []))
     for e in entries:
         if e in ("study.json", MARKER, "cells") or e in ours or e in REPORT_ENTRIES or e.startswith("."):
@@ -180,15 +187,7 @@ def run_study(name: str, quick: bool, out: Optional[Path], workers: int, ray_add
             raise ConfigError(f"--{option}", f"study {name!r} does not read it (only {', '.join(users)})")
     study = STUDIES[name]
     out = Path(out) if out is not None else Path("runs/studies") / (f"{name}-quick" if quick else name)
-    previous = check_study_dir(out, name)
-    try:   # a --quick run and a full one never share a directory (their cells would mix, or be replaced)
-        prev_quick = json.loads((out / "study.json").read_text()).get("quick")
-    except (OSError, ValueError, AttributeError):
-        prev_quick = None
-    if isinstance(prev_quick, bool) and prev_quick != quick:
-        had, other = ("--quick", "a full") if prev_quick else ("full", "a --quick")
-        raise OutputError(f"-o {out}", f"holds the {had} run of study {name!r}; {other} run goes to its own "
-                                       f"directory (default runs/studies/{name}{'' if prev_quick else '-quick'})")
+    previous = check_study_dir(out, name, quick)
     created = not out.exists()  # on bad input, undo what this run made in a new or empty directory
     fresh = created or not any(out.iterdir())
     try:
